@@ -1,0 +1,195 @@
+#include "buffer_pool.h"
+
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <new>
+
+namespace pyloader {
+
+namespace {
+std::size_t page_size() {
+  static const std::size_t size = static_cast<std::size_t>(sysconf(_SC_PAGESIZE));
+  return size;
+}
+std::size_t round_to_pages(std::size_t bytes) {
+  const std::size_t page = page_size();
+  return std::max<std::size_t>(page, (bytes + page - 1) / page * page);
+}
+constexpr auto kWaitSlice = std::chrono::milliseconds(100);
+}  // namespace
+
+BufferLease& BufferLease::operator=(BufferLease&& o) noexcept {
+  if (this != &o) {
+    reset();
+    pool_ = std::move(o.pool_);
+    id_ = o.id_;
+    data_ = o.data_;
+    capacity_ = o.capacity_;
+    o.id_ = -1;
+    o.data_ = nullptr;
+    o.capacity_ = 0;
+  }
+  return *this;
+}
+
+void BufferLease::reset() noexcept {
+  if (pool_ && id_ >= 0) pool_->release(id_);
+  pool_.reset();
+  id_ = -1;
+  data_ = nullptr;
+  capacity_ = 0;
+}
+
+std::shared_ptr<BufferPool> BufferPool::create(std::size_t max_bytes, PinRequest pin) {
+  return std::shared_ptr<BufferPool>(new BufferPool(max_bytes, pin));
+}
+
+BufferPool::BufferPool(std::size_t max_bytes, PinRequest pin) : max_bytes_(max_bytes), pinner_(pin) {}
+
+BufferPool::~BufferPool() {
+  // No lease can be alive: each holds a shared_ptr to the pool.
+  for (std::size_t id = 0; id < buffers_.size(); ++id) {
+    if (buffers_[id].data) drop_locked(static_cast<std::int32_t>(id));
+  }
+}
+
+BufferLease BufferPool::acquire(std::size_t bytes, const std::atomic<bool>& cancel) {
+  const std::size_t need = round_to_pages(bytes);
+  std::unique_lock lock(mu_);
+  bool counted_as_waiter = false;
+  for (;;) {
+    // 1. Reuse: the smallest free buffer that fits.
+    std::int32_t found = -1;
+    std::size_t found_at = 0;
+    for (std::size_t i = free_.size(); i-- > 0;) {
+      const Buffer& b = buffers_[free_[i]];
+      if (b.capacity >= need && (found < 0 || b.capacity < buffers_[found].capacity)) {
+        found = free_[i];
+        found_at = i;
+      }
+    }
+    if (found < 0) {
+      // 2. Grow: drop free (too small) buffers while that is what keeps us under the bound.
+      while (bytes_ + need > max_bytes_ && !free_.empty()) {
+        drop_locked(free_.front());
+        free_.erase(free_.begin());
+      }
+      if (bytes_ + need <= max_bytes_ || leased_ == 0) {
+        found = allocate_locked(need);
+        found_at = free_.size();
+        free_.push_back(found);
+      }
+    }
+    if (found >= 0) {
+      free_.erase(free_.begin() + static_cast<std::ptrdiff_t>(found_at));
+      Buffer& b = buffers_[found];
+      b.leased = true;
+      ++leased_;
+      if (counted_as_waiter && --waiters_ == 0) wait_started_ = {};
+      publish_counts_locked();
+      BufferLease lease;
+      lease.pool_ = shared_from_this();
+      lease.id_ = found;
+      lease.data_ = b.data;
+      lease.capacity_ = b.capacity;
+      return lease;
+    }
+    // 3. At the bound with every buffer leased: wait for a lease to come back.
+    if (!counted_as_waiter) {
+      counted_as_waiter = true;
+      if (waiters_++ == 0) wait_started_ = std::chrono::steady_clock::now();
+    }
+    if (cancel.load(std::memory_order_acquire)) break;
+    returned_.wait_for(lock, kWaitSlice);
+    if (cancel.load(std::memory_order_acquire)) break;
+  }
+  if (counted_as_waiter && --waiters_ == 0) wait_started_ = {};
+  return {};
+}
+
+void BufferPool::wake_all() {
+  { std::lock_guard lock(mu_); }  // a waiter between its cancel check and its wait holds mu_
+  returned_.notify_all();
+}
+
+void BufferPool::release(std::int32_t id) noexcept {
+  {
+    std::lock_guard lock(mu_);
+    Buffer& b = buffers_[id];
+    b.leased = false;
+    --leased_;
+    free_.push_back(id);
+    publish_counts_locked();
+    if (waiters_ == 0) return;
+  }
+  returned_.notify_all();
+}
+
+std::int32_t BufferPool::allocate_locked(std::size_t bytes) {
+  void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) throw std::bad_alloc();
+  ++allocations_;
+  Buffer b;
+  b.data = static_cast<std::byte*>(p);
+  b.capacity = bytes;
+  b.pinned = pinner_.pin(p, bytes);
+  if (b.pinned) {
+    pinned_bytes_ += bytes;
+  } else if (pinner_.method() != PinMethod::kNone) {
+    ++pin_failures_;
+  }
+  bytes_ += bytes;
+  ++live_;
+  peak_bytes_ = std::max(peak_bytes_, bytes_);
+  auto slot = std::find_if(buffers_.begin(), buffers_.end(), [](const Buffer& x) { return !x.data; });
+  if (slot != buffers_.end()) {
+    *slot = b;
+    return static_cast<std::int32_t>(slot - buffers_.begin());
+  }
+  buffers_.push_back(b);
+  return static_cast<std::int32_t>(buffers_.size() - 1);
+}
+
+void BufferPool::drop_locked(std::int32_t id) noexcept {
+  Buffer& b = buffers_[id];
+  if (b.pinned) {
+    pinner_.unpin(b.data, b.capacity);
+    pinned_bytes_ -= b.capacity;
+  }
+  munmap(b.data, b.capacity);
+  bytes_ -= b.capacity;
+  --live_;
+  b = Buffer{};
+}
+
+void BufferPool::publish_counts_locked() noexcept {
+  n_buffers_.store(live_, std::memory_order_relaxed);
+  n_bytes_.store(bytes_, std::memory_order_relaxed);
+}
+
+PoolInfo BufferPool::info() const {
+  std::lock_guard lock(mu_);
+  PoolInfo i;
+  i.buffers = live_;
+  i.leased = leased_;
+  i.bytes = bytes_;
+  i.peak_bytes = peak_bytes_;
+  i.max_bytes = max_bytes_;
+  i.pinned_bytes = pinned_bytes_;
+  i.pin_failures = pin_failures_;
+  i.allocations = allocations_;
+  i.pin_method = pin_method_name(pinner_.method());
+  i.pin_reason = pinner_.reason();
+  i.pin_error = pinner_.last_error();
+  return i;
+}
+
+std::chrono::nanoseconds BufferPool::waiting_for() const {
+  std::lock_guard lock(mu_);
+  if (waiters_ == 0) return std::chrono::nanoseconds::zero();
+  return std::chrono::steady_clock::now() - wait_started_;
+}
+
+}  // namespace pyloader

@@ -1,0 +1,325 @@
+#include "engine.h"
+
+#include <algorithm>
+#include <cassert>
+#include <limits>
+#include <new>
+#include <stdexcept>
+#include <utility>
+
+namespace pyloader {
+
+namespace {
+std::int64_t now_ns() noexcept {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+#ifndef NDEBUG
+// Debug-only: fires when two threads are inside consumer calls at once.
+class RoleGuard {
+ public:
+  explicit RoleGuard(std::atomic<bool>& busy) : busy_(busy) {
+    const bool was_busy = busy_.exchange(true, std::memory_order_acquire);
+    assert(!was_busy && "two threads are using the consumer side of one Engine at once");
+    (void)was_busy;
+  }
+  ~RoleGuard() { busy_.store(false, std::memory_order_release); }
+
+ private:
+  std::atomic<bool>& busy_;
+};
+#define PYLOADER_CONSUMER_ROLE() RoleGuard role_guard_(consumer_busy_)
+#else
+#define PYLOADER_CONSUMER_ROLE() (void)0
+#endif
+}  // namespace
+
+std::shared_ptr<Engine> Engine::create(const EngineOptions& options,
+                                       std::shared_ptr<BufferPool> pool,
+                                       std::shared_ptr<Loader> loader) {
+  return std::shared_ptr<Engine>(new Engine(options, std::move(pool), std::move(loader)));
+}
+
+Engine::Engine(const EngineOptions& options, std::shared_ptr<BufferPool> pool,
+               std::shared_ptr<Loader> loader)
+    : options_(options),
+      pool_(std::move(pool)),
+      loader_(std::move(loader)),
+      ring_(options.depth),
+      busy_ns_(new PaddedCounter[static_cast<std::size_t>(std::max(options.workers, 1))]) {
+  if (options.workers < 1) throw std::invalid_argument("an engine needs at least one worker");
+}
+
+Engine::~Engine() {
+  stop();
+  join();
+}
+
+void Engine::start() {
+  std::shared_ptr<Engine> self = shared_from_this();
+  // Each thread holds a reference, so that a detached thread never outlives its engine.
+  threads_.start(options_.workers, [self](int w) { self->worker_main(w); });
+}
+
+// ---- planner --------------------------------------------------------------------------------
+
+void Engine::append(std::int64_t epoch, std::vector<std::int64_t> indices, bool gated) {
+  {
+    std::lock_guard lock(plan_mu_);
+    auto seg = std::make_unique<Segment>();
+    seg->epoch = epoch;
+    seg->start = segments_.empty() ? 0 : segments_.back()->end();
+    seg->indices = std::move(indices);
+    seg->gated = gated && loader_->has_epoch_end();
+    seg->remaining.store(static_cast<std::int64_t>(seg->indices.size()), std::memory_order_relaxed);
+    // An empty segment has nothing to load: its hook (if any) is the owner's to call.
+    seg->hook_done = seg->indices.empty();
+    segments_.push_back(std::move(seg));
+    recompute_open_locked();
+  }
+  bump_plan_word();
+}
+
+std::int64_t Engine::planned_end() const {
+  std::lock_guard lock(plan_mu_);
+  return segments_.empty() ? 0 : segments_.back()->end();
+}
+
+Task Engine::task_at(std::int64_t position) const {
+  Segment* seg = segment_of(position, nullptr);
+  if (!seg) return {};
+  return {position, seg->epoch, seg->indices[static_cast<std::size_t>(position - seg->start)]};
+}
+
+Engine::Segment* Engine::segment_of(std::int64_t position, Segment* cached) const {
+  if (cached && position >= cached->start && position < cached->end()) return cached;
+  std::lock_guard lock(plan_mu_);
+  auto it = std::upper_bound(segments_.begin(), segments_.end(), position,
+                             [](std::int64_t p, const std::unique_ptr<Segment>& s) { return p < s->start; });
+  while (it != segments_.begin()) {
+    --it;
+    if (position >= (*it)->start && position < (*it)->end()) return it->get();
+    if (position >= (*it)->end()) break;
+  }
+  return nullptr;
+}
+
+// Segments [0, open_segments_) are loadable: ungated, or gated behind a finished hook.
+void Engine::recompute_open_locked() {
+  while (open_segments_ < segments_.size()) {
+    const Segment& seg = *segments_[open_segments_];
+    if (seg.gated && open_segments_ > 0 && !segments_[open_segments_ - 1]->hook_done) break;
+    ++open_segments_;
+  }
+  const std::int64_t end = open_segments_ == 0 ? 0 : segments_[open_segments_ - 1]->end();
+  open_end_.store(end, std::memory_order_release);  // P1
+}
+
+void Engine::bump_plan_word() noexcept {
+  std::uint32_t cur = plan_word_.load(std::memory_order_relaxed);
+  while (!plan_word_.compare_exchange_weak(cur, (cur & kStopBit) | ((cur + 1) & ~kStopBit),
+                                           std::memory_order_release, std::memory_order_relaxed)) {
+  }
+  wake_all(plan_word_);  // P1
+}
+
+// ---- workers --------------------------------------------------------------------------------
+
+bool Engine::wait_loadable(std::int64_t position) noexcept {
+  for (;;) {
+    const std::uint32_t word = plan_word_.load(std::memory_order_acquire);  // P2
+    if (word & kStopBit) return false;
+    if (position < open_end_.load(std::memory_order_acquire)) break;  // P2
+    wait_for_change(plan_word_, word, std::chrono::nanoseconds(-1));
+  }
+  return ring_.wait_free(position);
+}
+
+void Engine::worker_main(int worker) {
+  loader_->thread_start(worker);
+  std::atomic<std::int64_t>& busy = busy_ns_[static_cast<std::size_t>(worker)].value;
+  std::vector<Job> run;
+  run.reserve(options_.max_run);
+  Segment* cached = nullptr;
+  while (!stopping()) {
+    const std::int64_t p = ring_.claim();
+    if (!wait_loadable(p)) break;
+    const std::int64_t start = now_ns();
+    // The first position is ours; more follow while they are ready and cheap (one enter/leave).
+    bool entered = false;
+    for (std::int64_t q = p;;) {
+      cached = segment_of(q, cached);
+      Job& job = run.emplace_back();
+      job.segment = cached;
+      job.prep.task = {q, cached->epoch, cached->indices[static_cast<std::size_t>(q - cached->start)]};
+      job.skip = q < skip_before_.load(std::memory_order_acquire);
+      if (!job.skip) {
+        if (!entered) {
+          if (!loader_->enter(worker)) {
+            run.clear();
+            loader_->thread_exit(worker);
+            return;
+          }
+          entered = true;
+        }
+        const std::int64_t t0 = now_ns();
+        loader_->prepare(worker, job.prep);
+        job.load_ns = now_ns() - t0;
+      }
+      if (run.size() >= options_.max_run || now_ns() - start >= options_.run_budget.count() ||
+          stopping()) {
+        break;
+      }
+      if (!ring_.try_claim(open_end_.load(std::memory_order_acquire), q)) break;  // P2
+    }
+    if (entered) loader_->leave(worker);
+    bool stopped = false;
+    for (Job& job : run) {
+      if (!stopped && !deliver(worker, job)) stopped = true;
+    }
+    run.clear();  // leftover payloads (after a stop) release what they hold
+    busy.store(busy.load(std::memory_order_relaxed) + (now_ns() - start), std::memory_order_release);
+    if (stopped) break;
+  }
+  loader_->thread_exit(worker);
+}
+
+// Fills the job's buffer and publishes it. False when the engine stopped while waiting.
+bool Engine::deliver(int worker, Job& job) {
+  Delivery d;
+  d.task = job.prep.task;
+  d.worker = worker;
+  d.skipped = job.skip;
+  if (!job.skip) {
+    const std::int64_t t0 = now_ns();
+    if (!job.prep.failed && job.prep.bytes > 0) {
+      try {
+        d.buffer = pool_->acquire(job.prep.bytes, stopping_);
+      } catch (const std::bad_alloc&) {
+        d.error = "out of memory: the buffer pool could not allocate " +
+                  std::to_string(job.prep.bytes) + " bytes";
+      }
+      if (!d.buffer && d.error.empty()) return false;  // stopped while waiting for a buffer
+    }
+    if (d.error.empty()) {
+      loader_->fill(worker, job.prep, d.buffer.data(), d.buffer.capacity());
+      d.failed = job.prep.failed;
+      d.payload = std::move(job.prep.payload);
+    }
+    d.load_ns = job.load_ns + (now_ns() - t0);
+  }
+  finish_position(worker, job.segment);
+  published_.fetch_add(1, std::memory_order_relaxed);
+  ring_.publish(d.task.position, std::move(d));
+  return true;
+}
+
+void Engine::finish_position(int worker, Segment* segment) {
+  if (segment->remaining.fetch_sub(1, std::memory_order_acq_rel) != 1) return;
+  // The last position of this segment: the epoch is fully loaded.
+  std::unique_ptr<Payload> error;
+  if (loader_->has_epoch_end()) error = loader_->epoch_end(worker, segment->epoch);
+  {
+    std::lock_guard lock(plan_mu_);
+    segment->hook_error = std::move(error);
+    segment->hook_done = true;
+    recompute_open_locked();
+  }
+  bump_plan_word();
+}
+
+// ---- consumer -------------------------------------------------------------------------------
+
+bool Engine::ready() noexcept {
+  if (asked_ns_ == 0) asked_ns_ = now_ns();
+  return ring_.ready(next_);
+}
+
+bool Engine::wait_ready(std::chrono::nanoseconds timeout) noexcept {
+  PYLOADER_CONSUMER_ROLE();
+  const std::int64_t t0 = now_ns();
+  if (asked_ns_ == 0) asked_ns_ = t0;
+  const bool ok = ring_.wait_ready(next_, timeout);
+  pending_wait_ns_ += now_ns() - t0;
+  return ok;
+}
+
+Delivery Engine::take() noexcept {
+  PYLOADER_CONSUMER_ROLE();
+  const std::int64_t now = now_ns();
+  const std::int64_t in_flight = published_.load(std::memory_order_relaxed) - next_;
+  Delivery d = ring_.take(next_++);
+  if (!d.skipped) {
+    std::lock_guard lock(stats_mu_);
+    if (stats_.empty() || stats_.back().epoch != d.task.epoch) {
+      EpochStats& e = stats_.emplace_back();
+      e.epoch = d.task.epoch;
+      e.first_ns = asked_ns_ ? asked_ns_ : now;
+      e.busy_first_ns = worker_busy_ns();
+    }
+    EpochStats& e = stats_.back();
+    ++e.batches;
+    e.load_us.push_back(static_cast<std::uint32_t>(
+        std::min<std::int64_t>(d.load_ns / 1000, std::numeric_limits<std::uint32_t>::max())));
+    e.wait_ns += pending_wait_ns_;
+    e.last_ns = now;
+    e.busy_last_ns = worker_busy_ns();
+    e.peak_in_flight = std::max(e.peak_in_flight, in_flight);
+    e.pool_buffers = pool_->buffers_now();
+    e.pool_bytes = pool_->bytes_now();
+  }
+  pending_wait_ns_ = 0;
+  asked_ns_ = 0;
+  return d;
+}
+
+void Engine::skip_to(std::int64_t position) noexcept {
+  std::int64_t cur = skip_before_.load(std::memory_order_relaxed);
+  while (cur < position &&
+         !skip_before_.compare_exchange_weak(cur, position, std::memory_order_release,
+                                             std::memory_order_relaxed)) {
+  }
+}
+
+std::unique_ptr<Payload> Engine::take_epoch_error(std::int64_t epoch) {
+  std::lock_guard lock(plan_mu_);
+  for (auto& seg : segments_) {
+    if (seg->epoch == epoch && seg->hook_error) return std::move(seg->hook_error);
+  }
+  return nullptr;
+}
+
+std::vector<EpochStats> Engine::stats() const {
+  std::lock_guard lock(stats_mu_);
+  return stats_;
+}
+
+std::int64_t Engine::worker_busy_ns() const noexcept {
+  std::int64_t total = 0;
+  for (int w = 0; w < options_.workers; ++w) {
+    total += busy_ns_[static_cast<std::size_t>(w)].value.load(std::memory_order_acquire);
+  }
+  return total;
+}
+
+// ---- shutdown -------------------------------------------------------------------------------
+
+void Engine::stop() noexcept {
+  if (stopping_.exchange(true, std::memory_order_acq_rel)) return;
+  ring_.stop();
+  plan_word_.fetch_or(kStopBit, std::memory_order_release);
+  wake_all(plan_word_);
+  pool_->wake_all();
+}
+
+void Engine::join() noexcept {
+  if (threads_.is_member()) {
+    threads_.detach();  // each thread holds a reference to us and ends on its own
+  } else {
+    threads_.join();
+  }
+}
+
+}  // namespace pyloader

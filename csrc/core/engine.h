@@ -1,0 +1,225 @@
+// engine.h: Engine, the scheduler that loads planned positions ahead of one consumer.
+//
+// Roles
+//   planner:   the owner appends epoch *segments* (append): each is a run of consecutive positions
+//              with the Sequence index each one loads. Positions are global and never reused, so
+//              loading runs across epoch boundaries without a bubble.
+//   workers:   `workers` native threads. Each claims the next position from the ring, waits until
+//              it is loadable (planned, its epoch gate open, its ring slot free), has the Loader
+//              load it, fills a leased buffer and publishes it (ring.h).
+//   consumer:  one thread at a time (checked in debug builds) calls ready/wait_ready/take, which
+//              deliver positions strictly in order.
+//
+// The Loader does the loading in two phases: prepare() runs between enter() and leave() (for
+// Python: with the GIL held, calling user code); fill() copies into the buffer outside them (for
+// Python: with the GIL released). A worker that has entered keeps preparing further positions
+// that are ready to load, while each takes less than `run_budget` in total, so that cheap batches
+// pay for one enter/leave (one GIL hand-off) together.
+//
+// Epoch gates: when the Loader has an epoch_end() hook, the positions of epoch e+1 become
+// loadable only once every position of epoch e has been loaded and the hook has run. The hook
+// runs on the worker that loads the last position of the epoch, before it publishes it: so the
+// consumer, having taken every position of e, knows the hook has run (and can ask for its error).
+//
+// Memory ordering: open_end_ (positions below it are loadable) is stored with release and then
+// plan_word_ is bumped (release) and woken (P1); a waiting worker loads plan_word_ (acquire) before
+// it loads open_end_ (acquire) (P2), so by wait.h's protocol no wake-up is lost. The ring orders
+// every hand-off of a Delivery (R1/A1 in ring.h); the epoch hook's result is written under
+// plan_mu_ before the publish that the consumer acquires.
+//
+// Shutdown: stop() sets the stop flag, stops the ring, sets the stop bit of plan_word_ and wakes
+// the pool: every blocked worker returns at once; a worker inside the Loader returns after the
+// call in progress. join() waits for the workers (detaches them if called from one of them: they
+// hold a reference to the engine and end on their own). The destructor does both.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "buffer_pool.h"
+#include "config.h"
+#include "ring.h"
+#include "thread_pool.h"
+
+namespace pyloader {
+
+// What a Loader produces for one position (e.g. Python objects). Opaque to the core. A payload
+// may be destroyed on any thread; one that needs a lock to die (the GIL) takes it itself.
+class Payload {
+ public:
+  virtual ~Payload() = default;
+};
+
+struct Task {
+  std::int64_t position = -1;
+  std::int64_t epoch = -1;
+  std::int64_t index = -1;  // the Sequence index the position loads
+};
+
+// A position being loaded: prepare() sets bytes (buffer space needed) and payload.
+struct Prepared {
+  Task task;
+  std::size_t bytes = 0;
+  std::unique_ptr<Payload> payload;
+  bool failed = false;  // the payload describes an error raised while loading
+};
+
+// What the consumer receives for a position.
+struct Delivery {
+  Task task;
+  std::unique_ptr<Payload> payload;
+  BufferLease buffer;      // empty when the batch needs no buffer memory
+  std::string error;       // a failure of the core itself (out of memory); payload is then empty
+  bool failed = false;     // the payload describes an error raised while loading
+  bool skipped = false;    // not loaded: the position was below skip_to()
+  std::int32_t worker = -1;
+  std::int64_t load_ns = 0;
+};
+
+class Loader {
+ public:
+  virtual ~Loader() = default;
+  virtual void thread_start(int worker) = 0;
+  virtual void thread_exit(int worker) noexcept = 0;
+  // False when the worker must end instead (the host is shutting down).
+  virtual bool enter(int worker) = 0;
+  virtual void leave(int worker) = 0;
+  // Between enter() and leave(). Records failures in the Prepared; never throws.
+  virtual void prepare(int worker, Prepared& item) noexcept = 0;
+  // Outside enter()/leave(): writes the batch into dst (capacity >= item.bytes; null when 0).
+  virtual void fill(int worker, Prepared& item, std::byte* dst, std::size_t capacity) noexcept = 0;
+  virtual bool has_epoch_end() const noexcept = 0;
+  // Outside enter()/leave(). Returns the error the hook raised, or null.
+  virtual std::unique_ptr<Payload> epoch_end(int worker, std::int64_t epoch) noexcept = 0;
+};
+
+struct EngineOptions {
+  int workers = 1;
+  std::size_t depth = 2;
+  std::chrono::nanoseconds run_budget{std::chrono::microseconds(200)};
+  std::size_t max_run = 64;
+};
+
+// Per-epoch figures, kept by the consumer's calls.
+struct EpochStats {
+  std::int64_t epoch = -1;
+  std::int64_t batches = 0;
+  std::vector<std::uint32_t> load_us;  // per batch, in delivery order
+  std::int64_t wait_ns = 0;            // consumer time spent waiting for batches
+  std::int64_t first_ns = 0;           // steady clock: the consumer first asked for a batch
+  std::int64_t last_ns = 0;            // steady clock: the consumer took the latest batch
+  std::int64_t busy_first_ns = 0;      // sum of worker busy time at first_ns / last_ns
+  std::int64_t busy_last_ns = 0;
+  std::int64_t peak_in_flight = 0;     // most batches loaded and not yet taken
+  std::size_t pool_buffers = 0;        // buffer pool size at the latest batch
+  std::size_t pool_bytes = 0;
+};
+
+class Engine : public std::enable_shared_from_this<Engine> {
+ public:
+  static std::shared_ptr<Engine> create(const EngineOptions& options,
+                                        std::shared_ptr<BufferPool> pool,
+                                        std::shared_ptr<Loader> loader);
+  ~Engine();
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  void start();
+  int workers() const noexcept { return options_.workers; }
+  std::size_t depth() const noexcept { return options_.depth; }
+
+  // ---- planner ----
+  // Appends the next epoch's positions. `gated`: its positions wait for the previous segment's
+  // epoch_end() hook (only meaningful when the Loader has one).
+  void append(std::int64_t epoch, std::vector<std::int64_t> indices, bool gated);
+  std::int64_t planned_end() const;
+  Task task_at(std::int64_t position) const;  // position -1 when not planned
+
+  // ---- consumer ----
+  std::int64_t next_position() const noexcept { return next_; }
+  bool ready() noexcept;  // is the next position ready to take?
+  // Waits at most `timeout` for the next position. False on timeout or stop.
+  bool wait_ready(std::chrono::nanoseconds timeout) noexcept;
+  Delivery take() noexcept;  // requires ready()
+  // Positions below `position` are published unloaded (skipped) by the workers.
+  void skip_to(std::int64_t position) noexcept;
+  // The error raised by the epoch_end() hook of `epoch`, once (null if none).
+  std::unique_ptr<Payload> take_epoch_error(std::int64_t epoch);
+  std::vector<EpochStats> stats() const;
+  std::int64_t worker_busy_ns() const noexcept;
+
+  // ---- shutdown ----
+  void stop() noexcept;
+  void join() noexcept;
+  bool stopping() const noexcept { return stopping_.load(std::memory_order_acquire); }
+  bool on_worker_thread() const noexcept { return threads_.is_member(); }
+
+ private:
+  Engine(const EngineOptions& options, std::shared_ptr<BufferPool> pool,
+         std::shared_ptr<Loader> loader);
+
+  struct Segment {
+    std::int64_t epoch = 0;
+    std::int64_t start = 0;
+    std::vector<std::int64_t> indices;
+    bool gated = false;
+    std::atomic<std::int64_t> remaining{0};  // positions not yet loaded
+    bool hook_done = false;                  // under plan_mu_
+    std::unique_ptr<Payload> hook_error;     // under plan_mu_
+    std::int64_t end() const noexcept { return start + static_cast<std::int64_t>(indices.size()); }
+  };
+  struct Job {
+    Prepared prep;
+    Segment* segment = nullptr;
+    bool skip = false;
+    std::int64_t load_ns = 0;
+  };
+  struct alignas(kCacheLine) PaddedCounter {
+    std::atomic<std::int64_t> value{0};
+  };
+  static_assert(sizeof(PaddedCounter) == kCacheLine,
+                "Each worker's busy counter must fill exactly one cache line of its own.");
+
+  void worker_main(int worker);
+  bool wait_loadable(std::int64_t position) noexcept;
+  Segment* segment_of(std::int64_t position, Segment* cached) const;
+  bool deliver(int worker, Job& job);
+  void finish_position(int worker, Segment* segment);
+  void recompute_open_locked();
+  void bump_plan_word() noexcept;
+
+  const EngineOptions options_;
+  std::shared_ptr<BufferPool> pool_;
+  std::shared_ptr<Loader> loader_;
+  OrderedRing<Delivery> ring_;
+  ThreadPool threads_;
+  std::unique_ptr<PaddedCounter[]> busy_ns_;  // one per worker, written only by its worker
+
+  mutable std::mutex plan_mu_;
+  std::vector<std::unique_ptr<Segment>> segments_;  // under plan_mu_, in position order
+  std::size_t open_segments_ = 0;                   // under plan_mu_: segments [0, n) are open
+
+  static constexpr std::uint32_t kStopBit = 1u << 31;
+  alignas(kCacheLine) std::atomic<std::int64_t> open_end_{0};   // P1 / P2
+  alignas(kCacheLine) std::atomic<std::uint32_t> plan_word_{0};  // P1 / P2
+  alignas(kCacheLine) std::atomic<std::int64_t> skip_before_{0};
+  alignas(kCacheLine) std::atomic<std::int64_t> published_{0};
+  alignas(kCacheLine) std::atomic<bool> stopping_{false};
+
+  // Consumer-only state.
+  alignas(kCacheLine) std::int64_t next_ = 0;
+  std::int64_t asked_ns_ = 0;
+  std::int64_t pending_wait_ns_ = 0;
+  mutable std::mutex stats_mu_;  // stats() may be called from any thread
+  std::vector<EpochStats> stats_;
+#ifndef NDEBUG
+  std::atomic<bool> consumer_busy_{false};  // fires when two threads take the consumer role
+#endif
+};
+
+}  // namespace pyloader

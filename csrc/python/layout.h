@@ -1,0 +1,67 @@
+// layout.h: conversion between a batch as __getitem__ returned it and flat leaves in slot memory.
+//
+// flatten() walks the returned structure once (GIL held) and records it in preorder as Nodes:
+// containers (tuple, list, dict, namedtuple) with their child count, numpy arrays as Leaves (where
+// the array will live in the buffer: 64-byte aligned offsets, C order), everything else
+// (scalars, strings, None, objects, object-dtype arrays, other mappings) as a passthrough object.
+// copy_leaves() copies the arrays into the buffer with the GIL released. build() makes the batch
+// the consumer sees (GIL held): the same structure, each array a view into the buffer whose base
+// is the lease.
+#pragma once
+
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "../core/engine.h"
+
+namespace pyloader::python {
+
+namespace py = pybind11;
+
+struct Leaf {
+  py::object dtype;
+  std::vector<std::int64_t> shape;
+  std::size_t itemsize = 0;
+  std::size_t offset = 0;  // in the buffer
+  std::size_t nbytes = 0;
+  // The source, valid from flatten() to copy_leaves(): a reference that keeps it alive.
+  py::object source;
+  const std::byte* data = nullptr;
+  std::vector<std::int64_t> strides;
+};
+
+struct Node {
+  enum Kind : std::uint8_t { kArray, kTuple, kNamedTuple, kList, kDict, kObject };
+  Kind kind = kObject;
+  std::uint32_t count = 0;  // children (containers) or leaf number (kArray)
+  py::object obj;           // kObject: the object; kDict: tuple of keys; kNamedTuple: its type
+};
+
+struct Layout {
+  std::vector<Node> nodes;
+  std::vector<Leaf> leaves;
+  std::size_t bytes = 0;
+};
+
+// The payload a Python loader hands through the ring. Takes the GIL to die if it must.
+class PyBatch final : public Payload {
+ public:
+  ~PyBatch() override;
+  Layout layout;
+  py::object error;  // the exception raised while loading (failed deliveries)
+};
+
+// Raises TypeError (naming `index`) for structures too deep to be data (e.g. a list containing
+// itself).
+void flatten(py::handle value, Layout& out, std::int64_t index);
+// Copies every leaf into dst and moves the sources' references into `trash` (to be dropped later
+// with the GIL held). GIL not required.
+void copy_leaves(Layout& layout, std::byte* dst, std::vector<py::object>& trash) noexcept;
+// GIL required.
+py::object build(const Layout& layout, std::byte* base, py::handle lease);
+
+}  // namespace pyloader::python

@@ -1,0 +1,254 @@
+// module.cpp: pyloader._C, the pybind11 face of the core. No scheduling logic lives here: this
+// file converts between Python objects and core types, and decides where the GIL is released.
+//
+// Classes
+//   BufferPool  the core pool (shared by every engine a Prefetcher starts).
+//   Lease       the base object of every array of one delivered batch; the buffer returns to the
+//               pool when the last array (and the lease) dies.
+//   Engine      one run of the core Engine over a Python Sequence: append epochs, take batches.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <chrono>
+#include <optional>
+#include <string>
+
+#include "../core/buffer_pool.h"
+#include "../core/engine.h"
+#include "layout.h"
+#include "py_loader.h"
+
+namespace py = pybind11;
+
+namespace pyloader::python {
+namespace {
+
+constexpr auto kPollSlice = std::chrono::milliseconds(20);  // how often a waiting consumer checks signals
+constexpr double kStarvedWarnSeconds = 2.0;
+
+PinRequest parse_pin(const std::string& pin) {
+  if (pin == "auto") return PinRequest::kAuto;
+  if (pin == "cuda") return PinRequest::kCuda;
+  if (pin == "mlock") return PinRequest::kMlock;
+  if (pin == "off") return PinRequest::kOff;
+  throw py::value_error("pin must be 'auto', 'cuda', 'mlock' or 'off', got '" + pin + "'");
+}
+
+struct PyPool {
+  std::shared_ptr<BufferPool> pool;
+};
+
+struct Lease {
+  BufferLease buffer;
+};
+
+py::dict pool_info(const BufferPool& pool) {
+  const PoolInfo i = pool.info();
+  py::dict d;
+  d["buffers"] = i.buffers;
+  d["leased"] = i.leased;
+  d["bytes"] = i.bytes;
+  d["peak_bytes"] = i.peak_bytes;
+  d["max_bytes"] = i.max_bytes;
+  d["pinned_bytes"] = i.pinned_bytes;
+  d["pin_failures"] = i.pin_failures;
+  d["allocations"] = i.allocations;
+  d["pin_method"] = i.pin_method;
+  d["pin_reason"] = i.pin_reason;
+  d["pin_error"] = i.pin_error;
+  return d;
+}
+
+[[noreturn]] void raise(PyObject* type, const std::string& message) {
+  PyErr_SetString(type, message.c_str());
+  throw py::error_already_set();
+}
+
+class PyEngine {
+ public:
+  PyEngine(py::object sequence, py::object epoch_end, const PyPool& pool, int workers,
+           std::size_t depth, double run_budget_us, py::object error_factory,
+           py::object warning_category)
+      : pool_(pool.pool),
+        error_factory_(std::move(error_factory)),
+        warning_category_(std::move(warning_category)) {
+    EngineOptions options;
+    options.workers = workers;
+    options.depth = depth;
+    options.run_budget = std::chrono::nanoseconds(static_cast<std::int64_t>(run_budget_us * 1000));
+    auto loader = std::make_shared<PyLoader>(std::move(sequence), std::move(epoch_end), workers);
+    engine_ = Engine::create(options, pool_, std::move(loader));
+  }
+  ~PyEngine() { close(); }
+
+  void start() { live().start(); }
+
+  void append(std::int64_t epoch, py::array_t<std::int64_t, py::array::c_style | py::array::forcecast> indices,
+              bool gated) {
+    std::vector<std::int64_t> v(indices.data(), indices.data() + indices.size());
+    live().append(epoch, std::move(v), gated);
+  }
+
+  std::int64_t next_position() { return live().next_position(); }
+
+  py::object next_batch(std::optional<double> timeout) {
+    Engine& e = live();
+    if (!e.ready()) wait(e, timeout);
+    return deliver(e.take());
+  }
+
+  // Skips every position below `position`: they are not loaded (those already loaded are dropped).
+  void drain_to(std::int64_t position) {
+    Engine& e = live();
+    e.skip_to(position);
+    while (e.next_position() < position) {
+      if (!e.ready()) wait(e, std::nullopt);
+      Delivery d = e.take();  // dropped here, with the GIL held
+    }
+  }
+
+  py::object epoch_error(std::int64_t epoch) {
+    std::unique_ptr<Payload> p = live().take_epoch_error(epoch);
+    if (!p) return py::none();
+    return static_cast<PyBatch*>(p.get())->error;
+  }
+
+  py::list stats() {
+    py::list out;
+    for (const EpochStats& s : live().stats()) {
+      py::dict d;
+      d["epoch"] = s.epoch;
+      d["batches"] = s.batches;
+      d["load_us"] = py::array_t<std::uint32_t>(static_cast<py::ssize_t>(s.load_us.size()), s.load_us.data());
+      d["wait_ns"] = s.wait_ns;
+      d["wall_ns"] = s.last_ns - s.first_ns;
+      d["busy_ns"] = s.busy_last_ns - s.busy_first_ns;
+      d["peak_in_flight"] = s.peak_in_flight;
+      d["pool_buffers"] = s.pool_buffers;
+      d["pool_bytes"] = s.pool_bytes;
+      out.append(std::move(d));
+    }
+    return out;
+  }
+
+  int workers() { return live().workers(); }
+  bool closed() const { return engine_ == nullptr; }
+
+  void close() {
+    if (!engine_) return;
+    engine_->stop();
+    if (engine_->on_worker_thread()) {
+      engine_->join();  // detaches: the threads hold the engine and end on their own
+    } else {
+      py::gil_scoped_release release;
+      // no Python below
+      engine_->join();
+    }
+    engine_.reset();  // with the GIL held: undelivered batches drop their Python objects
+  }
+
+ private:
+  Engine& live() {
+    if (!engine_) raise(PyExc_RuntimeError, "this pyloader engine is closed");
+    return *engine_;
+  }
+
+  void wait(Engine& e, std::optional<double> timeout) {
+    const auto start = std::chrono::steady_clock::now();
+    for (;;) {
+      bool ok;
+      {
+        py::gil_scoped_release release;
+        // no Python below
+        ok = e.wait_ready(kPollSlice);
+      }
+      if (ok) return;
+      if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+      if (e.stopping()) raise(PyExc_RuntimeError, "this pyloader engine was closed while waiting for a batch");
+      const double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      if (timeout && waited >= *timeout) {
+        const Task t = e.task_at(e.next_position());
+        raise(PyExc_TimeoutError, "pyloader: batch " + std::to_string(t.index) + " (epoch " +
+                                      std::to_string(t.epoch) + ") was not loaded within timeout=" +
+                                      py::str(py::float_(*timeout)).cast<std::string>() + " s");
+      }
+      if (!warned_starved_) {
+        const double starved = std::chrono::duration<double>(pool_->waiting_for()).count();
+        if (starved >= kStarvedWarnSeconds) {
+          warned_starved_ = true;
+          const PoolInfo i = pool_->info();
+          const std::string msg =
+              "pyloader: workers have waited " + std::to_string(static_cast<int>(starved)) +
+              " s for a free buffer: all " + std::to_string(i.buffers) + " buffers (" +
+              std::to_string(i.bytes >> 20) + " MiB, max_pool_bytes=" + std::to_string(i.max_bytes) +
+              ") hold batches that are still referenced. Drop references to old batches (or copy "
+              "what you keep), or raise max_pool_bytes.";
+          if (PyErr_WarnEx(warning_category_.ptr(), msg.c_str(), 1) != 0) throw py::error_already_set();
+        }
+      }
+    }
+  }
+
+  py::object deliver(Delivery d) {
+    if (!d.error.empty()) {
+      raise(PyExc_MemoryError, "pyloader: batch " + std::to_string(d.task.index) + ": " + d.error);
+    }
+    auto* batch = static_cast<PyBatch*>(d.payload.get());
+    if (d.failed) {
+      py::object exc = error_factory_(batch->error, d.task.index, d.task.epoch, d.task.position, d.worker);
+      PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(exc.ptr())), exc.ptr());
+      throw py::error_already_set();
+    }
+    if (!d.buffer) return build(batch->layout, nullptr, py::none());
+    std::byte* base = d.buffer.data();
+    py::object lease = py::cast(Lease{std::move(d.buffer)});
+    return build(batch->layout, base, lease);
+  }
+
+  std::shared_ptr<BufferPool> pool_;
+  std::shared_ptr<Engine> engine_;
+  py::object error_factory_;
+  py::object warning_category_;
+  bool warned_starved_ = false;
+};
+
+}  // namespace
+}  // namespace pyloader::python
+
+PYBIND11_MODULE(_C, m) {
+  using namespace pyloader;
+  using namespace pyloader::python;
+  m.doc() = "pyloader's native core (private: use the pyloader package).";
+
+  py::class_<PyPool>(m, "BufferPool")
+      .def(py::init([](std::size_t max_bytes, const std::string& pin) {
+             return PyPool{BufferPool::create(max_bytes, parse_pin(pin))};
+           }),
+           py::arg("max_bytes"), py::arg("pin"))
+      .def("info", [](const PyPool& p) { return pool_info(*p.pool); });
+
+  py::class_<Lease>(m, "Lease")
+      .def_property_readonly("nbytes", [](const Lease& l) { return l.buffer.capacity(); })
+      .def_property_readonly("buffer_id", [](const Lease& l) { return l.buffer.id(); })
+      .def("__repr__", [](const Lease& l) {
+        return "<pyloader Lease of buffer " + std::to_string(l.buffer.id()) + ", " +
+               std::to_string(l.buffer.capacity()) + " bytes>";
+      });
+
+  py::class_<PyEngine>(m, "Engine")
+      .def(py::init<py::object, py::object, const PyPool&, int, std::size_t, double, py::object, py::object>(),
+           py::arg("sequence"), py::arg("epoch_end"), py::arg("pool"), py::arg("workers"),
+           py::arg("depth"), py::arg("run_budget_us"), py::arg("error_factory"),
+           py::arg("warning_category"))
+      .def("start", &PyEngine::start)
+      .def("append", &PyEngine::append, py::arg("epoch"), py::arg("indices"), py::arg("gated"))
+      .def_property_readonly("next_position", &PyEngine::next_position)
+      .def("next_batch", &PyEngine::next_batch, py::arg("timeout") = py::none())
+      .def("drain_to", &PyEngine::drain_to, py::arg("position"))
+      .def("epoch_error", &PyEngine::epoch_error, py::arg("epoch"))
+      .def("stats", &PyEngine::stats)
+      .def_property_readonly("workers", &PyEngine::workers)
+      .def_property_readonly("closed", &PyEngine::closed)
+      .def("close", &PyEngine::close);
+}

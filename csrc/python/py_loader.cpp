@@ -1,0 +1,123 @@
+#include "py_loader.h"
+
+#include <string>
+
+namespace pyloader::python {
+
+namespace {
+std::unique_ptr<PyBatch> error_batch(py::error_already_set& e) {
+  auto batch = std::make_unique<PyBatch>();
+  batch->error = e.value();  // the exception instance, with its __traceback__
+  return batch;
+}
+
+std::unique_ptr<PyBatch> type_error_batch(const std::string& message) {
+  auto batch = std::make_unique<PyBatch>();
+  batch->error = py::reinterpret_borrow<py::object>(PyExc_TypeError)(message);
+  return batch;
+}
+}  // namespace
+
+PyLoader::PyLoader(py::object sequence, py::object epoch_end, int workers)
+    : getitem_(sequence.attr("__getitem__")),
+      epoch_end_(std::move(epoch_end)),
+      has_epoch_end_(!epoch_end_.is_none()),
+      states_(static_cast<std::size_t>(workers)) {}
+
+PyLoader::~PyLoader() {
+  // Destroyed with the GIL held by the owner (or when the last worker ends, after thread_exit).
+  if (!PyGILState_Check()) {
+    py::gil_scoped_acquire gil;
+    states_.clear();
+    getitem_ = py::object();
+    epoch_end_ = py::object();
+  }
+}
+
+bool PyLoader::finalizing() noexcept {
+#if PY_VERSION_HEX >= 0x030D0000
+  return Py_IsFinalizing() != 0;
+#else
+  return _Py_IsFinalizing() != 0;
+#endif
+}
+
+void PyLoader::thread_start(int worker) {
+  WorkerState& s = states_[static_cast<std::size_t>(worker)];
+  s.gil_state = PyGILState_Ensure();  // creates this thread's Python thread state
+  s.tstate = PyEval_SaveThread();     // and releases the GIL at once
+}
+
+void PyLoader::thread_exit(int worker) noexcept {
+  WorkerState& s = states_[static_cast<std::size_t>(worker)];
+  if (!s.tstate) return;
+  if (finalizing()) {  // the interpreter is going away: taking the GIL would never return
+    for (auto& obj : s.trash) obj.release();  // leak rather than touch a dying interpreter
+    s.trash.clear();
+    return;
+  }
+  PyEval_RestoreThread(s.tstate);
+  s.trash.clear();
+  s.tstate = nullptr;
+  PyGILState_Release(s.gil_state);
+}
+
+bool PyLoader::enter(int worker) {
+  if (finalizing()) return false;
+  WorkerState& s = states_[static_cast<std::size_t>(worker)];
+  PyEval_RestoreThread(s.tstate);
+  s.trash.clear();
+  return true;
+}
+
+void PyLoader::leave(int worker) {
+  states_[static_cast<std::size_t>(worker)].tstate = PyEval_SaveThread();
+}
+
+void PyLoader::prepare(int /*worker*/, Prepared& item) noexcept {
+  const std::int64_t index = item.task.index;
+  try {
+    py::object value = getitem_(index);
+    if (value.is_none() || PyGen_Check(value.ptr()) || PyCoro_CheckExact(value.ptr())) {
+      const std::string what = value.is_none() ? "None" : py::str(py::type::of(value).attr("__name__")).cast<std::string>();
+      item.failed = true;
+      item.payload = type_error_batch(
+          "__getitem__(" + std::to_string(index) + ") returned " + what +
+          ": it must return the batch (a numpy array, a number, or a tuple/list/dict of them)");
+      return;
+    }
+    auto batch = std::make_unique<PyBatch>();
+    flatten(value, batch->layout, index);
+    item.bytes = batch->layout.bytes;
+    item.payload = std::move(batch);
+  } catch (py::error_already_set& e) {
+    item.failed = true;
+    item.payload = error_batch(e);
+  } catch (const py::type_error& e) {  // flatten()'s own checks, which name the index
+    item.failed = true;
+    item.payload = type_error_batch(e.what());
+  } catch (const std::exception& e) {
+    item.failed = true;
+    item.payload = type_error_batch("__getitem__(" + std::to_string(index) + ") failed: " + e.what());
+  }
+}
+
+void PyLoader::fill(int worker, Prepared& item, std::byte* dst, std::size_t /*capacity*/) noexcept {
+  if (item.failed || !item.payload) return;
+  auto* batch = static_cast<PyBatch*>(item.payload.get());
+  copy_leaves(batch->layout, dst, states_[static_cast<std::size_t>(worker)].trash);
+}
+
+std::unique_ptr<Payload> PyLoader::epoch_end(int worker, std::int64_t epoch) noexcept {
+  if (!enter(worker)) return nullptr;
+  std::unique_ptr<Payload> error;
+  try {
+    epoch_end_(epoch);
+  } catch (py::error_already_set& e) {
+    error = error_batch(e);
+  }
+  leave(worker);
+  return error;
+}
+
+}  // namespace pyloader::python

@@ -1,0 +1,50 @@
+// py_loader.h: PyLoader, the core Loader that runs a Python Sequence's __getitem__.
+//
+// GIL rules (DESIGN.md): a worker holds the GIL only between enter() and leave(), to call user
+// code and walk its result (prepare). The copy into the buffer (fill) runs with the GIL released.
+// Each worker thread keeps one Python thread state for its whole life (thread_start/thread_exit),
+// so entering is one PyEval_RestoreThread, not a thread-state allocation per batch. References to
+// the arrays a worker copied are dropped at its next enter(), when it holds the GIL anyway.
+#pragma once
+
+#include <pybind11/pybind11.h>
+
+#include <memory>
+#include <vector>
+
+#include "../core/engine.h"
+#include "layout.h"
+
+namespace pyloader::python {
+
+class PyLoader final : public Loader {
+ public:
+  // `sequence`: anything with __getitem__(int). `epoch_end`: a callable(epoch) run between epochs,
+  // or None.
+  PyLoader(py::object sequence, py::object epoch_end, int workers);
+  ~PyLoader() override;
+
+  void thread_start(int worker) override;
+  void thread_exit(int worker) noexcept override;
+  bool enter(int worker) override;
+  void leave(int worker) override;
+  void prepare(int worker, Prepared& item) noexcept override;
+  void fill(int worker, Prepared& item, std::byte* dst, std::size_t capacity) noexcept override;
+  bool has_epoch_end() const noexcept override { return has_epoch_end_; }
+  std::unique_ptr<Payload> epoch_end(int worker, std::int64_t epoch) noexcept override;
+
+ private:
+  struct WorkerState {
+    PyGILState_STATE gil_state{};
+    PyThreadState* tstate = nullptr;
+    std::vector<py::object> trash;  // copied sources, dropped under the GIL
+  };
+  static bool finalizing() noexcept;
+
+  py::object getitem_;
+  py::object epoch_end_;
+  bool has_epoch_end_;
+  std::vector<WorkerState> states_;
+};
+
+}  // namespace pyloader::python

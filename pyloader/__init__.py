@@ -1,0 +1,24 @@
+"""pyloader: a C++-accelerated batch prefetcher for Python training loops.
+
+Wrap a Sequence (``__len__`` = number of batches, ``__getitem__(i)`` = batch ``i``) in a
+:class:`Prefetcher`; iterate it once per epoch. Batches load ahead on native threads into reusable
+buffers and arrive in a deterministic order, each exactly once.
+"""
+
+from __future__ import annotations
+
+from ._errors import BatchError, EpochEndError, PoolExhaustedWarning
+from .prefetcher import Prefetcher, prefetch
+
+__version__ = "0.1.0"
+
+__all__ = sorted(
+    [
+        "BatchError",
+        "EpochEndError",
+        "PoolExhaustedWarning",
+        "Prefetcher",
+        "__version__",
+        "prefetch",
+    ]
+)

@@ -1,0 +1,51 @@
+"""Errors and warnings that pyloader raises, and how worker errors reach the consumer.
+
+An exception raised by ``__getitem__(i)`` on a worker is recorded against its position and raised
+when the consumer reaches that position, as a :class:`BatchError` whose ``__cause__`` is the
+original exception (with its original traceback). Input errors that pyloader itself detects
+(``__getitem__`` returned ``None``) are raised as ``TypeError`` naming the index.
+"""
+
+from __future__ import annotations
+
+
+class BatchError(RuntimeError):
+    """``__getitem__`` raised while loading a batch.
+
+    Attributes:
+        index: the Sequence index that failed.
+        epoch: the epoch it belonged to.
+        position: its position in the loader's global order.
+        worker: the worker that ran it.
+    """
+
+    def __init__(self, message: str, *, index: int, epoch: int, position: int, worker: int) -> None:
+        super().__init__(message)
+        self.index = index
+        self.epoch = epoch
+        self.position = position
+        self.worker = worker
+
+
+class EpochEndError(RuntimeError):
+    """The Sequence's ``on_epoch_end()`` raised. ``__cause__`` is the original exception."""
+
+
+class PoolExhaustedWarning(RuntimeWarning):
+    """Workers wait for buffers because every buffer holds a batch that is still referenced."""
+
+
+def batch_error(exc: BaseException, index: int, epoch: int, position: int, worker: int) -> BaseException:
+    """Builds the exception the consumer sees for a failed batch (called by the native core)."""
+    if isinstance(exc, TypeError) and str(exc).startswith(f"__getitem__({index}) returned"):
+        return exc  # pyloader's own check of the returned value: a TypeError naming the index
+    error = BatchError(
+        f"__getitem__({index}) raised {type(exc).__name__}: {exc} "
+        f"(epoch {epoch}, worker {worker}); the original traceback is above",
+        index=index,
+        epoch=epoch,
+        position=position,
+        worker=worker,
+    )
+    error.__cause__ = exc
+    return error

@@ -1,0 +1,101 @@
+"""The plan: which Sequence index each position of an epoch loads.
+
+A plan is a pure function of ``(seed, epoch, shard, len(sequence))``: any position of any epoch
+can be recomputed by anyone at any time. That is what makes prefetching across epoch boundaries,
+resuming from a ``state_dict`` and re-issuing lost work exact.
+
+Sharding follows ``torch.utils.data.DistributedSampler``: the (shuffled) order is padded by
+wrapping around until every rank has the same number of batches (or truncated, with
+``drop_last=True``), and rank ``r`` takes every ``world_size``-th entry starting at ``r``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The order of one shard's batches, epoch by epoch.
+
+    Attributes:
+        length: ``len(sequence)``.
+        shuffle: whether each epoch permutes the batch order.
+        seed: the seed of every permutation (with the epoch).
+        rank: this shard's rank.
+        world_size: the number of shards.
+        drop_last: drop the uneven tail instead of padding it.
+    """
+
+    length: int
+    shuffle: bool
+    seed: int
+    rank: int = 0
+    world_size: int = 1
+    drop_last: bool = False
+
+    @property
+    def epoch_length(self) -> int:
+        """Number of batches this shard loads per epoch."""
+        if self.world_size == 1:
+            return self.length
+        if self.drop_last:
+            return self.length // self.world_size
+        return math.ceil(self.length / self.world_size)
+
+    def indices(self, epoch: int) -> np.ndarray:
+        """The Sequence indices of ``epoch``, in order, as an int64 array."""
+        if self.shuffle:
+            rng = np.random.default_rng([self.seed, epoch])
+            order = rng.permutation(self.length).astype(np.int64, copy=False)
+        else:
+            order = np.arange(self.length, dtype=np.int64)
+        if self.world_size == 1:
+            return order
+        total = self.epoch_length * self.world_size
+        if total > len(order):  # pad by wrapping around, as often as needed
+            reps = math.ceil(total / max(len(order), 1))
+            order = np.tile(order, reps)[:total] if len(order) else order
+        else:
+            order = order[:total]
+        return np.ascontiguousarray(order[self.rank : total : self.world_size])
+
+
+def resolve_shard(shard: object) -> tuple[int, int]:
+    """Turns the ``shard`` option into ``(rank, world_size)``.
+
+    ``None`` is ``(0, 1)``. ``"auto"`` asks ``torch.distributed`` when torch is already imported
+    and a process group is initialized, else reads the ``RANK`` and ``WORLD_SIZE`` environment
+    variables, else ``(0, 1)``.
+
+    Raises:
+        ValueError: for anything else than None, "auto" or a valid ``(rank, world_size)``.
+    """
+    if shard is None:
+        return 0, 1
+    if shard == "auto":
+        dist = getattr(sys.modules.get("torch"), "distributed", None)
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            return int(dist.get_rank()), int(dist.get_world_size())
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            return _check_shard((int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])))
+        return 0, 1
+    if isinstance(shard, (tuple, list)) and len(shard) == 2:
+        return _check_shard(tuple(shard))
+    raise ValueError(
+        f"shard must be None, 'auto' or (rank, world_size), got {shard!r}"
+    )
+
+
+def _check_shard(shard: tuple) -> tuple[int, int]:
+    rank, world = shard
+    if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in shard):
+        raise ValueError(f"shard must hold two integers (rank, world_size), got {shard!r}")
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"shard=(rank, world_size) needs 0 <= rank < world_size, got {shard!r}")
+    return int(rank), int(world)

@@ -1,0 +1,441 @@
+"""The Prefetcher: loads a Sequence's batches ahead of the training loop, in order.
+
+Design in brief (see DESIGN.md): an epoch is a run of *positions*; the plan (:mod:`pyloader._plan`)
+maps each to a Sequence index. The native engine (``pyloader._C.Engine``) loads up to ``depth``
+positions ahead on ``workers`` native threads into reusable buffers and hands them over strictly
+in position order. This module owns the plan, the epochs and the state: it appends each epoch's
+positions to the engine one epoch ahead (so loading runs across the boundary), turns the engine's
+position into ``(epoch, batches consumed)`` for :meth:`Prefetcher.state_dict`, and restarts the
+engine when the state is loaded.
+
+Iteration: one pass over the Prefetcher is one epoch. A new ``iter()`` after a pass that was left
+unfinished (``break``, an exception) starts the next epoch: the rest of the unfinished one is
+skipped, not loaded. After :meth:`Prefetcher.load_state_dict` the next pass resumes the saved
+epoch exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import threading
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from . import _C
+from ._errors import EpochEndError, PoolExhaustedWarning, batch_error
+from ._plan import Plan, resolve_shard
+
+__all__ = ["Prefetcher", "prefetch"]
+
+_STATE_VERSION = 1
+_RUN_BUDGET_US = 200.0  # a worker holding the GIL keeps loading ready batches while cheaper than this
+_MODES = ("thread",)
+
+_live: weakref.WeakSet[Prefetcher] = weakref.WeakSet()
+_live_lock = threading.Lock()
+
+
+@atexit.register
+def _close_all() -> None:
+    # Native workers must be joined while the interpreter can still hand them the GIL.
+    with _live_lock:
+        loaders = list(_live)
+    for loader in loaders:
+        loader.close()
+
+
+def _default_max_pool_bytes() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def _check_int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def _pin_request(pin: object) -> str:
+    if pin is True or pin == "auto":
+        return "auto"
+    if pin is False or pin is None or pin == "off":
+        return "off"
+    if pin in ("cuda", "mlock"):
+        return str(pin)
+    raise ValueError(f"pin must be 'auto', 'cuda', 'mlock' or False, got {pin!r}")
+
+
+class Prefetcher:
+    """Loads batches of a Sequence ahead of the consumer, on native threads, in order.
+
+    Args:
+        sequence: anything with ``__len__`` (number of batches) and ``__getitem__(i)`` (batch
+            ``i``): a ``keras.utils.PyDataset``/``Sequence``, a map-style batch dataset, a class
+            of your own. A batch is a numpy array, a number, or a tuple/list/dict (nested) of
+            them; other values pass through untouched.
+        workers: native loading threads.
+        depth: batches loaded ahead of the consumer (Keras's ``max_queue_size``); default
+            ``2 * workers``.
+        shuffle: permute the batch order each epoch, from ``(seed, epoch)``.
+        seed: the seed of the order. ``None`` draws one (recorded in :meth:`state_dict`), or uses
+            0 when sharded, so that every rank agrees.
+        shard: ``(rank, world_size)`` to load a disjoint share of the batches (DistributedSampler
+            semantics), ``"auto"`` to read it from ``torch.distributed`` or ``RANK``/``WORLD_SIZE``,
+            or ``None``.
+        drop_last: with ``shard``, drop the uneven tail instead of padding it with wrapped batches.
+        pin: ``"auto"`` pins buffers (CUDA when a device is present, else ``mlock``), ``"cuda"``,
+            ``"mlock"``, or ``False``. See :meth:`memory_info` for what was pinned.
+        timeout: seconds to wait for one batch before raising ``TimeoutError`` naming its index;
+            ``None`` waits forever.
+        mode: ``"thread"``.
+        max_pool_bytes: bound of the buffer pool; it grows past ``depth`` buffers only while you
+            keep references to old batches. Default: half the physical memory.
+
+    Raises:
+        TypeError: ``sequence`` has no ``__len__`` or ``__getitem__``.
+        ValueError: an option has a bad value (the message shows it).
+    """
+
+    def __init__(
+        self,
+        sequence: Any,
+        *,
+        workers: int = 4,
+        depth: int | None = None,
+        shuffle: bool = False,
+        seed: int | None = None,
+        shard: tuple[int, int] | str | None = None,
+        drop_last: bool = False,
+        pin: bool | str = "auto",
+        timeout: float | None = None,
+        mode: str = "thread",
+        max_pool_bytes: int | None = None,
+    ) -> None:
+        self._closed = True  # until construction succeeds: __del__ must find a consistent object
+        self._engine: _C.Engine | None = None
+        if not (hasattr(sequence, "__len__") and hasattr(sequence, "__getitem__")):
+            raise TypeError(
+                f"sequence must have __len__ and __getitem__ (a Sequence of batches), "
+                f"got {type(sequence).__name__}"
+            )
+        length = len(sequence)
+        self.workers = _check_int("workers", workers, 1)
+        self.depth = 2 * self.workers if depth is None else _check_int("depth", depth, 1)
+        self.shuffle = _check_bool("shuffle", shuffle)
+        self.drop_last = _check_bool("drop_last", drop_last)
+        if mode not in _MODES:
+            raise ValueError(
+                f"mode must be one of {_MODES}, got {mode!r}"
+                + (" (process mode is not available in this version)" if mode == "process" else "")
+            )
+        self.mode = mode
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0
+        ):
+            raise ValueError(f"timeout must be None or a number of seconds > 0, got {timeout!r}")
+        self.timeout = None if timeout is None else float(timeout)
+        self._pin = _pin_request(pin)
+        max_pool = _default_max_pool_bytes() if max_pool_bytes is None else max_pool_bytes
+        self._max_pool_bytes = _check_int("max_pool_bytes", max_pool, 1)
+        rank, world = resolve_shard(shard)
+        if seed is None:
+            seed = 0 if world > 1 else int(np.random.SeedSequence().entropy % (1 << 63))
+        seed = _check_int("seed", seed, 0)
+        self._plan = Plan(length, self.shuffle, seed, rank, world, self.drop_last)
+        self._sequence = sequence
+        hook = getattr(sequence, "on_epoch_end", None)
+        self._on_epoch_end = hook if callable(hook) else None
+        self._pool = _C.BufferPool(self._max_pool_bytes, self._pin)
+
+        # Where the next engine starts: (epoch, batches of that epoch already consumed).
+        self._resume: tuple[int, int] = (0, 0)
+        # The engine's epochs: [epoch, first position, end position, batches skipped before it].
+        self._segments: list[tuple[int, int, int, int]] = []
+        self._token = 0  # identifies the live epoch iterator
+        self._past_stats: list[dict[str, Any]] = []
+        self._closed = False
+        with _live_lock:
+            _live.add(self)
+
+    # ---- iteration -----------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        """Batches per epoch (for this shard)."""
+        return self._plan.epoch_length
+
+    def __iter__(self) -> Iterator[Any]:
+        """One epoch of batches, in plan order. See the module docstring for resumption."""
+        self._check_open()
+        self._token += 1
+        if self._plan.epoch_length == 0:
+            return self._empty_epoch(self._token)
+        if self._engine is None:
+            self._start_engine()
+        engine = self._engine
+        assert engine is not None
+        epoch, start, end, _ = self._segment_at(engine.next_position)
+        if engine.next_position > start:  # an unfinished pass: skip the rest of that epoch
+            engine.drain_to(end)
+            epoch += 1
+        self._plan_through(epoch + 1)  # keep one epoch planned ahead: no bubble at the boundary
+        _, _, end, _ = self._segment_of(epoch)
+        return self._epoch(epoch, end, self._token)
+
+    def _epoch(self, epoch: int, end: int, token: int) -> Iterator[Any]:
+        engine = self._engine
+        assert engine is not None
+        next_batch = engine.next_batch
+        timeout = self.timeout
+        while engine.next_position < end:
+            if self._token != token:
+                raise RuntimeError("this epoch iterator was replaced by a newer iter() of its Prefetcher")
+            yield next_batch(timeout)
+        error = engine.epoch_error(epoch)
+        if error is not None:
+            raise EpochEndError(f"on_epoch_end() raised after epoch {epoch}: {error!r}") from error
+
+    def _empty_epoch(self, token: int) -> Iterator[Any]:
+        epoch, _ = self._resume
+        self._resume = (epoch + 1, 0)
+        if self._on_epoch_end is not None:
+            self._on_epoch_end()
+        return
+        yield  # a generator that yields nothing
+
+    def _start_engine(self) -> None:
+        epoch, offset = self._resume
+        hook = self._on_epoch_end
+        engine = _C.Engine(
+            self._sequence,
+            None if hook is None else (lambda _epoch: hook()),
+            self._pool,
+            self.workers,
+            self.depth,
+            _RUN_BUDGET_US,
+            batch_error,
+            PoolExhaustedWarning,
+        )
+        indices = self._plan.indices(epoch)[offset:]
+        engine.append(epoch, indices, False)
+        self._segments = [(epoch, 0, len(indices), offset)]
+        engine.start()
+        self._engine = engine
+
+    def _plan_through(self, epoch: int) -> None:
+        assert self._engine is not None
+        while self._segments[-1][0] < epoch:
+            last_epoch, _, last_end, _ = self._segments[-1]
+            indices = self._plan.indices(last_epoch + 1)
+            self._engine.append(last_epoch + 1, indices, True)
+            self._segments.append((last_epoch + 1, last_end, last_end + len(indices), 0))
+
+    def _segment_of(self, epoch: int) -> tuple[int, int, int, int]:
+        for seg in self._segments:
+            if seg[0] == epoch:
+                return seg
+        raise AssertionError(f"epoch {epoch} is not planned")
+
+    def _segment_at(self, position: int) -> tuple[int, int, int, int]:
+        """The segment the consumer is in: a finished segment counts as the start of the next."""
+        for seg in self._segments:
+            if position < seg[2]:
+                return seg
+        self._plan_through(self._segments[-1][0] + 1)
+        return self._segments[-1]
+
+    # ---- state ---------------------------------------------------------------------------------
+
+    def _position(self) -> tuple[int, int]:
+        """(epoch, batches of it consumed) of the consumer now."""
+        if self._engine is None:
+            return self._resume
+        pos = self._engine.next_position
+        for epoch, start, end, skipped in self._segments:
+            if pos < end:
+                return epoch, skipped + pos - start
+        return self._segments[-1][0] + 1, 0
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the consumer is in (or about to start)."""
+        return self._position()[0]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the consumer is: loading it into a new Prefetcher over the same Sequence yields
+        exactly the batches this one would have yielded next, this epoch and the following ones."""
+        epoch, consumed = self._position()
+        if consumed == self._plan.epoch_length and consumed:
+            epoch, consumed = epoch + 1, 0
+        p = self._plan
+        return {
+            "version": _STATE_VERSION,
+            "epoch": epoch,
+            "batches_consumed": consumed,
+            "seed": p.seed,
+            "shuffle": p.shuffle,
+            "length": p.length,
+            "rank": p.rank,
+            "world_size": p.world_size,
+            "drop_last": p.drop_last,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continues from a :meth:`state_dict`: the next pass resumes that epoch where it stopped.
+
+        Raises:
+            ValueError: the state is malformed or was taken over a different Sequence length or
+                sharding.
+        """
+        self._check_open()
+        if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
+            raise ValueError(f"not a pyloader state_dict (version {_STATE_VERSION}): {state!r}")
+        p = self._plan
+        for key, mine in (("length", p.length), ("rank", p.rank), ("world_size", p.world_size),
+                          ("drop_last", p.drop_last)):
+            if state.get(key) != mine:
+                raise ValueError(
+                    f"state_dict was taken with {key}={state.get(key)!r} but this Prefetcher has "
+                    f"{key}={mine!r}: it can only resume the same Sequence and sharding"
+                )
+        epoch = _check_int("state['epoch']", state.get("epoch"), 0)
+        consumed = _check_int("state['batches_consumed']", state.get("batches_consumed"), 0)
+        if consumed > p.epoch_length:
+            raise ValueError(
+                f"state['batches_consumed']={consumed} is more than the {p.epoch_length} batches of an epoch"
+            )
+        self._plan = Plan(p.length, bool(state["shuffle"]), _check_int("state['seed']", state["seed"], 0),
+                          p.rank, p.world_size, p.drop_last)
+        self.shuffle = self._plan.shuffle
+        self._stop_engine()
+        self._resume = (epoch + 1, 0) if consumed == p.epoch_length and consumed else (epoch, consumed)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Makes the next pass be epoch ``epoch`` from its start (like ``sampler.set_epoch``)."""
+        self._check_open()
+        epoch = _check_int("epoch", epoch, 0)
+        if self._position() == (epoch, 0):
+            return
+        self._stop_engine()
+        self._resume = (epoch, 0)
+
+    # ---- observability -------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Per-epoch figures: batches, load time per batch (p50, p95 in ms), time the consumer
+        waited (``wait_s``) and its fraction of the epoch's wall time (``stall_fraction``), buffer
+        pool size, peak batches in flight, and the workers' busy fraction.
+
+        Returns:
+            ``{"epochs": [dict per epoch], "current": the latest epoch's dict or None}``.
+        """
+        epochs = list(self._past_stats)
+        if self._engine is not None:
+            epochs += [self._summarize(s) for s in self._engine.stats()]
+        return {"epochs": epochs, "current": epochs[-1] if epochs else None}
+
+    def _summarize(self, raw: dict[str, Any]) -> dict[str, Any]:
+        load_ms = raw["load_us"] / 1000.0
+        wall_s = raw["wall_ns"] / 1e9
+        wait_s = raw["wait_ns"] / 1e9
+        return {
+            "epoch": raw["epoch"],
+            "batches": raw["batches"],
+            "load_ms_p50": float(np.percentile(load_ms, 50)) if len(load_ms) else 0.0,
+            "load_ms_p95": float(np.percentile(load_ms, 95)) if len(load_ms) else 0.0,
+            "wait_s": wait_s,
+            "wall_s": wall_s,
+            "stall_fraction": min(1.0, wait_s / wall_s) if wall_s > 0 else 0.0,
+            "pool_buffers": raw["pool_buffers"],
+            "pool_bytes": raw["pool_bytes"],
+            "peak_in_flight": raw["peak_in_flight"],
+            "worker_busy_fraction": (
+                min(1.0, raw["busy_ns"] / (raw["wall_ns"] * self.workers)) if raw["wall_ns"] > 0 else 0.0
+            ),
+        }
+
+    def memory_info(self) -> dict[str, Any]:
+        """What the buffer pool holds and what was pinned, how, and why.
+
+        Returns:
+            a dict with ``pin_requested``, ``pin_method`` (``"cuda"``, ``"mlock"`` or ``"none"``),
+            ``pin_reason``, ``pin_error`` (the last failure), ``pinned_bytes``, ``pin_failures``,
+            ``buffers``, ``leased``, ``bytes``, ``peak_bytes``, ``max_bytes`` and ``allocations``.
+        """
+        info = dict(self._pool.info())
+        info["pin_requested"] = self._pin
+        return info
+
+    # ---- lifetime ------------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this Prefetcher is closed")
+
+    def _stop_engine(self) -> None:
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            self._resume = self._position_of(engine)
+            self._past_stats += [self._summarize(s) for s in engine.stats()]
+            engine.close()
+        self._segments = []
+
+    def _position_of(self, engine: _C.Engine) -> tuple[int, int]:
+        saved, self._engine = self._engine, engine
+        try:
+            return self._position()
+        finally:
+            self._engine = saved
+
+    def close(self) -> None:
+        """Stops and joins every worker thread. Idempotent; batches already delivered stay valid."""
+        if getattr(self, "_closed", True):
+            return
+        self._closed = True
+        self._stop_engine()
+        with _live_lock:
+            _live.discard(self)
+
+    def __enter__(self) -> Prefetcher:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"epoch={self.epoch}"
+        return (
+            f"Prefetcher({type(self._sequence).__name__} of {self._plan.length} batches, "
+            f"workers={self.workers}, depth={self.depth}, mode={self.mode!r}, "
+            f"shuffle={self.shuffle}, shard=({self._plan.rank}, {self._plan.world_size}), {state})"
+        )
+
+
+def prefetch(sequence: Any, **options: Any) -> Prefetcher:
+    """A :class:`Prefetcher` for raw loops, to use as a context manager.
+
+    Example::
+
+        with pyloader.prefetch(seq, workers=4) as batches:
+            for x, y in batches:
+                ...
+
+    Args:
+        sequence: the Sequence to load.
+        **options: the keyword options of :class:`Prefetcher`.
+    """
+    return Prefetcher(sequence, **options)
