@@ -7,7 +7,10 @@ namespace pyloader::python {
 namespace {
 std::unique_ptr<PyBatch> error_batch(py::error_already_set& e) {
   auto batch = std::make_unique<PyBatch>();
-  batch->error = e.value();  // the exception instance, with its __traceback__
+  batch->error = e.value();
+  // Before 3.12 the traceback travels beside the exception: attach it, so the consumer sees the
+  // worker's frames.
+  if (e.trace() && !e.trace().is_none()) PyException_SetTraceback(batch->error.ptr(), e.trace().ptr());
   return batch;
 }
 

@@ -1,0 +1,39 @@
+"""Shared fixtures. Tests import the *installed* pyloader (its native extension is built by pip)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import pyloader
+
+if not os.path.exists(os.path.join(os.path.dirname(pyloader.__file__), "_C.pyi")) or not any(
+    name.startswith("_C") and name.endswith(".so") for name in os.listdir(os.path.dirname(pyloader.__file__))
+):
+    raise pytest.UsageError(
+        f"pyloader at {pyloader.__file__} has no built extension: run `pip install '.[test]'` and "
+        "`pytest tests` from the repository root (not `python -m pytest`, which imports the source tree)"
+    )
+
+
+def run_python(code: str, *, timeout: float = 60.0, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Runs `code` in a fresh interpreter; a hang fails the calling test instead of the suite."""
+    full_env = dict(os.environ)
+    if env:
+        full_env.update(env)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+    )
+
+
+@pytest.fixture
+def python_subprocess():
+    return run_python
