@@ -1,0 +1,301 @@
+"""Registry of the loaders the benchmark compares, pyloader and its peers.
+
+A loader is a :class:`LoaderSpec`: a name, a kind (``"pyloader"`` or ``"peer"``), the modules it
+needs, and ``open(seq, workers=...)`` returning a :class:`Session`. A session runs epochs over the
+Sequence (``epoch()`` yields every batch once, in order), may report engine statistics
+(``stats()``), and is closed once. The harness opens one session per measurement, in a fresh
+subprocess, and times ``repeats`` epochs on it, so every loader pays its own per-epoch costs
+(a DataLoader without ``persistent_workers`` forks its workers every epoch, Keras starts a new
+pool every epoch, as they do inside a training loop).
+
+A loader that cannot run here is *unavailable*, not an error: a missing module (found out cheaply
+with :func:`probe` before any subprocess starts), or ``open`` raising :class:`Unavailable`
+(pyloader raises ``ValueError`` for a ``mode`` it does not support yet; the pyloader entries turn
+that into :class:`Unavailable`). The harness then skips it with a note.
+
+Adding a loader (a native array source, process mode, a framework adapter) is one entry in
+:data:`LOADERS`: write an ``open`` function and call :func:`register`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import sys
+from typing import Any, Callable, Iterator, Protocol
+
+__all__ = [
+    "LOADERS",
+    "LoaderSpec",
+    "Session",
+    "Unavailable",
+    "default_loaders",
+    "peers",
+    "probe",
+    "register",
+]
+
+
+class Unavailable(Exception):
+    """The loader cannot run in this environment; the message says why."""
+
+
+class Session(Protocol):
+    """An opened loader over one Sequence."""
+
+    def epoch(self) -> Iterator[Any]:
+        """Yield every batch of one epoch, in order."""
+        ...
+
+    def stats(self) -> dict[str, Any] | None:
+        """Engine statistics of the epoch that just ended, or None if the loader has none."""
+        ...
+
+    def close(self) -> None:
+        """Release workers and memory; called once."""
+        ...
+
+
+@dataclasses.dataclass(frozen=True)
+class LoaderSpec:
+    """A loader the benchmark can measure.
+
+    Attributes:
+        name: Name used on the command line and in results.
+        kind: ``"pyloader"`` for pyloader's own loaders, ``"peer"`` for the loaders it is compared
+            with (ratios are computed against peers).
+        description: One line for ``--list`` and the report.
+        open: ``open(seq, *, workers)`` returns a :class:`Session`; raises :class:`Unavailable`.
+        requires: Top-level modules that must be importable.
+        uses_workers: False if ``workers`` means nothing to this loader (measured once).
+        default: Part of the default ``--loaders`` set.
+        applies: ``applies(workload_name)`` says whether the loader can run that workload
+            (e.g. a native array source only fits ``gather``).
+    """
+
+    name: str
+    kind: str
+    description: str
+    open: Callable[..., Session]
+    requires: tuple[str, ...] = ()
+    uses_workers: bool = True
+    default: bool = True
+    applies: Callable[[str], bool] = lambda workload: True
+
+
+def probe(modules: tuple[str, ...]) -> str | None:
+    """Check cheaply, without importing them, that ``modules`` can be imported.
+
+    Args:
+        modules: Top-level module names.
+
+    Returns:
+        None if all are importable, else a note naming the missing one.
+    """
+    for name in modules:
+        if name in sys.modules and sys.modules[name] is None:
+            return f"{name} is not importable (blocked in sys.modules)"
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError) as exc:
+            return f"{name} is not importable ({exc})"
+        if spec is None:
+            return f"{name} is not installed"
+    return None
+
+
+# -- plain ------------------------------------------------------------------------------------
+
+
+class _PlainSession:
+    def __init__(self, seq: Any) -> None:
+        self.seq = seq
+
+    def epoch(self) -> Iterator[Any]:
+        seq = self.seq
+        for i in range(len(seq)):
+            yield seq[i]
+
+    def stats(self) -> None:
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+def _open_plain(seq: Any, *, workers: int) -> Session:
+    del workers
+    return _PlainSession(seq)
+
+
+# -- pyloader ---------------------------------------------------------------------------------
+
+
+class _PyloaderSession:
+    def __init__(self, seq: Any, *, workers: int, mode: str) -> None:
+        try:
+            import pyloader
+
+            prefetcher = pyloader.Prefetcher
+        except (ImportError, AttributeError) as exc:
+            raise Unavailable(f"pyloader engine not importable: {exc}") from exc
+        try:
+            self.loader = prefetcher(seq, workers=workers, mode=mode)
+        except ValueError as exc:
+            if "mode" in str(exc):
+                raise Unavailable(f"mode={mode!r} not supported by this pyloader: {exc}") from exc
+            raise
+
+    def epoch(self) -> Iterator[Any]:
+        return iter(self.loader)
+
+    def stats(self) -> dict[str, Any] | None:
+        stats = self.loader.stats()
+        epochs = stats.get("epochs") or []
+        return dict(epochs[-1]) if epochs else stats.get("current")
+
+    def close(self) -> None:
+        self.loader.close()
+
+
+def _pyloader_opener(mode: str) -> Callable[..., Session]:
+    def open_(seq: Any, *, workers: int) -> Session:
+        return _PyloaderSession(seq, workers=workers, mode=mode)
+
+    return open_
+
+
+# -- torch DataLoader -------------------------------------------------------------------------
+
+
+class _TorchSession:
+    def __init__(self, seq: Any, *, workers: int) -> None:
+        from torch.utils.data import DataLoader
+
+        self.loader = DataLoader(seq, batch_size=None, num_workers=workers)
+
+    def epoch(self) -> Iterator[Any]:
+        return iter(self.loader)
+
+    def stats(self) -> None:
+        return None
+
+    def close(self) -> None:
+        del self.loader
+
+
+def _open_torch(seq: Any, *, workers: int) -> Session:
+    return _TorchSession(seq, workers=workers)
+
+
+# -- Keras 3 PyDataset ------------------------------------------------------------------------
+
+
+class _KerasSession:
+    """Drives a Keras 3 PyDataset the way ``Model.fit`` does, without a model.
+
+    ``fit`` wraps a PyDataset in ``PyDatasetAdapter`` (which owns an ``OrderedEnqueuer`` when
+    ``workers > 1`` or ``use_multiprocessing``), calls ``on_epoch_begin()`` (starts the enqueuer's
+    pool), iterates ``get_numpy_iterator()`` (the finite generator stops the enqueuer after the
+    last batch), then calls ``on_epoch_end()``. We do exactly that; see
+    ``keras/src/trainers/data_adapters/py_dataset_adapter.py`` and ``epoch_iterator.py``.
+    """
+
+    def __init__(self, seq: Any, *, workers: int, use_multiprocessing: bool) -> None:
+        if "KERAS_BACKEND" not in os.environ and probe(("torch",)) is None:
+            os.environ["KERAS_BACKEND"] = "torch"
+        try:
+            import keras
+            from keras.src.trainers.data_adapters.py_dataset_adapter import PyDatasetAdapter
+        except ImportError as exc:
+            raise Unavailable(f"keras PyDataset not importable: {exc}") from exc
+
+        class _Wrapped(keras.utils.PyDataset):
+            def __init__(self, inner: Any) -> None:
+                super().__init__(
+                    workers=workers, use_multiprocessing=use_multiprocessing, max_queue_size=10
+                )
+                self.inner = inner
+
+            def __len__(self) -> int:
+                return len(self.inner)
+
+            def __getitem__(self, index: int) -> Any:
+                return self.inner[index]
+
+        self.adapter = PyDatasetAdapter(_Wrapped(seq), shuffle=False)
+
+    def epoch(self) -> Iterator[Any]:
+        self.adapter.on_epoch_begin()
+        try:
+            yield from self.adapter.get_numpy_iterator()
+        finally:
+            self.adapter.on_epoch_end()
+
+    def stats(self) -> None:
+        return None
+
+    def close(self) -> None:
+        enqueuer = self.adapter.enqueuer
+        if enqueuer is not None:
+            enqueuer.stop()
+
+
+def _keras_opener(use_multiprocessing: bool) -> Callable[..., Session]:
+    def open_(seq: Any, *, workers: int) -> Session:
+        return _KerasSession(seq, workers=workers, use_multiprocessing=use_multiprocessing)
+
+    return open_
+
+
+# -- registry ---------------------------------------------------------------------------------
+
+LOADERS: dict[str, LoaderSpec] = {}
+
+
+def register(spec: LoaderSpec) -> LoaderSpec:
+    """Add a loader to :data:`LOADERS` (replacing one of the same name).
+
+    Args:
+        spec: The loader.
+
+    Returns:
+        ``spec``.
+
+    Raises:
+        ValueError: If ``spec.kind`` is not ``"pyloader"`` or ``"peer"``.
+    """
+    if spec.kind not in ("pyloader", "peer"):
+        raise ValueError(f"kind must be 'pyloader' or 'peer', got {spec.kind!r}")
+    LOADERS[spec.name] = spec
+    return spec
+
+
+for _spec in [
+    LoaderSpec("plain", "peer", "a for loop over seq[i] in the consumer thread", _open_plain,
+               uses_workers=False),
+    LoaderSpec("pyloader", "pyloader", "pyloader.Prefetcher, mode='thread'",
+               _pyloader_opener("thread"), requires=("pyloader",)),
+    LoaderSpec("pyloader-process", "pyloader", "pyloader.Prefetcher, mode='process'",
+               _pyloader_opener("process"), requires=("pyloader",)),
+    LoaderSpec("torch", "peer", "torch DataLoader(seq, batch_size=None, num_workers=W)",
+               _open_torch, requires=("torch",)),
+    LoaderSpec("keras-threads", "peer", "Keras 3 PyDataset(workers=W), thread pool",
+               _keras_opener(False), requires=("keras",)),
+    LoaderSpec("keras-processes", "peer",
+               "Keras 3 PyDataset(workers=W, use_multiprocessing=True), process pool",
+               _keras_opener(True), requires=("keras",)),
+]:
+    register(_spec)
+
+
+
+def peers() -> list[str]:
+    """Names of the registered peer loaders, in registration order."""
+    return [name for name, spec in LOADERS.items() if spec.kind == "peer"]
+
+
+def default_loaders() -> list[str]:
+    """Names of the loaders measured when ``--loaders`` is not given."""
+    return [name for name, spec in LOADERS.items() if spec.default]

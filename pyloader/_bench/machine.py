@@ -1,0 +1,91 @@
+"""Describe the machine a benchmark ran on, for the report header and the JSON output.
+
+Versions are read from package metadata (``importlib.metadata``), so describing the machine imports
+neither torch nor keras; a package that is not installed is reported as ``None``.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import sys
+from typing import Any
+
+__all__ = ["machine_info", "format_machine"]
+
+_PACKAGES = ("pyloader", "numpy", "torch", "keras", "pillow", "psutil")
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _memory_total() -> int | None:
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().total)
+    except ImportError:
+        return None
+
+
+def machine_info() -> dict[str, Any]:
+    """Return a JSON-ready description of this machine and the library versions.
+
+    Returns:
+        A dict with ``cpu_count`` (logical CPUs), ``cpu_affinity`` (CPUs this process may use),
+        ``cpu_model``, ``memory_bytes``, ``platform``, ``python`` and ``versions`` (package name to
+        version string or None).
+    """
+    try:
+        affinity: int | None = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        affinity = None
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": affinity,
+        "cpu_model": _cpu_model(),
+        "memory_bytes": _memory_total(),
+        "platform": platform.platform(),
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "executable": sys.executable,
+        "versions": {name: _version(name) for name in _PACKAGES},
+    }
+
+
+def format_machine(info: dict[str, Any]) -> str:
+    """Render :func:`machine_info` as two human-readable lines.
+
+    Args:
+        info: The dict returned by :func:`machine_info`.
+
+    Returns:
+        The text, without a trailing newline.
+    """
+    mem = info.get("memory_bytes")
+    mem_text = f", {mem / 2**30:.1f} GiB RAM" if mem else ""
+    cpus = f"{info['cpu_count']} CPUs"
+    if info.get("cpu_affinity") not in (None, info["cpu_count"]):
+        cpus += f" ({info['cpu_affinity']} usable)"
+    versions = ", ".join(
+        f"{name} {version or 'not installed'}" for name, version in info["versions"].items()
+    )
+    return (
+        f"machine: {cpus}, {info['cpu_model']}{mem_text}, {info['platform']}\n"
+        f"python:  {info['python']}; {versions}"
+    )
