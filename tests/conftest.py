@@ -21,7 +21,11 @@ if not os.path.exists(os.path.join(os.path.dirname(pyloader.__file__), "_C.pyi")
 
 
 def run_python(code: str, *, timeout: float = 60.0, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Runs `code` in a fresh interpreter; a hang fails the calling test instead of the suite."""
+    """Runs `code` in a fresh interpreter; a hang fails the calling test instead of the suite.
+
+    It runs in tests/ (where `sequences` lives), never in the repository root, whose source tree
+    `pyloader/` has no compiled extension and would shadow the installed package.
+    """
     full_env = dict(os.environ)
     if env:
         full_env.update(env)
@@ -31,6 +35,7 @@ def run_python(code: str, *, timeout: float = 60.0, env: dict[str, str] | None =
         text=True,
         timeout=timeout,
         env=full_env,
+        cwd=os.path.dirname(os.path.abspath(__file__)),
     )
 
 
