@@ -146,14 +146,20 @@ class _PyloaderSession:
             if "mode" in str(exc):
                 raise Unavailable(f"mode={mode!r} not supported by this pyloader: {exc}") from exc
             raise
+        self.epochs_started = 0
 
     def epoch(self) -> Iterator[Any]:
+        self.epochs_started += 1
         return iter(self.loader)
 
     def stats(self) -> dict[str, Any] | None:
+        # The engine plans one epoch ahead, so the latest entry may be the next epoch, already
+        # loading: pick the epoch that just ended (a fresh Prefetcher numbers epochs from 0).
         stats = self.loader.stats()
-        epochs = stats.get("epochs") or []
-        return dict(epochs[-1]) if epochs else stats.get("current")
+        for entry in stats.get("epochs") or []:
+            if entry.get("epoch") == self.epochs_started - 1:
+                return dict(entry)
+        return stats.get("current")
 
     def close(self) -> None:
         self.loader.close()

@@ -1,0 +1,216 @@
+"""The ``python -m pyloader`` command line: argument errors, ``bench --quick`` end to end and its
+``--json`` schema, a missing peer skipped with a note, and ``profile`` on a sample Sequence.
+
+Nothing here asserts speed. Runs of the CLI go through a subprocess with a timeout (a hang fails
+one test) whose working directory is a temporary one, so the source tree never shadows the
+installed package.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+import pyloader
+from pyloader._bench.report import SCHEMA_ID, format_markdown, format_table, validate
+from pyloader._cli import main
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SAMPLES = os.path.join(HERE, "_sample_sequences.py")
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(pyloader.__file__)))
+
+
+def run_cli(args: list[str], cwd: str, *, extra_path: str | None = None,
+            timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+    """``python -m pyloader ARGS`` in a fresh interpreter that imports this test's pyloader."""
+    env = dict(os.environ)
+    paths = [p for p in (extra_path, PACKAGE_ROOT, env.get("PYTHONPATH")) if p]
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    env.setdefault("KERAS_BACKEND", "torch")
+    return subprocess.run([sys.executable, "-m", "pyloader", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def usage_error(capsys: pytest.CaptureFixture[str], args: list[str]) -> str:
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    assert info.value.code == 2
+    return capsys.readouterr().err
+
+
+# -- argument parsing ---------------------------------------------------------------------------
+
+
+def test_a_subcommand_is_required(capsys: pytest.CaptureFixture[str]) -> None:
+    assert "COMMAND" in usage_error(capsys, [])
+
+
+def test_unknown_workload_is_named_with_the_choices(capsys: pytest.CaptureFixture[str]) -> None:
+    err = usage_error(capsys, ["bench", "--workload", "tiny,nope"])
+    assert "'nope'" in err and "gather" in err
+
+
+def test_unknown_loader_is_named_with_the_choices(capsys: pytest.CaptureFixture[str]) -> None:
+    err = usage_error(capsys, ["bench", "--loaders", "plain", "--loaders", "jax"])
+    assert "'jax'" in err and "keras-threads" in err
+
+
+@pytest.mark.parametrize("value, shown", [("0", "0"), ("2,x", "'2,x'"), ("-1", "-1")])
+def test_bad_workers_show_the_value(capsys: pytest.CaptureFixture[str], value: str,
+                                    shown: str) -> None:
+    err = usage_error(capsys, ["bench", "--workers", value])
+    assert "--workers" in err and shown in err
+
+
+@pytest.mark.parametrize("option, value", [("--repeats", "0"), ("--repeats", "many"),
+                                           ("--step-ms", "-5"), ("--timeout", "soon")])
+def test_bad_numbers_show_the_value(capsys: pytest.CaptureFixture[str], option: str,
+                                    value: str) -> None:
+    err = usage_error(capsys, ["bench", option, value])
+    assert option in err and value in err
+
+
+def test_profile_target_needs_a_colon(capsys: pytest.CaptureFixture[str]) -> None:
+    err = usage_error(capsys, ["profile", "just_a_module"])
+    assert "MODULE:FACTORY" in err and "'just_a_module'" in err
+
+
+def test_profile_target_must_give_a_sequence(capsys: pytest.CaptureFixture[str]) -> None:
+    err = usage_error(capsys, ["profile", f"{SAMPLES}:make_not_a_sequence"])
+    assert "not a Sequence" in err
+
+
+def test_list_names_every_workload_and_loader(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("latency", "tiny", "gather", "python", "decode", "plain", "pyloader", "torch",
+                 "keras-threads", "keras-processes"):
+        assert name in out
+
+
+# -- the report schema --------------------------------------------------------------------------
+
+
+def test_validate_lists_what_is_wrong() -> None:
+    with pytest.raises(ValueError, match="missing key 'results'"):
+        validate({"schema": SCHEMA_ID})
+    with pytest.raises(ValueError, match="invalid bench report"):
+        validate([])
+
+
+# -- bench --quick end to end -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One quick bench of two workloads through plain, pyloader (both modes) and torch."""
+    tmp = tmp_path_factory.mktemp("bench")
+    proc = run_cli(["bench", "--quick", "--workload", "tiny", "--workload", "latency",
+                    "--loaders", "plain,pyloader,pyloader-process,torch", "--workers", "2",
+                    "--json", "out.json", "--plot", "out.png", "--markdown", "out.md"], str(tmp))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with open(tmp / "out.json", encoding="utf-8") as f:
+        doc = json.load(f)
+    return {"proc": proc, "doc": doc, "dir": tmp}
+
+
+def test_quick_json_follows_the_schema(quick_run: dict[str, Any]) -> None:
+    doc = quick_run["doc"]
+    validate(doc)
+    assert doc["config"]["quick"] is True
+    assert doc["config"]["workloads"] == ["tiny", "latency"]
+    assert doc["machine"]["cpu_count"] >= 1
+    assert doc["machine"]["versions"]["numpy"]
+
+
+def test_quick_measures_every_planned_pair(quick_run: dict[str, Any]) -> None:
+    doc = quick_run["doc"]
+    pairs = {(r["workload"], r["loader"]) for r in doc["results"]}
+    assert pairs == {(w, loader) for w in ("tiny", "latency")
+                     for loader in ("plain", "pyloader", "pyloader-process", "torch")}
+    by = {(r["workload"], r["loader"]): r for r in doc["results"]}
+    for workload in ("tiny", "latency"):
+        plain, loader = by[(workload, "plain")], by[(workload, "pyloader")]
+        assert plain["status"] == "ok" and plain["workers"] is None
+        assert loader["status"] == "ok" and loader["workers"] == 2
+        assert loader["batches"] == plain["batches"] > 0
+        assert loader["ratios"]["plain"] > 0
+        assert loader["engine_stall_fraction"] is not None
+        assert loader["memory"]["peak_mb"] >= loader["memory"]["base_mb"] > 0
+
+
+def test_an_unsupported_pyloader_mode_is_skipped_with_a_note(quick_run: dict[str, Any]) -> None:
+    rows = [r for r in quick_run["doc"]["results"] if r["loader"] == "pyloader-process"]
+    for row in rows:
+        assert row["status"] in ("ok", "unavailable")
+        if row["status"] == "unavailable":
+            assert "process" in row["note"]
+            assert any(n.startswith("pyloader-process: skipped") for n in quick_run["doc"]["notes"])
+
+
+def test_quick_prints_machine_and_table_and_writes_files(quick_run: dict[str, Any]) -> None:
+    out = quick_run["proc"].stdout
+    assert out.startswith("machine: ")
+    assert "batches/s" in out and "vs plain" in out
+    assert out.count("latency ") >= 4
+    with open(quick_run["dir"] / "out.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    with open(quick_run["dir"] / "out.md", encoding="utf-8") as f:
+        assert f.readline().startswith("| workload | loader |")
+
+
+def test_tables_render_from_the_json(quick_run: dict[str, Any]) -> None:
+    doc = quick_run["doc"]
+    assert "pyloader" in format_table(doc)
+    assert format_markdown(doc).count("\n") == len(doc["results"]) + 1
+
+
+def test_a_missing_peer_is_skipped_with_a_note(tmp_path: Any) -> None:
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text("import sys\nsys.modules['keras'] = None\n")
+    proc = run_cli(["bench", "--quick", "-w", "tiny", "-l", "plain,keras-threads",
+                    "--json", "out.json", "--no-progress"], str(tmp_path), extra_path=str(blocker))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    doc = json.loads((tmp_path / "out.json").read_text())
+    validate(doc)
+    by = {r["loader"]: r for r in doc["results"]}
+    assert by["plain"]["status"] == "ok"
+    assert by["keras-threads"]["status"] == "unavailable"
+    assert "keras" in by["keras-threads"]["note"]
+    assert any("keras-threads: skipped" in n for n in doc["notes"])
+    assert "keras-threads: skipped" in proc.stdout
+
+
+# -- profile ------------------------------------------------------------------------------------
+
+
+def test_profile_recommends_settings_for_the_sample(tmp_path: Any) -> None:
+    proc = run_cli(["profile", f"{SAMPLES}:make_sleepy", "--workers", "1,2", "--batches", "8",
+                    "--step-ms", "1", "--json", "profile.json"], str(tmp_path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    for heading in ("1. load time", "2. thread-mode throughput", "3. recommendation",
+                    "4. consumer stall"):
+        assert heading in out
+    result = json.loads((tmp_path / "profile.json").read_text())
+    rec = result["recommendation"]
+    assert rec["mode"] in ("thread", "process")
+    assert rec["workers"] in (1, 2)
+    assert rec["depth"] >= 1
+    assert rec["reasons"] and all(isinstance(r, str) for r in rec["reasons"])
+    assert [s["workers"] for s in result["scaling"]] == [1, 2]
+    assert result["load"]["batches"] == 8
+    assert all(0.0 <= s["stall_fraction"] <= 1.0 for s in result["stall"])
+
+
+def test_profile_imports_a_dotted_module_name(tmp_path: Any) -> None:
+    proc = run_cli(["profile", "_sample_sequences:SleepySequence", "--workers", "1",
+                    "--batches", "4"], str(tmp_path), extra_path=HERE)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "recommendation: Prefetcher(seq, mode=" in proc.stdout
