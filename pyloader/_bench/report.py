@@ -160,6 +160,14 @@ def _fmt_ms(seconds: float | None) -> str:
     return f"{ms:.0f}" if ms >= 100 else f"{ms:.1f}" if ms >= 1 else f"{ms:.2f}"
 
 
+def _fmt_tick(value: float) -> str:
+    if value >= 1e6:
+        return f"{value / 1e6:g}M"
+    if value >= 1e3:
+        return f"{value / 1e3:g}k"
+    return f"{value:g}"
+
+
 def _peers_in(doc: dict[str, Any]) -> list[str]:
     seen: list[str] = []
     for row in doc["results"]:
@@ -282,6 +290,7 @@ def plot(doc: dict[str, Any], path: str) -> None:
         ValueError: If the document holds no successful result to plot.
     """
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
 
     ok = [r for r in doc["results"] if r["status"] == "ok"]
     if not ok:
@@ -309,8 +318,16 @@ def plot(doc: dict[str, Any], path: str) -> None:
         ax.set_title(workload)
         ax.set_xlabel("batches/s (higher is better)")
         ax.bar_label(bars, labels=[_fmt_rate(v) for v in values], padding=2, fontsize=8)
-        ax.set_xlim(0, max(values) * 1.25)
+        if max(values) > 30 * min(values):  # spans orders of magnitude: a log axis shows all
+            ax.set_xscale("log")
+            ax.set_xlim(min(values) / 2, max(values) * 6)
+            ax.set_xlabel("batches/s, log scale (higher is better)")
+        else:
+            ax.set_xlim(0, max(values) * 1.25)
+            ax.xaxis.set_major_locator(MaxNLocator(5))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _fmt_tick(v)))
         ax.tick_params(axis="y", labelsize=8)
+        ax.tick_params(axis="x", labelsize=8)
     m = doc["machine"]
     workers = ",".join(str(w) for w in doc["config"]["workers"])
     fig.suptitle(

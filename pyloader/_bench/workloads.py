@@ -269,7 +269,7 @@ WORKLOADS: dict[str, Workload] = {
         ),
         Workload(
             "python",
-            "per-sample pure-Python work holding the GIL (32 samples/batch, ~0.3 ms each)",
+            "per-sample pure-Python work holding the GIL (32 samples/batch, ~0.4 ms each)",
             lambda quick: PythonSequence(batches=16 if quick else 200, batch_size=32,
                                          iterations=300 if quick else 4000),
         ),
