@@ -77,7 +77,13 @@ BufferLease BufferPool::acquire(std::size_t bytes, const std::atomic<bool>& canc
         free_.erase(free_.begin());
       }
       if (bytes_ + need <= max_bytes_ || leased_ == 0) {
-        found = allocate_locked(need);
+        try {
+          found = allocate_locked(need);
+        } catch (...) {
+          // A waiter that fails must stop counting as one, or waiting_for() grows forever.
+          if (counted_as_waiter && --waiters_ == 0) wait_started_ = {};
+          throw;
+        }
         found_at = free_.size();
         free_.push_back(found);
       }
