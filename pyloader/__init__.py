@@ -8,6 +8,7 @@ buffers and arrive in a deterministic order, each exactly once.
 from __future__ import annotations
 
 from ._errors import BatchError, EpochEndError, PoolExhaustedWarning
+from .collate import collate, stack
 from .prefetcher import Prefetcher, prefetch
 
 __version__ = "0.1.0"
@@ -19,6 +20,8 @@ __all__ = sorted(
         "PoolExhaustedWarning",
         "Prefetcher",
         "__version__",
+        "collate",
         "prefetch",
+        "stack",
     ]
 )

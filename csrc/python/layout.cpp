@@ -77,18 +77,21 @@ void flatten_into(py::handle value, Layout& out, std::int64_t index, int depth) 
     leaf.itemsize = static_cast<std::size_t>(arr.itemsize());
     const auto ndim = static_cast<std::size_t>(arr.ndim());
     leaf.shape.resize(ndim);
-    leaf.strides.resize(ndim);
+    Source src;
+    src.strides.resize(ndim);
     std::size_t nbytes = leaf.itemsize;
     for (std::size_t d = 0; d < ndim; ++d) {
       leaf.shape[d] = static_cast<std::int64_t>(arr.shape(static_cast<py::ssize_t>(d)));
-      leaf.strides[d] = static_cast<std::int64_t>(arr.strides(static_cast<py::ssize_t>(d)));
+      src.strides[d] = static_cast<std::int64_t>(arr.strides(static_cast<py::ssize_t>(d)));
       nbytes *= static_cast<std::size_t>(leaf.shape[d]);
     }
+    leaf.source_shape = leaf.shape;
     leaf.nbytes = nbytes;
-    leaf.data = static_cast<const std::byte*>(arr.data());
+    src.data = static_cast<const std::byte*>(arr.data());
+    src.array = std::move(arr);
+    leaf.sources.push_back(std::move(src));
     leaf.offset = (out.bytes + kAlign - 1) / kAlign * kAlign;
     out.bytes = leaf.offset + nbytes;
-    leaf.source = std::move(arr);
     node.kind = Node::kArray;
     node.count = static_cast<std::uint32_t>(out.leaves.size());
     out.leaves.push_back(std::move(leaf));
@@ -144,11 +147,129 @@ py::object build_from(const Layout& layout, std::size_t& i, std::byte* base, py:
       for (std::uint32_t k = 0; k < node.count; ++k) {
         d[keys[k]] = build_from(layout, i, base, lease);
       }
-      return std::move(d);
+      return d;
     }
     case Node::kObject:
     default:
       return node.obj;
+  }
+}
+
+
+[[noreturn]] void mismatch(std::int64_t index, std::size_t sample, const std::string& what) {
+  throw py::value_error("pyloader.stack: batch " + std::to_string(index) + ": sample " +
+                        std::to_string(sample) + " " + what);
+}
+
+std::string shape_str(const std::vector<std::int64_t>& shape) {
+  std::string out = "(";
+  for (std::size_t d = 0; d < shape.size(); ++d) {
+    out += std::to_string(shape[d]);
+    if (d + 1 < shape.size() || shape.size() == 1) out += ",";
+    if (d + 1 < shape.size()) out += " ";
+  }
+  return out + ")";
+}
+
+// The dtype Python scalars collate to (like default_collate), or null for "keep a list".
+py::object scalar_dtype(const std::vector<py::handle>& values) {
+  auto all = [&](auto pred) {
+    for (py::handle v : values) {
+      if (!pred(v.ptr())) return false;
+    }
+    return true;
+  };
+  if (all([](PyObject* o) { return PyBool_Check(o); })) return py::dtype("bool");
+  if (all([](PyObject* o) { return PyLong_CheckExact(o); })) return py::dtype("int64");
+  if (all([](PyObject* o) { return PyFloat_CheckExact(o); })) return py::dtype("float64");
+  static py::handle generic = py::object(py::module_::import("numpy").attr("generic")).release();
+  py::object first_dtype;
+  for (py::handle v : values) {
+    if (!PyObject_IsInstance(v.ptr(), generic.ptr())) return py::object();
+    py::object dt = v.attr("dtype");
+    if (py::reinterpret_borrow<py::dtype>(dt).kind() == 'O') return py::object();
+    if (!first_dtype) {
+      first_dtype = dt;
+    } else if (!first_dtype.equal(dt)) {
+      return py::object();
+    }
+  }
+  return first_dtype;
+}
+
+// Merges per-sample layouts (same structure) into `out`, node by node from `n` in preorder.
+void merge_samples(const std::vector<Layout>& parts, std::size_t& n, Layout& out, std::int64_t index) {
+  const Node& ref = parts[0].nodes[n];
+  const std::size_t batch = parts.size();
+  for (std::size_t k = 1; k < batch; ++k) {
+    const Node& other = parts[k].nodes[n];
+    const bool container = ref.kind != Node::kArray && ref.kind != Node::kObject;
+    if (other.kind != ref.kind || (container && other.count != ref.count)) {
+      mismatch(index, k, "has a different structure from sample 0");
+    }
+    if (ref.kind == Node::kDict && !ref.obj.equal(other.obj)) {
+      mismatch(index, k, "has dict keys " + py::repr(other.obj).cast<std::string>() + ", sample 0 has " +
+                             py::repr(ref.obj).cast<std::string>());
+    }
+    if (ref.kind == Node::kNamedTuple && !ref.obj.is(other.obj)) {
+      mismatch(index, k, "is a different namedtuple type from sample 0");
+    }
+  }
+  ++n;
+  switch (ref.kind) {
+    case Node::kTuple:
+    case Node::kNamedTuple:
+    case Node::kList:
+    case Node::kDict: {
+      out.nodes.push_back(Node{ref.kind, ref.count, ref.obj});
+      for (std::uint32_t c = 0; c < ref.count; ++c) merge_samples(parts, n, out, index);
+      return;
+    }
+    case Node::kArray: {
+      const Leaf& first = parts[0].leaves[ref.count];
+      Leaf leaf;
+      leaf.dtype = first.dtype;
+      leaf.itemsize = first.itemsize;
+      leaf.source_shape = first.shape;
+      leaf.shape.push_back(static_cast<std::int64_t>(batch));
+      leaf.shape.insert(leaf.shape.end(), first.shape.begin(), first.shape.end());
+      for (std::size_t k = 0; k < batch; ++k) {
+        const Leaf& l = parts[k].leaves[parts[k].nodes[n - 1].count];
+        if (l.shape != first.shape) {
+          mismatch(index, k, "has an array of shape " + shape_str(l.shape) + " where sample 0 has " +
+                                 shape_str(first.shape) + ": samples must have equal shapes to stack");
+        }
+        if (!l.dtype.equal(first.dtype)) {
+          mismatch(index, k, "has an array of dtype " + py::str(l.dtype).cast<std::string>() +
+                                 " where sample 0 has " + py::str(first.dtype).cast<std::string>());
+        }
+        leaf.sources.push_back(l.sources[0]);
+      }
+      leaf.nbytes = first.nbytes * batch;
+      leaf.offset = (out.bytes + kAlign - 1) / kAlign * kAlign;
+      out.bytes = leaf.offset + leaf.nbytes;
+      out.nodes.push_back(Node{Node::kArray, static_cast<std::uint32_t>(out.leaves.size()), py::object()});
+      out.leaves.push_back(std::move(leaf));
+      return;
+    }
+    case Node::kObject:
+    default: {
+      std::vector<py::handle> values;
+      values.reserve(batch);
+      for (std::size_t k = 0; k < batch; ++k) values.push_back(parts[k].nodes[n - 1].obj);
+      py::object dtype = scalar_dtype(values);
+      if (!dtype) {  // strings and other objects: the list of the samples' values
+        py::list list(batch);
+        for (std::size_t k = 0; k < batch; ++k) list[k] = values[k];
+        out.nodes.push_back(Node{Node::kObject, 0, std::move(list)});
+        return;
+      }
+      static py::handle asarray = py::object(py::module_::import("numpy").attr("asarray")).release();
+      py::list list(batch);
+      for (std::size_t k = 0; k < batch; ++k) list[k] = values[k];
+      flatten_into(asarray(list, dtype), out, index, 0);
+      return;
+    }
   }
 }
 
@@ -167,14 +288,36 @@ PyBatch::~PyBatch() {
 
 void flatten(py::handle value, Layout& out, std::int64_t index) { flatten_into(value, out, index, 0); }
 
+void flatten_stacked(py::handle samples, Layout& out, std::int64_t index) {
+  auto list = py::reinterpret_borrow<py::list>(samples);
+  if (list.empty()) {
+    throw py::value_error("pyloader.stack: batch " + std::to_string(index) + " has no samples");
+  }
+  std::vector<Layout> parts(list.size());
+  for (std::size_t k = 0; k < list.size(); ++k) {
+    flatten_into(list[k], parts[k], index, 0);
+    if (parts[k].nodes.size() != parts[0].nodes.size()) {
+      mismatch(index, k, "has a different structure from sample 0");
+    }
+  }
+  std::size_t n = 0;
+  merge_samples(parts, n, out, index);
+}
+
 void copy_leaves(Layout& layout, std::byte* dst, std::vector<py::object>& trash) noexcept {
   for (Leaf& leaf : layout.leaves) {
-    if (leaf.nbytes > 0) {
-      copy_strided(dst + leaf.offset, leaf.data, leaf.itemsize, static_cast<int>(leaf.shape.size()),
-                   leaf.shape.data(), leaf.strides.data());
+    const std::size_t each = leaf.sources.empty() ? 0 : leaf.nbytes / leaf.sources.size();
+    std::byte* out = dst + leaf.offset;
+    for (Source& src : leaf.sources) {
+      if (each > 0) {
+        copy_strided(out, src.data, leaf.itemsize, static_cast<int>(leaf.source_shape.size()),
+                     leaf.source_shape.data(), src.strides.data());
+      }
+      out += each;
+      src.data = nullptr;
+      trash.push_back(std::move(src.array));  // a move: no reference count is touched
     }
-    leaf.data = nullptr;
-    trash.push_back(std::move(leaf.source));  // a move: no reference count is touched
+    leaf.sources.clear();
   }
 }
 

@@ -22,16 +22,22 @@ namespace pyloader::python {
 
 namespace py = pybind11;
 
+// Where a leaf's bytes come from: one array (or, for a stacked batch, one per sample), kept
+// alive from flatten() to copy_leaves().
+struct Source {
+  py::object array;
+  const std::byte* data = nullptr;
+  std::vector<std::int64_t> strides;
+};
+
 struct Leaf {
   py::object dtype;
-  std::vector<std::int64_t> shape;
+  std::vector<std::int64_t> shape;         // of the delivered array
+  std::vector<std::int64_t> source_shape;  // of each source (shape, or shape[1:] when stacked)
   std::size_t itemsize = 0;
   std::size_t offset = 0;  // in the buffer
   std::size_t nbytes = 0;
-  // The source, valid from flatten() to copy_leaves(): a reference that keeps it alive.
-  py::object source;
-  const std::byte* data = nullptr;
-  std::vector<std::int64_t> strides;
+  std::vector<Source> sources;  // stacked one after the other, C order
 };
 
 struct Node {
@@ -58,6 +64,17 @@ class PyBatch final : public Payload {
 // Raises TypeError (naming `index`) for structures too deep to be data (e.g. a list containing
 // itself).
 void flatten(py::handle value, Layout& out, std::int64_t index);
+// Collates a list of samples of one structure into one batch, like torch's default_collate but in
+// numpy: arrays of equal shape and dtype stack along a new first axis; Python bools, ints and
+// floats become bool, int64 and float64 arrays, numpy scalars arrays of their dtype; containers
+// recurse; any other leaf becomes the list of the samples' values. Raises ValueError naming
+// `index` and the sample when structures, shapes or dtypes differ.
+void flatten_stacked(py::handle samples, Layout& out, std::int64_t index);
+
+// A batch's samples, to be collated by the worker (pyloader.stack).
+struct Stack {
+  py::list samples;
+};
 // Copies every leaf into dst and moves the sources' references into `trash` (to be dropped later
 // with the GIL held). GIL not required.
 void copy_leaves(Layout& layout, std::byte* dst, std::vector<py::object>& trash) noexcept;

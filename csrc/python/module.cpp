@@ -236,6 +236,14 @@ PYBIND11_MODULE(_C, m) {
                std::to_string(l.buffer.capacity()) + " bytes>";
       });
 
+  py::class_<Stack>(m, "Stack")
+      .def(py::init([](py::iterable samples) { return Stack{py::list(samples)}; }), py::arg("samples"))
+      .def_property_readonly("samples", [](const Stack& s) { return s.samples; })
+      .def("__len__", [](const Stack& s) { return s.samples.size(); })
+      .def("__repr__", [](const Stack& s) {
+        return "pyloader.stack(<" + std::to_string(s.samples.size()) + " samples>)";
+      });
+
   py::class_<PyEngine>(m, "Engine")
       .def(py::init<py::object, py::object, const PyPool&, int, std::size_t, double, py::object, py::object>(),
            py::arg("sequence"), py::arg("epoch_end"), py::arg("pool"), py::arg("workers"),

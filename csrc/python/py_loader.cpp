@@ -90,7 +90,11 @@ void PyLoader::prepare(int /*worker*/, Prepared& item) noexcept {
       return;
     }
     auto batch = std::make_unique<PyBatch>();
-    flatten(value, batch->layout, index);
+    if (py::isinstance<Stack>(value)) {
+      flatten_stacked(value.cast<Stack&>().samples, batch->layout, index);
+    } else {
+      flatten(value, batch->layout, index);
+    }
     item.bytes = batch->layout.bytes;
     item.payload = std::move(batch);
   } catch (py::error_already_set& e) {
@@ -99,6 +103,11 @@ void PyLoader::prepare(int /*worker*/, Prepared& item) noexcept {
   } catch (const py::type_error& e) {  // flatten()'s own checks, which name the index
     item.failed = true;
     item.payload = type_error_batch(e.what());
+  } catch (const py::value_error& e) {  // flatten_stacked()'s checks, which name the index
+    item.failed = true;
+    auto batch = std::make_unique<PyBatch>();
+    batch->error = py::reinterpret_borrow<py::object>(PyExc_ValueError)(e.what());
+    item.payload = std::move(batch);
   } catch (const std::exception& e) {
     item.failed = true;
     item.payload = type_error_batch("__getitem__(" + std::to_string(index) + ") failed: " + e.what());
