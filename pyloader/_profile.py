@@ -324,15 +324,16 @@ def profile(
                  "speedup": r["batches_per_s"] / base_rate, "ideal_speedup": max(1.0, ideal),
                  "stall_fraction": r["stall_fraction"]}
         scaling.append(entry)
-        say(f"   workers={w:<3} {r['batches_per_s']:9.1f} batches/s  speedup {entry['speedup']:.2f}x "
-            f"(GIL-free ideal {entry['ideal_speedup']:.2f}x)")
+        say(f"   workers={w:<3} {r['batches_per_s']:9.1f} batches/s  "
+            f"speedup {entry['speedup']:.2f}x (GIL-free ideal {entry['ideal_speedup']:.2f}x)")
     informative = [s for s in scaling if s["ideal_speedup"] >= 1.2]
     gil: float | None = None
     if informative:
         top = max(informative, key=lambda s: s["batches_per_s"])
         gil = _gil_share(top["speedup"], top["ideal_speedup"])
-        say(f"   => about {gil:.0%} of the load time holds the GIL (Amdahl on {top['speedup']:.2f}x "
-            f"of an ideal {top['ideal_speedup']:.2f}x at workers={top['workers']})")
+        say(f"   => about {gil:.0%} of the load time holds the GIL (Amdahl on "
+            f"{top['speedup']:.2f}x of an ideal {top['ideal_speedup']:.2f}x at "
+            f"workers={top['workers']})")
     else:
         say("   => GIL share not measurable here (one CPU, or one worker only)")
 

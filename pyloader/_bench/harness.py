@@ -7,6 +7,8 @@ by forked workers, are split among the processes that map them instead of counte
 process), RSS otherwise. Sampling starts when the subprocess reports that setup is done, so the
 peak is that of the loading, and the baseline (the first sample after setup) is reported next to
 it. A subprocess that exceeds the timeout is killed with its children and recorded as an error.
+``--quick`` runs all workloads of a loader in one subprocess instead (``group_by_loader``): it
+saves the imports (Keras alone takes seconds), and its memory figures are only indicative.
 
 Loaders that cannot run are found out cheaply in this process (:func:`loaders.probe`) or by the
 first subprocess that tries them, and skipped afterwards with the same note. The result is the
@@ -293,6 +295,7 @@ def _summarize(
         "batches": None,
         "batches_per_s": None,
         "first_batch_s": None,
+        "cold_first_batch_s": None,
         "stall_fraction": None,
         "engine_stall_fraction": None,
         "startup_s": None,
@@ -312,6 +315,7 @@ def _summarize(
         batches=epochs[0]["batches"],
         batches_per_s=_median([e["batches"] / e["wall_s"] for e in epochs]),
         first_batch_s=_median([e["first_batch_s"] for e in epochs]),
+        cold_first_batch_s=event["startup_s"] + epochs[0]["first_batch_s"],
         stall_fraction=_median([e["stall_fraction"] for e in epochs]),
         engine_stall_fraction=_median(
             [(e.get("engine_stats") or {}).get("stall_fraction") for e in epochs]),

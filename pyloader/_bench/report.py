@@ -30,6 +30,7 @@ The report document (what ``--json FILE`` writes) is one JSON object::
           "batches": 1000,              # batches per epoch
           "batches_per_s": 812.5,
           "first_batch_s": 0.004,       # time from starting an epoch to its first batch
+          "cold_first_batch_s": 0.02,   # opening the loader + the first batch of its first epoch
           "stall_fraction": 0.97,       # consumer time inside next() / epoch wall time
           "engine_stall_fraction": 0.95 | null,  # stats()["stall_fraction"] (pyloader only)
           "startup_s": 0.01, "close_s": 0.002,   # opening and closing the loader (once)
@@ -73,7 +74,8 @@ _OPT_NUM = (int, float, type(None))
 _RESULT = {
     "workload": str, "loader": str, "kind": str, "workers": (int, type(None)), "status": str,
     "note": (str, type(None)), "batches": (int, type(None)), "batches_per_s": _OPT_NUM,
-    "first_batch_s": _OPT_NUM, "stall_fraction": _OPT_NUM, "engine_stall_fraction": _OPT_NUM,
+    "first_batch_s": _OPT_NUM, "cold_first_batch_s": _OPT_NUM, "stall_fraction": _OPT_NUM,
+    "engine_stall_fraction": _OPT_NUM,
     "startup_s": _OPT_NUM, "close_s": _OPT_NUM, "memory": (dict, type(None)), "ratios": dict,
     "epochs": list,
 }
@@ -122,7 +124,8 @@ def validate(doc: Any) -> None:
         if row["kind"] not in ("pyloader", "peer"):
             problems.append(f"{where}.kind: unexpected value {row['kind']!r}")
         if row["status"] == "ok":
-            for key in ("batches", "batches_per_s", "first_batch_s", "startup_s"):
+            for key in ("batches", "batches_per_s", "first_batch_s", "cold_first_batch_s",
+                        "startup_s"):
                 if row[key] is None:
                     problems.append(f"{where}.{key}: null in an ok result")
             if not row["epochs"]:
@@ -179,7 +182,7 @@ def _peers_in(doc: dict[str, Any]) -> list[str]:
 def _rows(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     peers = _peers_in(doc)
     header = ["workload", "loader", "W", "batches/s", *[f"vs {p}" for p in peers],
-              "1st batch ms", "peak MB", "+MB", "stall"]
+              "1st batch ms", "cold 1st ms", "peak MB", "+MB", "stall", "stats() stall"]
     rows = []
     for row in doc["results"]:
         cells = [row["workload"], row["loader"],
@@ -194,16 +197,15 @@ def _rows(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             ratio = row["ratios"].get(peer)
             cells.append("-" if ratio is None else f"{ratio:.2f}x")
         cells.append(_fmt_ms(row["first_batch_s"]))
+        cells.append(_fmt_ms(row["cold_first_batch_s"]))
         mem = row["memory"]
         if mem:
             cells.append(f"{mem['peak_mb']:,.0f}")
             cells.append(f"{mem['peak_mb'] - mem['base_mb']:+,.0f}")
         else:
             cells.extend(["-", "-"])
-        stall = row["engine_stall_fraction"]
-        if stall is None:
-            stall = row["stall_fraction"]
-        cells.append("-" if stall is None else f"{stall:.0%}")
+        for stall in (row["stall_fraction"], row["engine_stall_fraction"]):
+            cells.append("-" if stall is None else f"{stall:.0%}")
         rows.append(cells)
     return header, rows
 
@@ -212,11 +214,13 @@ def _legend(doc: dict[str, Any]) -> list[str]:
     mem_metric = next((r["memory"]["metric"] for r in doc["results"] if r.get("memory")), "pss")
     cfg = doc["config"]
     lines = [
-        f"batches/s: median of {cfg['repeats']} epoch(s); vs X: batches/s over X's, same workload "
-        "and W; 1st batch: median time from starting an epoch to its first batch;",
+        f"batches/s: median of {cfg['repeats']} epoch(s) on one loader; vs X: batches/s over X's, "
+        "same workload and W; 1st batch: median time from starting an epoch to its first batch, "
+        "cold 1st: from opening the loader to its first batch;",
         f"peak MB: peak {mem_metric.upper()} of the measurement's process tree (with workers), "
-        "+MB: over the tree after setup; stall: share of the epoch the consumer waited for data "
-        "(pyloader: stats(), others: timed by the harness)"
+        "+MB: over the tree after setup; stall: share of the epoch the consumer waited for data, "
+        "timed by the harness around next(); stats() stall: the same as pyloader's stats() "
+        "counts it"
         + (f"; consumer step {cfg['step_ms']:g} ms per batch." if cfg["step_ms"] else
            "; the consumer does no work, so stall is near 100% whenever loading is the "
            "bottleneck."),
