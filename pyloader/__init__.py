@@ -7,6 +7,7 @@ buffers and arrive in a deterministic order, each exactly once.
 
 from __future__ import annotations
 
+from .arrays import ArraySequence
 from ._errors import BatchError, EpochEndError, PoolExhaustedWarning
 from .collate import collate, stack
 from .prefetcher import Prefetcher, prefetch
@@ -15,6 +16,7 @@ __version__ = "0.1.0"
 
 __all__ = sorted(
     [
+        "ArraySequence",
         "BatchError",
         "EpochEndError",
         "PoolExhaustedWarning",

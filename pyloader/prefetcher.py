@@ -28,6 +28,7 @@ import numpy as np
 from . import _C
 from ._errors import EpochEndError, PoolExhaustedWarning, batch_error
 from ._plan import Plan, resolve_shard
+from .arrays import ArraySequence
 
 __all__ = ["Prefetcher", "prefetch"]
 
@@ -155,7 +156,9 @@ class Prefetcher:
         seed = _check_int("seed", seed, 0)
         self._plan = Plan(length, self.shuffle, seed, rank, world, self.drop_last)
         self._sequence = sequence
-        hook = getattr(sequence, "on_epoch_end", None)
+        # An ArraySequence is gathered natively: the engine passes it the epoch, no hook needed.
+        self._native = isinstance(sequence, ArraySequence)
+        hook = None if self._native else getattr(sequence, "on_epoch_end", None)
         self._on_epoch_end = hook if callable(hook) else None
         self._pool = _C.BufferPool(self._max_pool_bytes, self._pin)
 
@@ -218,7 +221,7 @@ class Prefetcher:
         epoch, offset = self._resume
         hook = self._on_epoch_end
         engine = _C.Engine(
-            self._sequence,
+            self._sequence.native_source() if self._native else self._sequence,
             None if hook is None else (lambda _epoch: hook()),
             self._pool,
             self.workers,
@@ -228,18 +231,25 @@ class Prefetcher:
             PoolExhaustedWarning,
         )
         indices = self._plan.indices(epoch)[offset:]
+        self._engine = engine
+        self._register_epoch(epoch)
         engine.append(epoch, indices, False)
         self._segments = [(epoch, 0, len(indices), offset)]
         engine.start()
-        self._engine = engine
 
     def _plan_through(self, epoch: int) -> None:
         assert self._engine is not None
         while self._segments[-1][0] < epoch:
             last_epoch, _, last_end, _ = self._segments[-1]
             indices = self._plan.indices(last_epoch + 1)
+            self._register_epoch(last_epoch + 1)
             self._engine.append(last_epoch + 1, indices, True)
             self._segments.append((last_epoch + 1, last_end, last_end + len(indices), 0))
+
+    def _register_epoch(self, epoch: int) -> None:
+        """Tells a native source the epoch's sample order before its positions can load."""
+        if self._native:
+            self._sequence.native_source().set_order(epoch, self._sequence.sample_order(epoch))
 
     def _segment_of(self, epoch: int) -> tuple[int, int, int, int]:
         for seg in self._segments:

@@ -140,8 +140,9 @@ bool Engine::wait_loadable(std::int64_t position) noexcept {
 void Engine::worker_main(int worker) {
   loader_->thread_start(worker);
   std::atomic<std::int64_t>& busy = busy_ns_[static_cast<std::size_t>(worker)].value;
+  const std::size_t max_run = std::min(options_.max_run, loader_->max_run());
   std::vector<Job> run;
-  run.reserve(options_.max_run);
+  run.reserve(max_run);
   Segment* cached = nullptr;
   while (!stopping()) {
     const std::int64_t p = ring_.claim();
@@ -168,7 +169,7 @@ void Engine::worker_main(int worker) {
         loader_->prepare(worker, job.prep);
         job.load_ns = now_ns() - t0;
       }
-      if (run.size() >= options_.max_run || now_ns() - start >= options_.run_budget.count() ||
+      if (run.size() >= max_run || now_ns() - start >= options_.run_budget.count() ||
           stopping()) {
         break;
       }
@@ -194,12 +195,14 @@ bool Engine::deliver(int worker, Job& job) {
   d.skipped = job.skip;
   if (!job.skip) {
     const std::int64_t t0 = now_ns();
-    if (!job.prep.failed && job.prep.bytes > 0) {
+    d.error = std::move(job.prep.error);
+    if (d.error.empty() && !job.prep.failed && job.prep.bytes > 0) {
       try {
         d.buffer = pool_->acquire(job.prep.bytes, stopping_);
       } catch (const std::bad_alloc&) {
         d.error = "out of memory: the buffer pool could not allocate " +
                   std::to_string(job.prep.bytes) + " bytes";
+        d.out_of_memory = true;
       }
       if (!d.buffer && d.error.empty()) return false;  // stopped while waiting for a buffer
     }

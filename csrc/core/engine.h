@@ -67,6 +67,7 @@ struct Prepared {
   std::size_t bytes = 0;
   std::unique_ptr<Payload> payload;
   bool failed = false;  // the payload describes an error raised while loading
+  std::string error;    // or: a failure described in plain words (no payload)
 };
 
 // What the consumer receives for a position.
@@ -74,7 +75,8 @@ struct Delivery {
   Task task;
   std::unique_ptr<Payload> payload;
   BufferLease buffer;      // empty when the batch needs no buffer memory
-  std::string error;       // a failure of the core itself (out of memory); payload is then empty
+  std::string error;       // a failure described in plain words; payload is then empty
+  bool out_of_memory = false;  // ... because the pool could not allocate
   bool failed = false;     // the payload describes an error raised while loading
   bool skipped = false;    // not loaded: the position was below skip_to()
   std::int32_t worker = -1;
@@ -94,6 +96,8 @@ class Loader {
   // Outside enter()/leave(): writes the batch into dst (capacity >= item.bytes; null when 0).
   virtual void fill(int worker, Prepared& item, std::byte* dst, std::size_t capacity) noexcept = 0;
   virtual bool has_epoch_end() const noexcept = 0;
+  // At most this many positions are prepared per enter()/leave() (see run_budget).
+  virtual std::size_t max_run() const noexcept { return static_cast<std::size_t>(-1); }
   // Outside enter()/leave(). Returns the error the hook raised, or null.
   virtual std::unique_ptr<Payload> epoch_end(int worker, std::int64_t epoch) noexcept = 0;
 };

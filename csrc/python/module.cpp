@@ -16,6 +16,7 @@
 
 #include "../core/buffer_pool.h"
 #include "../core/engine.h"
+#include "../core/gather.h"
 #include "layout.h"
 #include "py_loader.h"
 
@@ -65,6 +66,80 @@ py::dict pool_info(const BufferPool& pool) {
   throw py::error_already_set();
 }
 
+// The native source of a pyloader.ArraySequence: its columns for the core's GatherLoader, and
+// how to rebuild a delivered batch (a single array, a tuple or a dict of arrays).
+class PyArraySource {
+ public:
+  PyArraySource(py::list arrays, py::object keys, std::int64_t batch_size) : keys_(std::move(keys)) {
+    std::vector<GatherColumn> columns;
+    std::int64_t samples = -1;
+    for (py::handle h : arrays) {
+      auto arr = py::reinterpret_borrow<py::array>(h);
+      if (arr.ndim() < 1) throw py::value_error("ArraySequence arrays need at least one dimension");
+      GatherColumn col;
+      col.base = static_cast<const std::byte*>(arr.data());
+      col.row_stride = static_cast<std::int64_t>(arr.strides(0));
+      col.row_bytes = static_cast<std::size_t>(arr.itemsize());
+      std::vector<py::ssize_t> row_shape;
+      for (py::ssize_t d = 1; d < arr.ndim(); ++d) {
+        row_shape.push_back(arr.shape(d));
+        col.row_bytes *= static_cast<std::size_t>(arr.shape(d));
+      }
+      if (samples >= 0 && arr.shape(0) != samples) throw py::value_error("ArraySequence arrays differ in length");
+      samples = arr.shape(0);
+      columns.push_back(col);
+      dtypes_.push_back(arr.dtype());
+      row_shapes_.push_back(std::move(row_shape));
+      arrays_.push_back(std::move(arr));  // keeps the memory (and any mmap) alive
+    }
+    loader_ = std::make_shared<GatherLoader>(std::move(columns), samples, batch_size);
+  }
+
+  void set_order(std::int64_t epoch, py::object order) {
+    std::shared_ptr<const std::vector<std::int64_t>> v;
+    if (!order.is_none()) {
+      auto a = py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>::ensure(order);
+      if (!a) throw py::error_already_set();
+      v = std::make_shared<const std::vector<std::int64_t>>(a.data(), a.data() + a.size());
+    }
+    loader_->set_order(epoch, std::move(v));
+  }
+
+  py::object build(const GatherBatch& batch, std::byte* base, py::handle lease) const {
+    const std::vector<std::size_t> at = loader_->offsets(batch.rows, nullptr);
+    py::list out;
+    for (std::size_t c = 0; c < dtypes_.size(); ++c) {
+      std::vector<py::ssize_t> shape{static_cast<py::ssize_t>(batch.rows)};
+      shape.insert(shape.end(), row_shapes_[c].begin(), row_shapes_[c].end());
+      std::vector<py::ssize_t> strides(shape.size());
+      py::ssize_t stride = dtypes_[c].itemsize();
+      for (std::size_t d = shape.size(); d-- > 0;) {
+        strides[d] = stride;
+        stride *= shape[d];
+      }
+      if (base == nullptr || stride == 0) {
+        out.append(py::array(dtypes_[c], std::move(shape), std::move(strides)));
+      } else {
+        out.append(py::array(dtypes_[c], std::move(shape), std::move(strides), base + at[c], lease));
+      }
+    }
+    if (keys_.is_none()) return out.size() == 1 ? py::object(out[0]) : py::object(py::tuple(out));
+    py::dict d;
+    auto keys = py::reinterpret_borrow<py::tuple>(keys_);
+    for (std::size_t c = 0; c < dtypes_.size(); ++c) d[keys[c]] = out[c];
+    return d;
+  }
+
+  std::shared_ptr<GatherLoader> loader() const { return loader_; }
+
+ private:
+  py::object keys_;  // None: a single array or a tuple; else a tuple of dict keys
+  std::vector<py::array> arrays_;
+  std::vector<py::dtype> dtypes_;
+  std::vector<std::vector<py::ssize_t>> row_shapes_;
+  std::shared_ptr<GatherLoader> loader_;
+};
+
 class PyEngine {
  public:
   PyEngine(py::object sequence, py::object epoch_end, const PyPool& pool, int workers,
@@ -77,7 +152,14 @@ class PyEngine {
     options.workers = workers;
     options.depth = depth;
     options.run_budget = std::chrono::nanoseconds(static_cast<std::int64_t>(run_budget_us * 1000));
-    auto loader = std::make_shared<PyLoader>(std::move(sequence), std::move(epoch_end), workers);
+    std::shared_ptr<Loader> loader;
+    if (py::isinstance<PyArraySource>(sequence)) {  // native gather: no Python per batch
+      native_ = &sequence.cast<PyArraySource&>();
+      native_ref_ = sequence;
+      loader = native_->loader();
+    } else {
+      loader = std::make_shared<PyLoader>(std::move(sequence), std::move(epoch_end), workers);
+    }
     engine_ = Engine::create(options, pool_, std::move(loader));
   }
   ~PyEngine() { close(); }
@@ -192,7 +274,15 @@ class PyEngine {
 
   py::object deliver(Delivery d) {
     if (!d.error.empty()) {
-      raise(PyExc_MemoryError, "pyloader: batch " + std::to_string(d.task.index) + ": " + d.error);
+      raise(d.out_of_memory ? PyExc_MemoryError : PyExc_RuntimeError,
+            "pyloader: batch " + std::to_string(d.task.index) + ": " + d.error);
+    }
+    if (native_) {
+      const auto& gathered = static_cast<const GatherBatch&>(*d.payload);
+      if (!d.buffer) return native_->build(gathered, nullptr, py::none());
+      std::byte* base = d.buffer.data();
+      py::object lease = py::cast(Lease{std::move(d.buffer)});
+      return native_->build(gathered, base, lease);
     }
     auto* batch = static_cast<PyBatch*>(d.payload.get());
     if (d.failed) {
@@ -208,6 +298,8 @@ class PyEngine {
 
   std::shared_ptr<BufferPool> pool_;
   std::shared_ptr<Engine> engine_;
+  PyArraySource* native_ = nullptr;  // set for an ArraySequence's native source
+  py::object native_ref_;            // keeps it alive
   py::object error_factory_;
   py::object warning_category_;
   bool warned_starved_ = false;
@@ -235,6 +327,11 @@ PYBIND11_MODULE(_C, m) {
         return "<pyloader Lease of buffer " + std::to_string(l.buffer.id()) + ", " +
                std::to_string(l.buffer.capacity()) + " bytes>";
       });
+
+  py::class_<PyArraySource>(m, "ArraySource")
+      .def(py::init<py::list, py::object, std::int64_t>(), py::arg("arrays"), py::arg("keys"),
+           py::arg("batch_size"))
+      .def("set_order", &PyArraySource::set_order, py::arg("epoch"), py::arg("order"));
 
   py::class_<Stack>(m, "Stack")
       .def(py::init([](py::iterable samples) { return Stack{py::list(samples)}; }), py::arg("samples"))

@@ -1,0 +1,175 @@
+"""ArraySequence: batches of arrays in memory or in memory-mapped ``.npy`` files.
+
+It is a Sequence in its own right (``ds[i]`` is batch ``i``, by numpy indexing), so it works in a
+plain loop or anywhere a Sequence does. Inside a :class:`~pyloader.Prefetcher` the native core
+gathers the rows straight into slot buffers on its threads, with no GIL and no Python per batch
+(``csrc/core/gather.h``); both paths give the same batches.
+
+``shuffle=True`` shuffles *samples* (not just batch order) every epoch from ``(seed, epoch)``:
+every sample once per epoch. The epoch comes from the Prefetcher (exact across prefetching over
+epoch boundaries and resuming from a state_dict); in a plain loop it is :attr:`ArraySequence.epoch`,
+which ``on_epoch_end()`` advances and :meth:`ArraySequence.set_epoch` sets.
+
+No copy of the data is ever made: arrays are used in place, ``.npy`` files are memory-mapped
+(data larger than RAM streams through the page cache). Each row must be contiguous in memory
+(rows themselves may be strided, e.g. ``x[::2]``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from . import _C
+
+__all__ = ["ArraySequence"]
+
+
+def _check_array(name: str, a: object) -> np.ndarray:
+    if not isinstance(a, np.ndarray):
+        raise ValueError(
+            f"ArraySequence takes numpy arrays (or np.memmap), got {type(a).__name__} for {name}: "
+            "wrap it with np.asarray(...) first"
+        )
+    if a.dtype.hasobject:
+        raise ValueError(f"{name} has dtype {a.dtype}, which holds Python objects: only fixed-size dtypes can be gathered")
+    if a.ndim < 1:
+        raise ValueError(f"{name} is 0-dimensional: ArraySequence needs arrays of samples (first axis = samples)")
+    expected = a.itemsize
+    for d in range(a.ndim - 1, 0, -1):
+        if a.shape[d] > 1 and a.strides[d] != expected:
+            raise ValueError(
+                f"{name} has rows that are not contiguous in memory (shape {a.shape}, strides {a.strides}): "
+                "store it C-ordered, or pass np.ascontiguousarray(...) (which makes a copy)"
+            )
+        expected *= a.shape[d]
+    return a
+
+
+class ArraySequence:
+    """Batches of the rows of one or more equally long arrays.
+
+    Args:
+        *arrays: numpy arrays (or ``np.memmap``) whose first axis is the sample axis, or one dict
+            of them. Batches are an array (one array given), a tuple (several), or a dict.
+        batch_size: samples per batch.
+        shuffle: shuffle samples every epoch, from ``(seed, epoch)``.
+        seed: the seed of the shuffle; ``None`` draws one (see :attr:`seed`).
+        drop_last: drop the last, partial batch.
+
+    Raises:
+        ValueError: no arrays, arrays of different lengths, object dtypes, rows that are not
+            contiguous, or a bad option (the message shows the value and how to fix it).
+    """
+
+    def __init__(
+        self,
+        *arrays: np.ndarray | Mapping[str, np.ndarray],
+        batch_size: int,
+        shuffle: bool = False,
+        seed: int | None = None,
+        drop_last: bool = False,
+    ) -> None:
+        if len(arrays) == 1 and isinstance(arrays[0], Mapping):
+            mapping = dict(arrays[0])
+            self._keys: tuple[Any, ...] | None = tuple(mapping)
+            named = list(mapping.items())
+        else:
+            self._keys = None
+            named = [(f"array {k}", a) for k, a in enumerate(arrays)]
+        if not named:
+            raise ValueError("ArraySequence needs at least one array")
+        self._arrays = [_check_array(str(name), a) for name, a in named]
+        lengths = {len(a) for a in self._arrays}
+        if len(lengths) != 1:
+            raise ValueError(
+                "ArraySequence arrays must have equal first dimensions, got "
+                + ", ".join(f"{name}: {len(a)}" for (name, _), a in zip(named, self._arrays))
+            )
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if not isinstance(shuffle, (bool, np.bool_)):
+            raise ValueError(f"shuffle must be True or False, got {shuffle!r}")
+        if not isinstance(drop_last, (bool, np.bool_)):
+            raise ValueError(f"drop_last must be True or False, got {drop_last!r}")
+        if seed is None:
+            seed = int(np.random.SeedSequence().entropy % (1 << 63))
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed must be None or an integer >= 0, got {seed!r}")
+        self.samples = lengths.pop()
+        self.batch_size = int(batch_size)
+        self.shuffle = bool(shuffle)
+        self.seed = int(seed)
+        self.drop_last = bool(drop_last)
+        self.epoch = 0
+        self._source: _C.ArraySource | None = None
+
+    @classmethod
+    def from_npy(
+        cls, *paths: str | os.PathLike[str] | Mapping[str, str | os.PathLike[str]], batch_size: int, **options: Any
+    ) -> ArraySequence:
+        """An ArraySequence over ``.npy`` files, memory-mapped read-only (nothing is read up front).
+
+        Args:
+            *paths: paths of ``.npy`` files, or one dict of them.
+            batch_size: samples per batch.
+            **options: ``shuffle``, ``seed``, ``drop_last``.
+        """
+        if len(paths) == 1 and isinstance(paths[0], Mapping):
+            return cls({k: np.load(p, mmap_mode="r") for k, p in paths[0].items()}, batch_size=batch_size, **options)
+        return cls(*[np.load(p, mmap_mode="r") for p in paths], batch_size=batch_size, **options)
+
+    def __len__(self) -> int:
+        if self.drop_last:
+            return self.samples // self.batch_size
+        return math.ceil(self.samples / self.batch_size)
+
+    def sample_order(self, epoch: int) -> np.ndarray | None:
+        """The order of the samples in ``epoch`` (``None``: unshuffled)."""
+        if not self.shuffle:
+            return None
+        return np.random.default_rng([self.seed, 1, epoch]).permutation(self.samples).astype(np.int64, copy=False)
+
+    def batch_indices(self, index: int, epoch: int) -> slice | np.ndarray:
+        """The samples of batch ``index`` in ``epoch``."""
+        start = index * self.batch_size
+        stop = min(start + self.batch_size, self.samples)
+        order = self.sample_order(epoch)
+        return slice(start, stop) if order is None else order[start:stop]
+
+    def __getitem__(self, index: int) -> Any:
+        n = len(self)
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
+            raise TypeError(f"ArraySequence indices must be integers, got {type(index).__name__}")
+        if not -n <= index < n:
+            raise IndexError(f"batch index {index} is out of range for {n} batches")
+        rows = self.batch_indices(int(index) % n, self.epoch)
+        parts = [a[rows] for a in self._arrays]
+        if self._keys is not None:
+            return dict(zip(self._keys, parts))
+        return parts[0] if len(parts) == 1 else tuple(parts)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Sets the epoch that a plain loop's ``ds[i]`` shuffles for."""
+        self.epoch = int(epoch)
+
+    def on_epoch_end(self) -> None:
+        """Advances the epoch (Keras calls this after every epoch)."""
+        self.epoch += 1
+
+    def native_source(self) -> _C.ArraySource:
+        """The core's view of these arrays (used by the Prefetcher)."""
+        if self._source is None:
+            self._source = _C.ArraySource(self._arrays, self._keys, self.batch_size)
+        return self._source
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{a.dtype}{list(a.shape)}" for a in self._arrays)
+        return (
+            f"ArraySequence({shapes}, batch_size={self.batch_size}, shuffle={self.shuffle}, "
+            f"seed={self.seed}, drop_last={self.drop_last})"
+        )
