@@ -1,0 +1,542 @@
+"""Keras 3 adapter: ``model.fit``, ``evaluate`` and ``predict`` on batches pyloader loads ahead.
+
+``prefetch(seq)`` returns a :class:`PrefetchedDataset`, a ``keras.utils.PyDataset`` whose batches
+come from a :class:`~pyloader.Prefetcher`. It tells Keras ``workers=1`` and
+``use_multiprocessing=False``, so Keras's ``PyDatasetAdapter`` starts no enqueuer of its own and
+simply calls ``dataset[i]`` once per step, from a generator it makes for each pass over the data
+(``fit`` makes one per epoch, plus one that reads a single batch to build the model).
+
+How a pass maps to Keras: the adapter asks for the indices of ``range(len)``, each once per
+generator, shuffled with Python's ``random`` when ``fit(shuffle=True)`` (the default). Loading
+ahead means the order cannot be Keras's, which is drawn only when its generator starts; so pyloader
+owns the order and ``dataset[i]`` returns the *next* batch of the current pyloader pass, whatever
+``i`` is. Each Keras generator is recognised by its frame (the caller of ``__getitem__``, whose
+``self`` is the adapter wrapping this dataset), which also gives the adapter's ``shuffle`` flag:
+
+- a new generator starts a new pass, so it gets every batch exactly once; a pass that served only
+  one batch (the batch ``fit``/``evaluate`` read to build the model) is rewound instead of
+  skipped, and a pass abandoned further in (an early stop, an error) is skipped;
+- ``steps_per_epoch < len``: Keras keeps one generator across epochs, and so does the pass;
+- the order follows the adapter's flag: seeded shuffle (``(seed, epoch)``, see :mod:`pyloader._plan`)
+  for ``fit(shuffle=True)``, exact order for ``evaluate``, ``predict`` and ``fit(shuffle=False)``
+  (switching rebuilds the Prefetcher, which only happens when one dataset serves both);
+- a caller that is not Keras's adapter (your own ``dataset[i]``) gets ``seq[i]``, loaded in place.
+
+The Sequence's ``on_epoch_end`` and ``on_epoch_begin`` are not left to Keras (which calls
+``on_epoch_end`` again from every ``reset()``): the engine calls them where loading crosses from one
+epoch to the next, after the last batch of an epoch was loaded and before any batch of the next
+one is, so that what they change applies to the next epoch as a whole even though it loads ahead.
+
+On the torch backend, numpy batches are handed over as ``torch.from_numpy`` views of pyloader's
+buffers, which Keras's ``convert_to_tensor`` passes through (it would copy a numpy array).
+"""
+
+from __future__ import annotations
+
+import inspect
+import random
+import sys
+import threading
+import traceback
+import warnings
+from collections.abc import Callable, Iterator
+from types import FrameType
+from typing import Any
+
+import keras
+import numpy as np
+
+from . import prefetcher as _prefetcher
+from ._errors import BatchError
+from .prefetcher import Prefetcher
+
+__all__ = ["PrefetchedDataset", "prefetch"]
+
+_DEFAULT_WORKERS = 4  # for a Sequence that is not a Keras PyDataset (which carries its own)
+_BASE_HOOK_MODULES = ("keras", "tf_keras", "tensorflow")
+_BASE_HOOK_CLASSES = ("PyDataset", "Sequence")
+_TORCH_DTYPES = frozenset(
+    np.dtype(t)
+    for t in ("bool", "uint8", "int8", "int16", "int32", "int64", "float16", "float32", "float64",
+              "complex64", "complex128")
+)
+
+
+def _user_hook(sequence: Any, name: str) -> Callable[[], Any] | None:
+    """``sequence.<name>`` unless it is missing or the no-op of Keras's base class."""
+    method = getattr(sequence, name, None)
+    if not callable(method):
+        return None
+    if name in getattr(sequence, "__dict__", {}):  # set on the instance: the user's own
+        return method
+    func = getattr(type(sequence), name, None)
+    module = getattr(func, "__module__", None) or ""
+    qualname = getattr(func, "__qualname__", "")
+    if module.split(".")[0] in _BASE_HOOK_MODULES and qualname in {
+        f"{cls}.{name}" for cls in _BASE_HOOK_CLASSES
+    }:
+        return None
+    return method
+
+
+class _EpochHooks:
+    """Calls the Sequence's epoch hooks in begin/end pairs, one pair per loaded epoch.
+
+    The engine calls :meth:`advance` on the worker that loaded the last batch of an epoch, before
+    any batch of the next epoch loads; the consumer calls :meth:`enter` before a Prefetcher starts
+    (or restarts) loading, when no engine is running.
+    """
+
+    def __init__(self, begin: Callable[[], Any] | None, end: Callable[[], Any] | None) -> None:
+        self._begin = begin
+        self._end = end
+        self._lock = threading.Lock()
+        self.current: int | None = None  # the epoch whose on_epoch_begin ran last
+
+    @property
+    def active(self) -> bool:
+        return self._begin is not None or self._end is not None
+
+    def enter(self, epoch: int) -> None:
+        with self._lock:
+            if self.current == epoch:
+                return
+            if self.current is not None and self._end is not None:
+                self._end()
+            self.current = epoch
+            if self._begin is not None:
+                self._begin()
+
+    def advance(self) -> None:
+        with self._lock:
+            if self._end is not None:
+                self._end()
+            self.current = 0 if self.current is None else self.current + 1
+            if self._begin is not None:
+                self._begin()
+
+
+def _length(sequence: Any) -> int:
+    """``len(sequence)``, or the ``num_batches`` of a PyDataset that defines only that."""
+    if hasattr(sequence, "__len__"):
+        return len(sequence)
+    batches = getattr(sequence, "num_batches", None)
+    if isinstance(batches, (int, np.integer)) and not isinstance(batches, bool):
+        return int(batches)
+    raise TypeError(
+        f"sequence must have __len__ (or num_batches, the number of batches) and __getitem__, "
+        f"got {type(sequence).__name__}"
+        + (" whose num_batches is None (an infinite PyDataset)" if batches is None and
+           hasattr(sequence, "num_batches") else "")
+    )
+
+
+class _Source:
+    """What the Prefetcher loads: the user's Sequence, without hooks the engine would call."""
+
+    def __init__(self, sequence: Any) -> None:
+        self._sequence = sequence
+        self._length = _length(sequence)
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index: int) -> Any:
+        return self._sequence[index]
+
+
+class _HookedSource(_Source):
+    """A :class:`_Source` whose epoch boundaries run the Sequence's hooks (see :class:`_EpochHooks`)."""
+
+    def __init__(self, sequence: Any, hooks: _EpochHooks) -> None:
+        super().__init__(sequence)
+        self._hooks = hooks
+
+    def on_epoch_end(self) -> None:
+        self._hooks.advance()
+
+
+_CALLER_DEPTH = 3  # frames searched for Keras's generator (a subclass's __getitem__ adds one)
+
+
+def _keras_generator(frame: FrameType | None, dataset: Any) -> tuple[FrameType, Any] | None:
+    """``(frame, adapter)`` of the Keras adapter generator iterating ``dataset`` that called us.
+
+    Keras's ``PyDatasetAdapter`` reads the dataset from generator methods whose ``self`` is the
+    adapter and whose ``self.py_dataset`` is the dataset; that generator's frame identifies one
+    pass of Keras over the data. Searches ``frame`` and a few callers; None if none matches.
+    """
+    for _ in range(_CALLER_DEPTH):
+        if frame is None:
+            return None
+        if frame.f_code.co_flags & inspect.CO_GENERATOR:
+            adapter = frame.f_locals.get("self")
+            if getattr(adapter, "py_dataset", None) is dataset:
+                return frame, adapter
+        frame = frame.f_back
+    return None
+
+
+def _to_torch(value: Any, from_numpy: Callable[[np.ndarray], Any]) -> Any:
+    """numpy leaves as zero-copy torch tensors (dtypes torch lacks stay numpy)."""
+    if isinstance(value, np.ndarray):
+        return from_numpy(value) if value.dtype in _TORCH_DTYPES else value
+    if isinstance(value, tuple):
+        return tuple(_to_torch(v, from_numpy) for v in value)
+    if isinstance(value, list):
+        return [_to_torch(v, from_numpy) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_torch(v, from_numpy) for k, v in value.items()}
+    return value
+
+
+def _keep_worker_traceback(error: BatchError) -> None:
+    """Keras re-raises with ``from None``, which drops the cause: keep its traceback as a note."""
+    cause = error.__cause__
+    if cause is None or getattr(error, "_pyloader_noted", False):
+        return
+    error._pyloader_noted = True  # type: ignore[attr-defined]
+    try:
+        filtering = keras.config.is_traceback_filtering_enabled()
+    except AttributeError:
+        filtering = True
+    if not filtering:
+        return
+    text = "".join(traceback.format_exception(type(cause), cause, cause.__traceback__)).rstrip()
+    note = f"Original traceback of __getitem__({error.index}) on worker {error.worker}:\n{text}"
+    if hasattr(error, "add_note"):
+        error.add_note(note)
+    else:  # Python < 3.11: no notes, extend the message
+        error.args = (f"{error.args[0]}\n{note}",) + tuple(error.args[1:])
+
+
+class PrefetchedDataset(keras.utils.PyDataset):
+    """A Keras 3 ``PyDataset`` whose batches a :class:`~pyloader.Prefetcher` loads ahead.
+
+    Made by :func:`prefetch`; see the module docstring for how it follows Keras's passes. Keras
+    sees ``workers=1``, ``use_multiprocessing=False`` (so it adds no enqueuer); pyloader's own
+    settings are on :attr:`loader`.
+
+    Args:
+        sequence: the Sequence to load (see :func:`prefetch`).
+        shuffle: ``None`` follows Keras (shuffled for ``fit(shuffle=True)``, in order otherwise);
+            ``True``/``False`` force pyloader's order.
+        **options: options of :class:`~pyloader.Prefetcher`, resolved by :func:`prefetch`.
+
+    Raises:
+        TypeError: ``sequence`` has no ``__len__`` or ``__getitem__``.
+        ValueError: an option has a bad value.
+    """
+
+    def __init__(self, sequence: Any, *, shuffle: bool | None, **options: Any) -> None:
+        super().__init__(workers=1, use_multiprocessing=False, max_queue_size=1)
+        self._loader: Prefetcher | None = None  # until construction succeeds (close() checks it)
+        if shuffle is not None and not isinstance(shuffle, (bool, np.bool_)):
+            raise ValueError(f"shuffle must be None (follow Keras), True or False, got {shuffle!r}")
+        self._shuffle = None if shuffle is None else bool(shuffle)
+        if not hasattr(sequence, "__getitem__"):
+            raise TypeError(
+                f"sequence must have __getitem__ (batch i) and __len__, got {type(sequence).__name__}"
+            )
+        self._sequence = sequence
+        self._hooks = _EpochHooks(_user_hook(sequence, "on_epoch_begin"), _user_hook(sequence, "on_epoch_end"))
+        self._source = _HookedSource(sequence, self._hooks) if self._hooks.active else _Source(sequence)
+        self._options = options
+        self._loader = Prefetcher(self._source, shuffle=bool(self._shuffle), **options)
+        self._options["seed"] = self._loader.state_dict()["seed"]  # every rebuild keeps the order
+        self._from_numpy: Callable[[np.ndarray], Any] | None = None
+        if keras.backend.backend() == "torch":
+            import torch
+
+            self._from_numpy = torch.from_numpy
+        self._reset_stream(enter=True)
+        self._frame: FrameType | None = None  # the Keras generator being served
+        self._numpy_targets = False
+        self._warned_order = False
+
+    # ---- what Keras reads ----------------------------------------------------------------------
+
+    @property
+    def workers(self) -> int:
+        """1: Keras must not start workers of its own (pyloader's are ``loader.workers``)."""
+        return 1
+
+    @workers.setter
+    def workers(self, value: int) -> None:
+        raise AttributeError(
+            f"Keras's workers of a pyloader dataset stay 1 (got {value!r}): pass workers= to "
+            "pyloader.keras.prefetch() instead"
+        )
+
+    @property
+    def use_multiprocessing(self) -> bool:
+        """False: Keras must not start processes of its own."""
+        return False
+
+    @use_multiprocessing.setter
+    def use_multiprocessing(self, value: bool) -> None:
+        raise AttributeError(
+            f"Keras's use_multiprocessing of a pyloader dataset stays False (got {value!r}): pass "
+            "mode= to pyloader.keras.prefetch() instead"
+        )
+
+    @property
+    def max_queue_size(self) -> int:
+        """pyloader's depth (batches loaded ahead); Keras has no queue of its own here."""
+        return self.loader.depth
+
+    @max_queue_size.setter
+    def max_queue_size(self, value: int) -> None:
+        raise AttributeError(
+            f"max_queue_size of a pyloader dataset is pyloader's depth (got {value!r}): pass "
+            "depth= to pyloader.keras.prefetch() instead"
+        )
+
+    def __len__(self) -> int:
+        """Batches per epoch (for this shard)."""
+        return len(self.loader)
+
+    def __getitem__(self, index: int) -> Any:
+        """The next batch of the current pass when Keras's adapter asks, else ``seq[index]``.
+
+        Raises:
+            pyloader.BatchError: the Sequence's ``__getitem__`` raised for that batch (its
+                ``index`` is the Sequence index).
+            pyloader.EpochEndError: the Sequence's ``on_epoch_end``/``on_epoch_begin`` raised.
+        """
+        caller = sys._getframe(1)
+        if caller is not self._frame:
+            found = _keras_generator(caller, self)
+            if found is None:
+                return self._sequence[index]
+            frame, adapter = found
+            if frame is not self._frame:
+                self._frame = frame
+                # With class_weight, Keras reads y back to numpy: leave y as it is for that.
+                self._numpy_targets = getattr(adapter, "class_weight", None) is not None
+                self._begin_pass(bool(getattr(adapter, "shuffle", False)))
+        batch = self._take()
+        return self._for_keras(batch)
+
+    def __iter__(self) -> Iterator[Any]:
+        """One pass of numpy batches, prefetched, in order unless ``shuffle=True`` was given."""
+        self._frame = None
+        self._begin_pass(False, from_keras=False)
+        for _ in range(len(self)):
+            yield self._take()
+
+    def on_epoch_begin(self) -> None:
+        """Ignored: pyloader calls the Sequence's ``on_epoch_begin`` itself, when epochs load."""
+
+    def on_epoch_end(self) -> None:
+        """Ignored: pyloader calls the Sequence's ``on_epoch_end`` itself, when epochs load."""
+
+    # ---- passes --------------------------------------------------------------------------------
+
+    def _reset_stream(self, *, enter: bool) -> None:
+        self._pass: Iterator[Any] | None = None
+        self._served = 0  # batches of the current pass handed out
+        self._first: Any = None  # its first batch, kept until the second is taken (rewind)
+        self._rewind = False
+        if enter:
+            self._needs_enter = True  # the next pass starts a (re)started engine: call the hooks
+
+    def _begin_pass(self, keras_shuffle: bool, *, from_keras: bool = True) -> None:
+        """A new consumer iteration starts: position the stream at the start of a pass."""
+        loader = self.loader
+        want = keras_shuffle if self._shuffle is None else self._shuffle
+        if from_keras and self._shuffle and not keras_shuffle and not self._warned_order:
+            self._warned_order = True
+            warnings.warn(
+                "Keras iterates this dataset in order (evaluate/predict), but it was made with "
+                "shuffle=True: it gets pyloader's shuffled order, so predict() rows do not follow "
+                "the Sequence; use shuffle=None to follow Keras",
+                UserWarning,
+                stacklevel=3,
+            )
+        if loader.shuffle != want:
+            self._rebuild(want)
+        elif 0 < self._served < len(loader):
+            if self._served == 1 and self._first is not None:
+                self._served, self._rewind = 0, True  # a peek: serve its batch again
+            else:
+                self._pass = None  # abandoned: the next iter() skips the rest of it
+
+    def _rebuild(self, shuffle: bool) -> None:
+        state = self.loader.state_dict()
+        epoch = state["epoch"] + (1 if state["batches_consumed"] else 0)
+        if self._hooks.current is not None:  # an epoch loaded ahead already had its hooks run
+            epoch = max(epoch, self._hooks.current)
+        self.loader.close()
+        self._loader = None
+        self._loader = Prefetcher(self._source, shuffle=shuffle, **self._options)
+        self._loader.set_epoch(epoch)
+        self._reset_stream(enter=True)
+
+    def _take(self) -> Any:
+        if self._rewind:
+            self._rewind = False
+            self._served = 1
+            return self._first
+        loader = self.loader
+        n = len(loader)
+        if self._pass is None or self._served >= n:
+            if self._needs_enter:
+                self._hooks.enter(loader.epoch)
+                self._needs_enter = False
+            self._pass = iter(loader)
+            self._served = 0
+        try:
+            batch = next(self._pass)
+        except BatchError as error:
+            self._pass, self._served, self._first = None, 0, None
+            _keep_worker_traceback(error)
+            raise
+        self._served += 1
+        self._first = batch if self._served == 1 else None
+        if self._served == n:
+            next(self._pass, None)  # ends the pass: raises EpochEndError if a hook failed
+        return batch
+
+    def _for_keras(self, batch: Any) -> Any:
+        from_numpy = self._from_numpy
+        if from_numpy is None:
+            return batch
+        if isinstance(batch, np.ndarray):  # Keras would make it (x,): keep that, as a tensor
+            return (_to_torch(batch, from_numpy),)
+        if self._numpy_targets and isinstance(batch, (tuple, list)) and len(batch) == 2:
+            return (_to_torch(batch[0], from_numpy), batch[1])
+        return _to_torch(batch, from_numpy)
+
+    # ---- pyloader ------------------------------------------------------------------------------
+
+    @property
+    def loader(self) -> Prefetcher:
+        """The :class:`~pyloader.Prefetcher` that loads the batches (it may be rebuilt when the
+        order Keras asks for changes)."""
+        if self._loader is None:
+            raise RuntimeError("this PrefetchedDataset is closed")
+        return self._loader
+
+    def stats(self) -> dict[str, Any]:
+        """The Prefetcher's per-epoch figures (see :meth:`pyloader.Prefetcher.stats`)."""
+        return self.loader.stats()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Makes the next pass epoch ``epoch`` (of the shuffled order), e.g. with ``initial_epoch``.
+
+        Args:
+            epoch: the epoch number, >= 0.
+        """
+        self.loader.set_epoch(epoch)
+        self._reset_stream(enter=True)
+
+    def close(self) -> None:
+        """Stops and joins pyloader's workers. Idempotent."""
+        loader, self._loader = getattr(self, "_loader", None), None
+        self._frame = None
+        if loader is not None:
+            loader.close()
+
+    def __enter__(self) -> PrefetchedDataset:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        order = {None: "follow Keras", True: "shuffled", False: "in order"}[self._shuffle]
+        loader = "closed" if self._loader is None else repr(self._loader)
+        return f"PrefetchedDataset({type(self._sequence).__name__}, order={order}, {loader})"
+
+
+def _keras_settings(sequence: Any) -> tuple[int | None, bool, int | None]:
+    """(workers, use_multiprocessing, max_queue_size) of a Keras 3 PyDataset, else (None, False, None)."""
+    if not isinstance(sequence, keras.utils.PyDataset) or isinstance(sequence, PrefetchedDataset):
+        return None, False, None
+    return max(1, int(sequence.workers)), bool(sequence.use_multiprocessing), int(sequence.max_queue_size)
+
+
+def prefetch(
+    sequence: Any,
+    *,
+    workers: int | None = None,
+    depth: int | None = None,
+    mode: str | None = None,
+    shuffle: bool | None = None,
+    seed: int | None = None,
+    shard: tuple[int, int] | str | None = None,
+    drop_last: bool = False,
+    pin: bool | str = "auto",
+    timeout: float | None = None,
+    max_pool_bytes: int | None = None,
+) -> PrefetchedDataset:
+    """Wraps a Sequence for ``model.fit``/``evaluate``/``predict``, loaded ahead by pyloader.
+
+    Example::
+
+        ds = pyloader.keras.prefetch(MyPyDataset(...))
+        model.fit(ds, epochs=10, validation_data=pyloader.keras.prefetch(val))
+        ds.close()
+
+    Every epoch of ``fit`` gets every batch exactly once, shuffled by pyloader when ``fit``
+    shuffles (its default); ``evaluate`` and ``predict`` get them in order.
+
+    Args:
+        sequence: ``__len__`` (batches) and ``__getitem__(i)`` (batch ``i``): a Keras 3
+            ``PyDataset``/``Sequence``, a tf.keras ``Sequence``, or any such object. Its
+            ``on_epoch_begin``/``on_epoch_end`` run once per epoch, where loading crosses epochs.
+        workers: loading threads. Default: a PyDataset's ``workers``, else 4.
+        depth: batches loaded ahead. Default: a PyDataset's ``max_queue_size``, else ``2 * workers``.
+        mode: ``"thread"``. Default: ``"process"`` for a PyDataset with
+            ``use_multiprocessing=True`` where pyloader has it, else threads (with a warning).
+        shuffle: ``None`` follows the order Keras asks for; ``True``/``False`` force it.
+        seed: seed of the shuffled order; default drawn from Python's ``random`` (which
+            ``keras.utils.set_random_seed`` seeds), or 0 when sharded.
+        shard: ``(rank, world_size)``, ``"auto"`` or None (see :class:`~pyloader.Prefetcher`).
+        drop_last: with ``shard``, drop the uneven tail.
+        pin: buffer pinning (see :class:`~pyloader.Prefetcher`).
+        timeout: seconds to wait for one batch, or None.
+        max_pool_bytes: bound of the buffer pool.
+
+    Returns:
+        a :class:`PrefetchedDataset` (close it, or use it as a context manager, to stop workers).
+
+    Raises:
+        TypeError: ``sequence`` has no ``__len__`` or ``__getitem__``.
+        ValueError: an option has a bad value (the message shows it).
+    """
+    keras_workers, multiprocessing, queue_size = _keras_settings(sequence)
+    if workers is None:
+        workers = keras_workers if keras_workers is not None else _DEFAULT_WORKERS
+    if depth is None:
+        depth = queue_size
+    if mode is None:
+        mode = "thread"
+        if multiprocessing:
+            if "process" in getattr(_prefetcher, "_MODES", ()):
+                mode = "process"
+            else:
+                warnings.warn(
+                    f"{type(sequence).__name__} has use_multiprocessing=True, but this pyloader has "
+                    "no process mode yet: loading on threads, which run __getitem__ in parallel "
+                    "only where it releases the GIL (numpy, I/O, sleep). Pass mode='thread' to "
+                    "silence this warning.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+    if seed is None and shard is None:
+        seed = random.getrandbits(63)
+    return PrefetchedDataset(
+        sequence,
+        shuffle=shuffle,
+        workers=workers,
+        depth=depth,
+        mode=mode,
+        seed=seed,
+        shard=shard,
+        drop_last=drop_last,
+        pin=pin,
+        timeout=timeout,
+        max_pool_bytes=max_pool_bytes,
+    )

@@ -1,0 +1,524 @@
+"""The Keras adapter: real model.fit / evaluate / predict on pyloader.keras.prefetch (torch backend).
+
+Batches carry their Sequence index in every row of ``x[:, 0]``; a pass-through layer records the
+index of every batch that reaches the model, so each test counts what Keras actually consumed.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from collections import Counter
+
+os.environ.setdefault("KERAS_BACKEND", "torch")
+
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+
+import pyloader  # noqa: E402
+import pyloader.keras as pk  # noqa: E402
+
+if keras.backend.backend() != "torch":  # pragma: no cover - the suite runs on the torch backend
+    pytest.skip(f"these tests drive the torch backend, KERAS_BACKEND={keras.backend.backend()}",
+                allow_module_level=True)
+
+import torch  # noqa: E402
+
+ROWS = 4
+
+# numpy >= 2 warns when Keras's torch backend calls np.array() on a tensor (torch's __array__ takes
+# no copy=): Keras does so itself in evaluate/predict, whatever feeds it.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
+)
+
+
+class Indexed(keras.utils.PyDataset):
+    """Batch i: x = rows of [i, i/10], y = 2*i/10 + 1 (learnable), i.e. (x, y); logs loads."""
+
+    def __init__(self, n: int, *, fail_once: frozenset[int] = frozenset(), weights: bool = False,
+                 **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.n = n
+        self.fail_once = set(fail_once)
+        self.weights = weights
+        self.loaded: list[int] = []
+        self.lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        with self.lock:
+            if i in self.fail_once:
+                self.fail_once.discard(i)
+                raise ValueError(f"bad batch {i}")
+            self.loaded.append(i)
+        x = np.empty((ROWS, 2), np.float32)
+        x[:, 0] = i
+        x[:, 1] = i / 10
+        y = np.full((ROWS, 1), 2 * i / 10 + 1, np.float32)
+        if self.weights:
+            return x, y, np.zeros(ROWS, np.float32)
+        return x, y
+
+
+class Hooked(Indexed):
+    """Also logs on_epoch_begin / on_epoch_end, in one log with the loads."""
+
+    def __init__(self, n: int, **kwargs) -> None:
+        super().__init__(n, **kwargs)
+        self.log: list[object] = []
+
+    def __getitem__(self, i: int):
+        out = super().__getitem__(i)
+        with self.lock:
+            self.log.append(i)
+        return out
+
+    def on_epoch_begin(self) -> None:
+        with self.lock:
+            self.log.append("begin")
+
+    def on_epoch_end(self) -> None:
+        with self.lock:
+            self.log.append("end")
+
+
+class Recorder(keras.layers.Layer):
+    """Identity layer that records the Sequence index of each batch it sees."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.train_seen: list[int] = []
+        self.infer_seen: list[int] = []
+        self.pointers: list[int] = []
+
+    def call(self, x, training=None):
+        if not isinstance(x, torch.Tensor) or x.is_meta:  # building the model symbolically
+            return x
+        index = int(x[0, 0].item())
+        (self.train_seen if training else self.infer_seen).append(index)
+        self.pointers.append(x.data_ptr())
+        return x
+
+
+def model_with_recorder(*, learning_rate: float = 0.01) -> tuple[keras.Model, Recorder]:
+    recorder = Recorder()
+    model = keras.Sequential([keras.Input((2,)), recorder, keras.layers.Dense(1)])
+    model.compile(keras.optimizers.SGD(learning_rate), "mse")
+    return model, recorder
+
+
+def per_epoch(seen: list[int], n: int) -> list[list[int]]:
+    return [seen[k : k + n] for k in range(0, len(seen), n)]
+
+
+@pytest.fixture
+def prefetched():
+    made: list[pk.PrefetchedDataset] = []
+
+    def make(seq, **options) -> pk.PrefetchedDataset:
+        ds = pk.prefetch(seq, **options)
+        made.append(ds)
+        return ds
+
+    yield make
+    for ds in made:
+        ds.close()
+
+
+# ---- fit -----------------------------------------------------------------------------------------
+
+
+def test_fit_loss_falls(prefetched):
+    model, _ = model_with_recorder(learning_rate=0.02)
+    history = model.fit(prefetched(Indexed(8), workers=2), epochs=6, verbose=0)
+    losses = history.history["loss"]
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_fit_default_shuffle_gives_every_batch_exactly_once_per_epoch(prefetched):
+    n, epochs = 12, 3
+    seq = Indexed(n)
+    ds = prefetched(seq, workers=3, depth=4)
+    model, recorder = model_with_recorder()
+    model.fit(ds, epochs=epochs, verbose=0)  # fit's default shuffle=True
+    epochs_seen = per_epoch(recorder.train_seen, n)
+    assert len(epochs_seen) == epochs
+    for seen in epochs_seen:
+        assert sorted(seen) == list(range(n)), seen
+    assert len({tuple(seen) for seen in epochs_seen}) > 1, "fit(shuffle=True) should shuffle"
+    # The Sequence loaded each index once per epoch, plus at most the epoch loaded ahead.
+    assert all(epochs <= count <= epochs + 1 for count in Counter(seq.loaded).values())
+    assert len(seq.loaded) <= epochs * n + ds.loader.depth
+    assert [e["batches"] for e in ds.stats()["epochs"][:epochs]] == [n] * epochs
+
+
+def test_fit_shuffle_false_keeps_order(prefetched):
+    model, recorder = model_with_recorder()
+    model.fit(prefetched(Indexed(6), workers=2), epochs=2, shuffle=False, verbose=0)
+    assert recorder.train_seen == list(range(6)) * 2
+
+
+def test_keras_starts_no_enqueuer(prefetched):
+    from keras.src.trainers.data_adapters.py_dataset_adapter import PyDatasetAdapter
+
+    ds = prefetched(Indexed(4, workers=3, max_queue_size=5))
+    assert (ds.workers, ds.use_multiprocessing) == (1, False)
+    assert PyDatasetAdapter(ds, shuffle=True).enqueuer is None
+    with pytest.raises(AttributeError, match="prefetch"):
+        ds.workers = 4
+    before = {t.name for t in threading.enumerate()}
+    model, _ = model_with_recorder()
+    model.fit(ds, epochs=1, verbose=0)
+    assert not [t for t in threading.enumerate() if t.name.startswith("Worker_") and t.name not in before]
+
+
+def test_unbuilt_model_peek_does_not_cost_a_pass(prefetched):
+    # A model without Input reads one batch to build itself (in a Keras iteration of its own):
+    # that batch is served again as the first of epoch 0 rather than abandoning pass 0.
+    n = 10
+    seq = Indexed(n)
+    ds = prefetched(seq, workers=2, depth=3, shuffle=False)
+    recorder = Recorder()
+    model = keras.Sequential([recorder, keras.layers.Dense(1)])
+    model.compile("sgd", "mse")
+    model.fit(ds, epochs=2, verbose=0)
+    assert recorder.train_seen == list(range(n)) * 2
+    # Loaded: epochs 0 and 1, and the head of epoch 2 loading ahead; no abandoned pass.
+    assert max(Counter(seq.loaded).values()) <= 3, Counter(seq.loaded)
+
+
+def test_early_stop_then_next_fit_still_exactly_once(prefetched):
+    class StopAfter(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == 3:
+                self.model.stop_training = True
+
+    n = 8
+    ds = prefetched(Indexed(n), workers=2)
+    model, recorder = model_with_recorder()
+    model.fit(ds, epochs=3, verbose=0, callbacks=[StopAfter()])
+    assert len(recorder.train_seen) == 4
+    recorder.train_seen.clear()
+    model.fit(ds, epochs=2, verbose=0)
+    for seen in per_epoch(recorder.train_seen, n):
+        assert sorted(seen) == list(range(n))
+
+
+def test_steps_per_epoch_smaller_than_length_continues_the_pass(prefetched):
+    n, steps = 9, 3
+    model, recorder = model_with_recorder()
+    model.fit(prefetched(Indexed(n), workers=2), epochs=6, steps_per_epoch=steps, verbose=0)
+    assert len(recorder.train_seen) == 6 * steps
+    passes = per_epoch(recorder.train_seen, n)  # three epochs of 3 steps make one pass
+    for seen in passes:
+        assert sorted(seen) == list(range(n)), passes
+
+
+def test_initial_epoch(prefetched):
+    n = 6
+    model, recorder = model_with_recorder()
+    history = model.fit(prefetched(Indexed(n), workers=2), initial_epoch=2, epochs=4, verbose=0)
+    assert history.epoch == [2, 3]
+    assert [sorted(s) for s in per_epoch(recorder.train_seen, n)] == [list(range(n))] * 2
+
+
+def test_epoch_hooks_run_once_per_epoch_around_its_loads(prefetched):
+    n, epochs = 10, 3
+    seq = Hooked(n)
+    model, _ = model_with_recorder()
+    model.fit(prefetched(seq, workers=2, depth=3), epochs=epochs, verbose=0)
+    log = list(seq.log)
+    # Keras's own calls (one on_epoch_end per reset(), one pair per epoch) do not reach the
+    # Sequence: pyloader calls the hooks where loading crosses epochs. So each consumed epoch is
+    # exactly "begin, its n loads, end", and the epoch loaded ahead has begun (not ended: depth < n).
+    assert log.count("end") == epochs and log.count("begin") == epochs + 1
+    for e in range(epochs):
+        block = log[e * (n + 2) : (e + 1) * (n + 2)]
+        assert block[0] == "begin" and block[-1] == "end", log
+        assert sorted(block[1:-1]) == list(range(n)), log
+    assert log[epochs * (n + 2)] == "begin"
+
+
+def test_pydataset_without_hooks_is_not_gated(prefetched):
+    # Keras's PyDataset defines no-op hooks: they must not reach the engine (which would gate the
+    # next epoch's loads on them).
+    ds = prefetched(Indexed(4))
+    assert type(ds.loader._sequence).__name__ == "_Source"
+    assert type(prefetched(Hooked(4)).loader._sequence).__name__ == "_HookedSource"
+
+
+def test_getitem_error_surfaces_from_fit_with_the_index(prefetched):
+    n = 6
+    ds = prefetched(Indexed(n, fail_once=frozenset({3})), workers=2, shuffle=False)
+    model, recorder = model_with_recorder()
+    with pytest.raises(pyloader.BatchError) as info:
+        model.fit(ds, epochs=1, verbose=0)
+    assert info.value.index == 3
+    text = str(info.value) + "".join(getattr(info.value, "__notes__", []))
+    assert "bad batch 3" in text and "ValueError" in text
+    # The dataset recovers: the next fit starts a new pass and gets every batch once.
+    recorder.train_seen.clear()
+    model.fit(ds, epochs=1, verbose=0)
+    assert recorder.train_seen == list(range(n))
+
+
+# ---- evaluate / predict ----------------------------------------------------------------------------
+
+
+def test_predict_rows_align_with_inputs_even_after_a_shuffled_fit(prefetched):
+    n = 7
+    ds = prefetched(Indexed(n), workers=3, depth=2)
+    model, recorder = model_with_recorder()
+    model.fit(ds, epochs=2, verbose=0)
+    model.layers[-1].set_weights([np.array([[1.0], [0.0]], np.float32), np.zeros(1, np.float32)])
+    out = model.predict(ds, verbose=0)
+    assert out.shape == (n * ROWS, 1)
+    np.testing.assert_array_equal(out[:, 0], np.repeat(np.arange(n, dtype=np.float32), ROWS))
+    assert recorder.infer_seen == list(range(n))
+
+
+def test_evaluate_sees_batches_in_order(prefetched):
+    n = 6
+    model, recorder = model_with_recorder()
+    model.evaluate(prefetched(Indexed(n), workers=2), verbose=0)
+    assert recorder.infer_seen == list(range(n))
+
+
+def test_validation_data_as_a_sequence(prefetched):
+    n, m, epochs = 6, 4, 3
+    model, recorder = model_with_recorder()
+    history = model.fit(prefetched(Indexed(n), workers=2), epochs=epochs, verbose=0,
+                        validation_data=prefetched(Indexed(m), workers=2))
+    assert len(history.history["val_loss"]) == epochs
+    assert recorder.infer_seen == list(range(m)) * epochs
+    for seen in per_epoch(recorder.train_seen, n):
+        assert sorted(seen) == list(range(n))
+
+
+# ---- batch contents ------------------------------------------------------------------------------
+
+
+def weights_after_fit(ds, **fit_options) -> list[np.ndarray]:
+    model, _ = model_with_recorder(learning_rate=0.1)
+    before = [w.copy() for w in model.get_weights()]
+    history = model.fit(ds, epochs=1, verbose=0, **fit_options)
+    return before, model.get_weights(), history.history["loss"][-1]
+
+
+def test_sample_weight_batches(prefetched):
+    before, after, loss = weights_after_fit(prefetched(Indexed(4, weights=True), workers=2))
+    assert loss == 0.0
+    for b, a in zip(before, after):
+        np.testing.assert_array_equal(a, b)  # every sample weighted 0: nothing learned
+
+
+def test_class_weight(prefetched):
+    # y = 2i/10 + 1 rounds to classes 1..2 here: weighting both 0 zeroes the loss; 1 does not.
+    before, after, loss = weights_after_fit(prefetched(Indexed(4), workers=2),
+                                            class_weight={1: 0.0, 2: 0.0})
+    assert loss == 0.0
+    for b, a in zip(before, after):
+        np.testing.assert_array_equal(a, b)
+    _, after, loss = weights_after_fit(prefetched(Indexed(4), workers=2), class_weight={1: 1.0, 2: 1.0})
+    assert loss > 0.0
+
+
+class TwoInputs(keras.utils.PyDataset):
+    """({"a": rows of i, "b": rows of -i (3 wide)}, y)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        a = np.full((ROWS, 1), i, np.float32)
+        b = np.full((ROWS, 3), -i, np.float32)
+        return {"a": a, "b": b}, np.full((ROWS, 1), i, np.float32)
+
+
+def test_dict_inputs_for_a_multi_input_model(prefetched):
+    n = 5
+    a = keras.Input((1,), name="a")
+    b = keras.Input((3,), name="b")
+    joined = keras.layers.Concatenate()([a, b])
+    model = keras.Model({"a": a, "b": b}, keras.layers.Dense(1)(joined))
+    model.compile("sgd", "mse")
+    ds = prefetched(TwoInputs(n), workers=2)
+    model.fit(ds, epochs=2, verbose=0)
+    model.layers[-1].set_weights([np.array([[1.0], [0.0], [0.0], [0.0]], np.float32), np.zeros(1, np.float32)])
+    out = model.predict(ds, verbose=0)
+    np.testing.assert_array_equal(out[:, 0], np.repeat(np.arange(n, dtype=np.float32), ROWS))
+
+
+# ---- options -------------------------------------------------------------------------------------
+
+
+def test_pydataset_settings_become_pyloader_defaults(prefetched):
+    ds = prefetched(Indexed(4, workers=3, max_queue_size=5))
+    assert (ds.loader.workers, ds.loader.depth, ds.loader.mode) == (3, 5, "thread")
+    ds = prefetched(Indexed(4, workers=3, max_queue_size=5), workers=2, depth=7)
+    assert (ds.loader.workers, ds.loader.depth) == (2, 7)
+    assert prefetched(Indexed(4)).loader.workers == 1  # Keras's default workers=1
+
+
+def test_plain_sequence_gets_pyloader_defaults(prefetched):
+    class Plain:
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            return np.zeros((2, 2), np.float32), np.zeros((2, 1), np.float32)
+
+    ds = prefetched(Plain())
+    assert (ds.loader.workers, ds.loader.depth) == (4, 8)
+
+
+def test_use_multiprocessing_maps_to_threads_with_a_warning(prefetched):
+    from pyloader import prefetcher
+
+    seq = Indexed(4, workers=2, use_multiprocessing=True)
+    if "process" in prefetcher._MODES:  # pragma: no cover - not in this version
+        assert prefetched(seq).loader.mode == "process"
+        return
+    with pytest.warns(UserWarning, match="no process mode"):
+        ds = prefetched(seq)
+    assert (ds.loader.mode, ds.loader.workers) == ("thread", 2)
+    assert prefetched(seq, mode="thread").loader.mode == "thread"  # explicit: no warning
+
+
+def test_bad_options_are_rejected():
+    with pytest.raises(ValueError, match="workers"):
+        pk.prefetch(Indexed(3), workers=0)
+    with pytest.raises(ValueError, match="shuffle"):
+        pk.prefetch(Indexed(3), shuffle="yes")
+    with pytest.raises(TypeError, match="__getitem__"):
+        pk.prefetch(object())
+
+
+def test_direct_indexing_reads_the_sequence_and_keeps_fit_aligned(prefetched):
+    n = 5
+    ds = prefetched(Indexed(n), workers=2)
+    x, _ = ds[3]
+    assert isinstance(x, np.ndarray) and x[0, 0] == 3
+    model, recorder = model_with_recorder()
+    model.fit(ds, epochs=1, verbose=0)
+    assert sorted(recorder.train_seen) == list(range(n))
+    assert [int(b[0][0, 0]) for b in ds] == list(range(n))  # iterating: one pass, in order
+
+
+def test_torch_batches_reach_the_model_without_a_keras_copy(prefetched, monkeypatch):
+    from keras.src.backend.torch import core
+
+    calls: list[tuple[object, object]] = []
+    convert = core.convert_to_tensor
+
+    def from_the_data_loader() -> bool:  # get_torch_dataloader's converting __iter__ called us
+        frame = sys._getframe(2)
+        for _ in range(8):
+            if frame is None:
+                return False
+            code = frame.f_code
+            if code.co_name == "__iter__" and code.co_filename.endswith("data_adapter_utils.py"):
+                return True
+            frame = frame.f_back
+        return False
+
+    def spy(x, *args, **kwargs):
+        out = convert(x, *args, **kwargs)
+        if from_the_data_loader():
+            calls.append((x, out))
+        return out
+
+    monkeypatch.setattr(core, "convert_to_tensor", spy)
+    model, recorder = model_with_recorder()
+    model.fit(prefetched(Indexed(3), workers=2), epochs=1, verbose=0)
+    leaves = [(x, out) for x, out in calls if isinstance(x, (np.ndarray, torch.Tensor))]
+    assert len(leaves) == 2 * 4, calls  # (x, y) of the batch read to build the model + 3 steps
+    assert all(isinstance(x, torch.Tensor) and out is x for x, out in leaves)
+    # and what the model computed on is that memory
+    fed = {x.data_ptr() for x, _ in leaves}
+    assert set(recorder.pointers[-3:]) <= fed
+
+
+def test_core_package_does_not_import_keras(python_subprocess):
+    result = python_subprocess("import sys, pyloader; print('keras' in sys.modules)")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+
+
+def test_tf_keras_sequence_is_accepted(prefetched):
+    pytest.importorskip("tensorflow", reason="tensorflow is not installed: tf.keras Sequences untested")
+    tf_keras = pytest.importorskip("tf_keras", reason="tf_keras is not installed")
+
+    class Old(tf_keras.utils.Sequence):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return np.full((ROWS, 2), i, np.float32), np.zeros((ROWS, 1), np.float32)
+
+    ds = prefetched(Old())
+    assert type(ds.loader._sequence).__name__ == "_Source"  # tf.keras's no-op hook is not gated
+    model, recorder = model_with_recorder()
+    model.fit(ds, epochs=2, verbose=0)
+    assert [sorted(s) for s in per_epoch(recorder.train_seen, 4)] == [list(range(4))] * 2
+
+
+def test_jax_backend(python_subprocess):
+    pytest.importorskip("jax", reason="jax is not installed: the jax backend is untested here")
+    code = """
+        import numpy as np, keras, pyloader.keras as pk
+        class S(keras.utils.PyDataset):
+            def __init__(self): super().__init__()
+            def __len__(self): return 4
+            def __getitem__(self, i):
+                return np.full((2, 2), i, np.float32), np.full((2, 1), i, np.float32)
+        m = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)]); m.compile("sgd", "mse")
+        ds = pk.prefetch(S(), workers=2)
+        m.fit(ds, epochs=2, verbose=0)
+        print(m.predict(ds, verbose=0).shape)
+        ds.close()
+    """
+    result = python_subprocess(code, env={"KERAS_BACKEND": "jax"}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("(8, 1)")
+
+
+def test_on_epoch_end_error_surfaces_from_fit(prefetched):
+    class Breaks(Indexed):
+        def on_epoch_end(self) -> None:
+            raise RuntimeError("hook failed")
+
+    model, _ = model_with_recorder()
+    with pytest.raises(pyloader.EpochEndError, match="hook failed"):
+        model.fit(prefetched(Breaks(4), workers=2), epochs=2, verbose=0)
+
+
+def test_forced_shuffle_warns_when_keras_wants_order(prefetched):
+    ds = prefetched(Indexed(4), workers=2, shuffle=True)
+    model, recorder = model_with_recorder()
+    with pytest.warns(UserWarning, match="shuffle=True"):
+        model.predict(ds, verbose=0)
+    assert sorted(recorder.infer_seen) == list(range(4))
+
+
+def test_set_epoch_selects_the_shuffled_order(prefetched):
+    n = 8
+
+    def first_epoch_after(epoch: int) -> list[int]:
+        ds = prefetched(Indexed(n), workers=2, seed=7)
+        ds.set_epoch(epoch)
+        model, recorder = model_with_recorder()
+        model.fit(ds, epochs=1, verbose=0)
+        return recorder.train_seen
+
+    assert first_epoch_after(3) == first_epoch_after(3) != first_epoch_after(0)
