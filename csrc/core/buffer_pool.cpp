@@ -18,6 +18,26 @@ std::size_t round_to_pages(std::size_t bytes) {
   return std::max<std::size_t>(page, (bytes + page - 1) / page * page);
 }
 constexpr auto kWaitSlice = std::chrono::milliseconds(100);
+constexpr std::size_t kHugePage = std::size_t{2} << 20;
+
+// Anonymous memory for one buffer. A large one starts on a 2 MiB boundary and asks for
+// transparent huge pages, so that filling it takes a few page faults instead of one per 4 KiB.
+void* map_buffer(std::size_t bytes) {
+  const int prot = PROT_READ | PROT_WRITE;
+  const int flags = MAP_PRIVATE | MAP_ANONYMOUS;
+  if (bytes < kHugePage) return mmap(nullptr, bytes, prot, flags, -1, 0);
+  void* raw = mmap(nullptr, bytes + kHugePage, prot, flags, -1, 0);
+  if (raw == MAP_FAILED) return raw;
+  const auto start = reinterpret_cast<std::uintptr_t>(raw);
+  const std::uintptr_t aligned = (start + kHugePage - 1) & ~(kHugePage - 1);
+  if (aligned > start) munmap(raw, aligned - start);
+  const std::uintptr_t end = start + bytes + kHugePage;
+  if (end > aligned + bytes) munmap(reinterpret_cast<void*>(aligned + bytes), end - (aligned + bytes));
+#ifdef MADV_HUGEPAGE
+  madvise(reinterpret_cast<void*>(aligned), bytes, MADV_HUGEPAGE);  // a hint: failure is harmless
+#endif
+  return reinterpret_cast<void*>(aligned);
+}
 }  // namespace
 
 BufferLease& BufferLease::operator=(BufferLease&& o) noexcept {
@@ -77,30 +97,14 @@ BufferLease BufferPool::acquire(std::size_t bytes, const std::atomic<bool>& canc
         free_.erase(free_.begin());
       }
       if (bytes_ + need <= max_bytes_ || leased_ == 0) {
-        try {
-          found = allocate_locked(need);
-        } catch (...) {
-          // A waiter that fails must stop counting as one, or waiting_for() grows forever.
-          if (counted_as_waiter && --waiters_ == 0) wait_started_ = {};
-          throw;
-        }
-        found_at = free_.size();
-        free_.push_back(found);
+        if (counted_as_waiter && --waiters_ == 0) wait_started_ = {};
+        return allocate_unlocked(lock, need);
       }
     }
     if (found >= 0) {
       free_.erase(free_.begin() + static_cast<std::ptrdiff_t>(found_at));
-      Buffer& b = buffers_[found];
-      b.leased = true;
-      ++leased_;
       if (counted_as_waiter && --waiters_ == 0) wait_started_ = {};
-      publish_counts_locked();
-      BufferLease lease;
-      lease.pool_ = shared_from_this();
-      lease.id_ = found;
-      lease.data_ = b.data;
-      lease.capacity_ = b.capacity;
-      return lease;
+      return lease_locked(found);
     }
     // 3. At the bound with every buffer leased: wait for a lease to come back.
     if (!counted_as_waiter) {
@@ -133,15 +137,40 @@ void BufferPool::release(std::int32_t id) noexcept {
   returned_.notify_all();
 }
 
-std::int32_t BufferPool::allocate_locked(std::size_t bytes) {
-  void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (p == MAP_FAILED) throw std::bad_alloc();
+BufferLease BufferPool::lease_locked(std::int32_t id) {
+  Buffer& b = buffers_[id];
+  b.leased = true;
+  ++leased_;
+  publish_counts_locked();
+  BufferLease lease;
+  lease.pool_ = shared_from_this();
+  lease.id_ = id;
+  lease.data_ = b.data;
+  lease.capacity_ = b.capacity;
+  return lease;
+}
+
+BufferLease BufferPool::allocate_unlocked(std::unique_lock<std::mutex>& lock, std::size_t bytes) {
+  // Reserve the bytes first, so that concurrent acquirers respect the bound meanwhile; mapping
+  // and pinning (page faults, syscalls) then run without the lock.
+  bytes_ += bytes;
+  ++leased_;
+  lock.unlock();
+  void* p = map_buffer(bytes);
+  const bool pinned = p != MAP_FAILED && pinner_.pin(p, bytes);
+  lock.lock();
+  bytes_ -= bytes;
+  --leased_;
+  if (p == MAP_FAILED) {
+    publish_counts_locked();
+    throw std::bad_alloc();
+  }
   ++allocations_;
   Buffer b;
   b.data = static_cast<std::byte*>(p);
   b.capacity = bytes;
-  b.pinned = pinner_.pin(p, bytes);
-  if (b.pinned) {
+  b.pinned = pinned;
+  if (pinned) {
     pinned_bytes_ += bytes;
   } else if (pinner_.method() != PinMethod::kNone) {
     ++pin_failures_;
@@ -149,13 +178,16 @@ std::int32_t BufferPool::allocate_locked(std::size_t bytes) {
   bytes_ += bytes;
   ++live_;
   peak_bytes_ = std::max(peak_bytes_, bytes_);
+  std::int32_t id;
   auto slot = std::find_if(buffers_.begin(), buffers_.end(), [](const Buffer& x) { return !x.data; });
   if (slot != buffers_.end()) {
     *slot = b;
-    return static_cast<std::int32_t>(slot - buffers_.begin());
+    id = static_cast<std::int32_t>(slot - buffers_.begin());
+  } else {
+    buffers_.push_back(b);
+    id = static_cast<std::int32_t>(buffers_.size() - 1);
   }
-  buffers_.push_back(b);
-  return static_cast<std::int32_t>(buffers_.size() - 1);
+  return lease_locked(id);
 }
 
 void BufferPool::drop_locked(std::int32_t id) noexcept {

@@ -11,8 +11,9 @@
 // When no buffer at all is leased, acquire() always succeeds, even past the bound: waiting could
 // then never end.
 //
-// Buffers are mmap'd anonymous memory (page-aligned, returned to the OS when dropped) and are
-// reused smallest-fit, so steady-state loading makes no allocation and takes no page fault.
+// Buffers are mmap'd anonymous memory (page-aligned, returned to the OS when dropped; from 2 MiB
+// up, 2 MiB-aligned with transparent huge pages requested) and are reused smallest-fit, so
+// steady-state loading makes no allocation and takes no page fault.
 //
 // Thread safety: every member is safe to call from any thread. State is guarded by one mutex;
 // the hot path holds it for a short scan of the free list. The pool outlives its users: leases
@@ -107,8 +108,11 @@ class BufferPool : public std::enable_shared_from_this<BufferPool> {
     bool pinned = false;
     bool leased = false;
   };
+  // Maps and pins a buffer of `bytes` bytes (accounted for by the caller) with mu_ released, and
+  // returns it leased. Throws std::bad_alloc.
+  BufferLease allocate_unlocked(std::unique_lock<std::mutex>& lock, std::size_t bytes);
+  BufferLease lease_locked(std::int32_t id);
   // All under mu_.
-  std::int32_t allocate_locked(std::size_t bytes);  // a new buffer, or reuses a dropped slot
   void drop_locked(std::int32_t id) noexcept;       // unmaps a free buffer
   void publish_counts_locked() noexcept;
 

@@ -63,22 +63,35 @@ Pinner::~Pinner() {
 
 bool Pinner::pin(void* data, std::size_t bytes) noexcept {
   if (bytes == 0) return false;
+  std::string error;
   switch (method_) {
     case PinMethod::kCuda: {
       const int rc = host_register_(data, bytes, kCudaHostRegisterPortable);
       if (rc == 0) return true;
-      last_error_ = std::string("cudaHostRegister failed: ") +
-                    (error_string_ ? error_string_(rc) : std::to_string(rc).c_str());
-      return false;
+      error = std::string("cudaHostRegister failed: ") +
+              (error_string_ ? error_string_(rc) : std::to_string(rc).c_str());
+      break;
     }
-    case PinMethod::kMlock:
+    case PinMethod::kMlock: {
+      if (bytes >= mlock_floor_.load(std::memory_order_relaxed)) return false;  // error already said
       if (mlock(data, bytes) == 0) return true;
-      last_error_ = std::string("mlock failed: ") + std::strerror(errno) +
-                    (errno == ENOMEM || errno == EPERM ? " (RLIMIT_MEMLOCK too small?)" : "");
-      return false;
+      const int err = errno;
+      error = std::string("mlock failed: ") + std::strerror(err);
+      if (err == ENOMEM || err == EPERM) {
+        error += " (RLIMIT_MEMLOCK too small?); buffers of " + std::to_string(bytes) +
+                 " bytes or more are no longer pinned";
+        std::size_t floor = mlock_floor_.load(std::memory_order_relaxed);
+        while (bytes < floor && !mlock_floor_.compare_exchange_weak(floor, bytes, std::memory_order_relaxed)) {
+        }
+      }
+      break;
+    }
     default:
       return false;
   }
+  std::lock_guard lock(mu_);
+  last_error_ = std::move(error);
+  return false;
 }
 
 void Pinner::unpin(void* data, std::size_t bytes) noexcept {

@@ -7,10 +7,14 @@
 //           failures are counted and reported, never raised.
 //   kOff:   nothing.
 // PinRequest::kAuto picks kCuda when a CUDA device is visible, else kMlock.
-// A Pinner is used under its pool's mutex; it is not itself thread-safe.
+// After an mlock of n bytes fails for lack of permission or memory, larger ones are not tried
+// again (a futile mlock can still cost its page faults).
+// pin()/unpin() may be called from several threads at once (the pool pins outside its lock).
 #pragma once
 
+#include <atomic>
 #include <cstddef>
+#include <mutex>
 #include <string>
 
 namespace pyloader {
@@ -32,7 +36,10 @@ class Pinner {
   // Pins [data, data + bytes). False (and last_error() says why) if it could not.
   bool pin(void* data, std::size_t bytes) noexcept;
   void unpin(void* data, std::size_t bytes) noexcept;
-  const std::string& last_error() const noexcept { return last_error_; }
+  std::string last_error() const {
+    std::lock_guard lock(mu_);
+    return last_error_;
+  }
   // Why kAuto chose what it chose (for memory_info()).
   const std::string& reason() const noexcept { return reason_; }
 
@@ -42,6 +49,8 @@ class Pinner {
   int (*host_register_)(void*, std::size_t, unsigned) = nullptr;
   int (*host_unregister_)(void*) = nullptr;
   const char* (*error_string_)(int) = nullptr;
+  std::atomic<std::size_t> mlock_floor_{static_cast<std::size_t>(-1)};  // smallest failed size
+  mutable std::mutex mu_;  // guards last_error_
   std::string last_error_;
   std::string reason_;
 };
