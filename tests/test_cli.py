@@ -214,3 +214,22 @@ def test_profile_imports_a_dotted_module_name(tmp_path: Any) -> None:
                     "--batches", "4"], str(tmp_path), extra_path=HERE)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "recommendation: Prefetcher(seq, mode=" in proc.stdout
+
+
+def test_a_loader_runs_only_the_workloads_it_applies_to() -> None:
+    from pyloader._bench.harness import BenchConfig, _plan
+
+    plan = _plan(BenchConfig(workloads=("tiny", "gather"), loaders=("plain", "pyloader-array"),
+                             workers=(1, 2)))
+    pairs = [(p.workloads, p.loader, p.workers) for p in plan]
+    assert pairs == [(("tiny",), "plain", None), (("gather",), "plain", None),
+                     (("gather",), "pyloader-array", 1), (("gather",), "pyloader-array", 2)]
+
+
+def test_bench_config_rejects_bad_values_showing_them() -> None:
+    from pyloader._bench.harness import BenchConfig
+
+    with pytest.raises(ValueError, match="'nope'"):
+        BenchConfig(workloads=("nope",), loaders=("plain",))
+    with pytest.raises(ValueError, match="repeats must be >= 1, got 0"):
+        BenchConfig(workloads=("tiny",), loaders=("plain",), repeats=0)

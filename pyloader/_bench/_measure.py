@@ -94,13 +94,13 @@ def _measure_one(spec: Any, workload: str, request: dict[str, Any], emit: Any) -
         emit({"event": "unavailable", "workload": workload, "note": missing})
         return
     seq = build_workload(workload, quick=bool(request["quick"]))
-    expected = len(seq)
     gc.collect()
     emit({"event": "ready", "workload": workload, "sequence": repr(seq)})
 
     t = time.perf_counter()
     session = spec.open(seq, workers=int(request["workers"] or 1))
     startup = time.perf_counter() - t
+    expected = getattr(session, "batches_per_epoch", len(seq))
     epochs = []
     try:
         for _ in range(int(request["repeats"])):
@@ -126,7 +126,6 @@ def measure(request: dict[str, Any], emit: Any) -> None:
         emit: Called with each protocol event; events about one workload carry its name.
     """
     from pyloader._bench.loaders import LOADERS, Unavailable, probe
-    from pyloader._bench.workloads import TinySequence
 
     spec = LOADERS[request["loader"]]
     missing = probe(spec.requires)
@@ -136,7 +135,7 @@ def measure(request: dict[str, Any], emit: Any) -> None:
     # Open on a two-batch Sequence first: imports happen here, not in the timed region, and an
     # unsupported loader is found out before the (possibly 500 MB) workload is built.
     try:
-        spec.open(TinySequence(batches=2), workers=int(request["workers"] or 1)).close()
+        spec.open(spec.probe_sequence(), workers=int(request["workers"] or 1)).close()
     except Unavailable as exc:
         emit({"event": "unavailable", "note": str(exc)})
         return

@@ -52,6 +52,9 @@ class Session(Protocol):
         """Engine statistics of the epoch that just ended, or None if the loader has none."""
         ...
 
+    # Optional: ``batches_per_epoch``, when an epoch is not ``len(seq)`` batches (a loader that
+    # re-batches the workload's data, like the native array source).
+
     def close(self) -> None:
         """Release workers and memory; called once."""
         ...
@@ -72,6 +75,8 @@ class LoaderSpec:
         default: Part of the default ``--loaders`` set.
         applies: ``applies(workload_name)`` says whether the loader can run that workload
             (e.g. a native array source only fits ``gather``).
+        probe_sequence: Makes the two-batch Sequence the measurement opens (and closes) before
+            building the workload, to import modules and find out early that it is unavailable.
     """
 
     name: str
@@ -82,6 +87,13 @@ class LoaderSpec:
     uses_workers: bool = True
     default: bool = True
     applies: Callable[[str], bool] = lambda workload: True
+    probe_sequence: Callable[[], Any] = lambda: _workloads().TinySequence(batches=2)
+
+
+def _workloads() -> Any:
+    from pyloader._bench import workloads
+
+    return workloads
 
 
 def probe(modules: tuple[str, ...]) -> str | None:
@@ -170,6 +182,28 @@ def _pyloader_opener(mode: str) -> Callable[..., Session]:
         return _PyloaderSession(seq, workers=workers, mode=mode)
 
     return open_
+
+
+class _ArraySession(_PyloaderSession):
+    """The ``gather`` workload's arrays through ``pyloader.ArraySequence``: rows are gathered
+    natively, without the GIL. Same batch size and random rows (a per-epoch sample shuffle), but
+    an epoch is every row once, so it has ``rows / batch_size`` batches, not ``len(seq)``."""
+
+    def __init__(self, seq: Any, *, workers: int) -> None:
+        try:
+            import pyloader
+
+            array_sequence = pyloader.ArraySequence
+        except (ImportError, AttributeError) as exc:
+            raise Unavailable(f"pyloader.ArraySequence not importable: {exc}") from exc
+        arrays = array_sequence(seq.data, seq.labels, batch_size=seq.indices.shape[1],
+                                shuffle=True, seed=0)
+        self.batches_per_epoch = len(arrays)
+        super().__init__(arrays, workers=workers, mode="thread")
+
+
+def _open_array(seq: Any, *, workers: int) -> Session:
+    return _ArraySession(seq, workers=workers)
 
 
 # -- torch DataLoader -------------------------------------------------------------------------
@@ -285,6 +319,12 @@ for _spec in [
                _pyloader_opener("thread"), requires=("pyloader",)),
     LoaderSpec("pyloader-process", "pyloader", "pyloader.Prefetcher, mode='process'",
                _pyloader_opener("process"), requires=("pyloader",)),
+    LoaderSpec("pyloader-array", "pyloader",
+               "pyloader.Prefetcher over pyloader.ArraySequence (native GIL-free row gather; "
+               "gather workload only)", _open_array, requires=("pyloader",),
+               applies=lambda workload: workload == "gather",
+               probe_sequence=lambda: _workloads().GatherSequence(rows=8, batch_size=4,
+                                                                  batches=2)),
     LoaderSpec("torch", "peer", "torch DataLoader(seq, batch_size=None, num_workers=W)",
                _open_torch, requires=("torch",)),
     LoaderSpec("keras-threads", "peer", "Keras 3 PyDataset(workers=W), thread pool",

@@ -300,10 +300,17 @@ def plot(doc: dict[str, Any], path: str) -> None:
     if not ok:
         raise ValueError(f"nothing to plot: no successful result in {len(doc['results'])} results")
     workloads = list(dict.fromkeys(r["workload"] for r in ok))
-    loader_names = list(dict.fromkeys(r["loader"] for r in ok))
-    palette = ["#7f7f7f", "#d62728", "#ff9896", "#1f77b4", "#2ca02c", "#98df8a", "#9467bd",
-               "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
-    colors = {name: palette[i % len(palette)] for i, name in enumerate(loader_names)}
+    # Stable colors: pyloader's loaders in reds, peers in other hues, in the configured order.
+    kinds = {r["loader"]: r["kind"] for r in doc["results"]}
+    palettes = {"pyloader": ["#d62728", "#ff9896", "#a01818", "#e377c2"],
+                "peer": ["#7f7f7f", "#1f77b4", "#2ca02c", "#98df8a", "#9467bd", "#17becf",
+                         "#bcbd22", "#8c564b"]}
+    colors: dict[str, str] = {}
+    for name in [*doc["loaders"], *kinds]:
+        if name not in colors:
+            palette = palettes[kinds.get(name, "peer")]
+            used = sum(1 for n in colors if kinds.get(n, "peer") == kinds.get(name, "peer"))
+            colors[name] = palette[used % len(palette)]
     ncols = min(len(workloads), 3)
     nrows = math.ceil(len(workloads) / ncols)
     fig = Figure(figsize=(4.6 * ncols, 3.4 * nrows), layout="constrained")
