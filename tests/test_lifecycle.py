@@ -139,7 +139,8 @@ def test_a_pool_at_its_bound_waits_and_says_why(python_subprocess):
         timeout=60,
     )
     assert r.returncode == 0, r.stderr
-    # 3 buffers: the loop keeps batches 0, 1 and then 2, unless position 3's worker took the last
-    # buffer before position 2's (buffers are not handed out in position order): then it stops at 2.
+    # 3 buffers: the loop keeps batches 0, 1 and then 2, unless position 3's worker asked for the
+    # last buffer before position 2's did (order is enforced among *waiting* positions only): then
+    # it stops at 2.
     assert re.search(r"warned after [23] :", r.stdout), r.stdout
     assert "still referenced" in r.stdout and "max_pool_bytes" in r.stdout

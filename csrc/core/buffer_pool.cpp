@@ -75,48 +75,62 @@ BufferPool::~BufferPool() {
   }
 }
 
-BufferLease BufferPool::acquire(std::size_t bytes, const std::atomic<bool>& cancel) {
+BufferLease BufferPool::acquire(std::size_t bytes, const std::atomic<bool>& cancel, std::int64_t priority) {
   const std::size_t need = round_to_pages(bytes);
   std::unique_lock lock(mu_);
-  bool counted_as_waiter = false;
+  bool queued = false;
   for (;;) {
-    // 1. Reuse: the smallest free buffer that fits.
-    std::int32_t found = -1;
-    std::size_t found_at = 0;
-    for (std::size_t i = free_.size(); i-- > 0;) {
-      const Buffer& b = buffers_[free_[i]];
-      if (b.capacity >= need && (found < 0 || b.capacity < buffers_[found].capacity)) {
-        found = free_[i];
-        found_at = i;
+    // While anyone waits, an earlier priority goes first.
+    if (waiting_.empty() || *waiting_.begin() >= priority) {
+      const std::int32_t found = take_free_locked(need);
+      if (found >= 0 || can_grow_locked(need)) {
+        if (queued) leave_queue_locked(priority);
+        if (!waiting_.empty()) returned_.notify_all();  // the next in line may go now
+        return found >= 0 ? lease_locked(found) : allocate_unlocked(lock, need);
       }
     }
-    if (found < 0) {
-      // 2. Grow: drop free (too small) buffers while that is what keeps us under the bound.
-      while (bytes_ + need > max_bytes_ && !free_.empty()) {
-        drop_locked(free_.front());
-        free_.erase(free_.begin());
-      }
-      if (bytes_ + need <= max_bytes_ || leased_ == 0) {
-        if (counted_as_waiter && --waiters_ == 0) wait_started_ = {};
-        return allocate_unlocked(lock, need);
-      }
-    }
-    if (found >= 0) {
-      free_.erase(free_.begin() + static_cast<std::ptrdiff_t>(found_at));
-      if (counted_as_waiter && --waiters_ == 0) wait_started_ = {};
-      return lease_locked(found);
-    }
-    // 3. At the bound with every buffer leased: wait for a lease to come back.
-    if (!counted_as_waiter) {
-      counted_as_waiter = true;
-      if (waiters_++ == 0) wait_started_ = std::chrono::steady_clock::now();
+    // At the bound with every buffer leased, or behind an earlier waiter: wait.
+    if (!queued) {
+      queued = true;
+      if (waiting_.empty()) wait_started_ = std::chrono::steady_clock::now();
+      waiting_.insert(priority);
     }
     if (cancel.load(std::memory_order_acquire)) break;
     returned_.wait_for(lock, kWaitSlice);
     if (cancel.load(std::memory_order_acquire)) break;
   }
-  if (counted_as_waiter && --waiters_ == 0) wait_started_ = {};
+  if (queued) leave_queue_locked(priority);
+  if (!waiting_.empty()) returned_.notify_all();
   return {};
+}
+
+std::int32_t BufferPool::take_free_locked(std::size_t need) {
+  std::int32_t found = -1;
+  std::size_t found_at = 0;
+  for (std::size_t i = free_.size(); i-- > 0;) {  // the smallest free buffer that fits
+    const Buffer& b = buffers_[free_[i]];
+    if (b.capacity >= need && (found < 0 || b.capacity < buffers_[found].capacity)) {
+      found = free_[i];
+      found_at = i;
+    }
+  }
+  if (found >= 0) free_.erase(free_.begin() + static_cast<std::ptrdiff_t>(found_at));
+  return found;
+}
+
+bool BufferPool::can_grow_locked(std::size_t need) {
+  // Drop free (too small) buffers while that is what keeps the pool under its bound.
+  while (bytes_ + need > max_bytes_ && !free_.empty()) {
+    drop_locked(free_.front());
+    free_.erase(free_.begin());
+  }
+  // With nothing leased, waiting could never end: grow past the bound instead.
+  return bytes_ + need <= max_bytes_ || leased_ == 0;
+}
+
+void BufferPool::leave_queue_locked(std::int64_t priority) {
+  waiting_.erase(waiting_.find(priority));
+  if (waiting_.empty()) wait_started_ = {};
 }
 
 void BufferPool::wake_all() {
@@ -132,7 +146,7 @@ void BufferPool::release(std::int32_t id) noexcept {
     --leased_;
     free_.push_back(id);
     publish_counts_locked();
-    if (waiters_ == 0) return;
+    if (waiting_.empty()) return;
   }
   returned_.notify_all();
 }
@@ -226,7 +240,7 @@ PoolInfo BufferPool::info() const {
 
 std::chrono::nanoseconds BufferPool::waiting_for() const {
   std::lock_guard lock(mu_);
-  if (waiters_ == 0) return std::chrono::nanoseconds::zero();
+  if (waiting_.empty()) return std::chrono::nanoseconds::zero();
   return std::chrono::steady_clock::now() - wait_started_;
 }
 

@@ -28,8 +28,10 @@
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -86,8 +88,10 @@ class BufferPool : public std::enable_shared_from_this<BufferPool> {
 
   // A buffer of at least `bytes` bytes. Waits while the pool is at its bound and every buffer is
   // leased; returns an empty lease if `cancel` becomes true. Throws std::bad_alloc if the OS
-  // refuses memory.
-  BufferLease acquire(std::size_t bytes, const std::atomic<bool>& cancel);
+  // refuses memory. While anyone waits, buffers go to the lowest `priority` first (the engine
+  // passes the position, so the batch the consumer needs next is never starved by a later one).
+  BufferLease acquire(std::size_t bytes, const std::atomic<bool>& cancel,
+                      std::int64_t priority = std::numeric_limits<std::int64_t>::max());
   // Wakes every acquire() so that it re-checks its cancel flag.
   void wake_all();
   PoolInfo info() const;
@@ -111,8 +115,11 @@ class BufferPool : public std::enable_shared_from_this<BufferPool> {
   // Maps and pins a buffer of `bytes` bytes (accounted for by the caller) with mu_ released, and
   // returns it leased. Throws std::bad_alloc.
   BufferLease allocate_unlocked(std::unique_lock<std::mutex>& lock, std::size_t bytes);
-  BufferLease lease_locked(std::int32_t id);
   // All under mu_.
+  BufferLease lease_locked(std::int32_t id);
+  std::int32_t take_free_locked(std::size_t need);  // a free buffer that fits, or -1
+  bool can_grow_locked(std::size_t need);           // may a new buffer of `need` bytes be made?
+  void leave_queue_locked(std::int64_t priority);
   void drop_locked(std::int32_t id) noexcept;       // unmaps a free buffer
   void publish_counts_locked() noexcept;
 
@@ -123,8 +130,9 @@ class BufferPool : public std::enable_shared_from_this<BufferPool> {
   std::vector<Buffer> buffers_;        // index = buffer id; dropped entries have data == nullptr
   std::vector<std::int32_t> free_;     // ids of allocated, unleased buffers (most recent last)
   std::size_t live_ = 0, bytes_ = 0, peak_bytes_ = 0, leased_ = 0, pinned_bytes_ = 0;
-  std::size_t pin_failures_ = 0, allocations_ = 0, waiters_ = 0;
+  std::size_t pin_failures_ = 0, allocations_ = 0;
   std::chrono::steady_clock::time_point wait_started_{};
+  std::multiset<std::int64_t> waiting_;  // priorities of the acquire() calls waiting now
   std::atomic<std::size_t> n_buffers_{0}, n_bytes_{0};
 };
 

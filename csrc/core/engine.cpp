@@ -198,7 +198,7 @@ bool Engine::deliver(int worker, Job& job) {
     d.error = std::move(job.prep.error);
     if (d.error.empty() && !job.prep.failed && job.prep.bytes > 0) {
       try {
-        d.buffer = pool_->acquire(job.prep.bytes, stopping_);
+        d.buffer = pool_->acquire(job.prep.bytes, stopping_, d.task.position);
       } catch (const std::bad_alloc&) {
         d.error = "out of memory: the buffer pool could not allocate " +
                   std::to_string(job.prep.bytes) + " bytes";
