@@ -60,6 +60,8 @@ class ArraySequence:
         shuffle: shuffle samples every epoch, from ``(seed, epoch)``.
         seed: the seed of the shuffle; ``None`` draws one (see :attr:`seed`).
         drop_last: drop the last, partial batch.
+        split_threads: threads that help gather a large batch (1 MiB or more) in a Prefetcher,
+            besides the worker that loads it; default: the CPU count minus one. 0 never splits.
 
     Raises:
         ValueError: no arrays, arrays of different lengths, object dtypes, rows that are not
@@ -73,6 +75,7 @@ class ArraySequence:
         shuffle: bool = False,
         seed: int | None = None,
         drop_last: bool = False,
+        split_threads: int | None = None,
     ) -> None:
         if len(arrays) == 1 and isinstance(arrays[0], Mapping):
             mapping = dict(arrays[0])
@@ -100,6 +103,11 @@ class ArraySequence:
             seed = int(np.random.SeedSequence().entropy % (1 << 63))
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed must be None or an integer >= 0, got {seed!r}")
+        if split_threads is None:
+            split_threads = max(0, (os.cpu_count() or 1) - 1)
+        if isinstance(split_threads, bool) or not isinstance(split_threads, (int, np.integer)) or split_threads < 0:
+            raise ValueError(f"split_threads must be None or an integer >= 0, got {split_threads!r}")
+        self.split_threads = int(split_threads)
         self.samples = lengths.pop()
         self.batch_size = int(batch_size)
         self.shuffle = bool(shuffle)
@@ -164,7 +172,7 @@ class ArraySequence:
     def native_source(self) -> _C.ArraySource:
         """The core's view of these arrays (used by the Prefetcher)."""
         if self._source is None:
-            self._source = _C.ArraySource(self._arrays, self._keys, self.batch_size)
+            self._source = _C.ArraySource(self._arrays, self._keys, self.batch_size, self.split_threads)
         return self._source
 
     def __repr__(self) -> str:

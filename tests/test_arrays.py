@@ -165,3 +165,21 @@ def test_plain_indexing_checks_the_index():
         ds[3]
     with pytest.raises(TypeError):
         ds["0"]
+
+
+@pytest.mark.parametrize("split_threads", [0, 1, 3])
+def test_large_batches_split_across_threads_arrive_intact(split_threads):
+    n = 600
+    x = np.random.default_rng(0).integers(0, 255, size=(n, 64, 64, 3), dtype=np.uint8)  # 12 KiB rows
+    y = np.arange(n)
+    ds = pyloader.ArraySequence(x, y, batch_size=128, shuffle=True, seed=7, split_threads=split_threads)
+    assert 128 * x[0].nbytes >= 1 << 20, "batches are big enough to be split"
+    for batches in epochs(ds, workers=2, epochs=2):
+        assert sorted(np.concatenate([b for _, b in batches]).tolist()) == list(range(n))
+        for xs, ys in batches:
+            np.testing.assert_array_equal(xs, x[ys])
+
+
+def test_split_threads_is_validated():
+    with pytest.raises(ValueError, match="split_threads must be None or an integer >= 0, got -1"):
+        pyloader.ArraySequence(np.zeros(4), batch_size=2, split_threads=-1)

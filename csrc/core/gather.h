@@ -12,6 +12,12 @@
 // (offsets()). The arrays must stay alive and unchanged while the loader is used: the owner (the
 // Python binding) keeps references to them.
 //
+// Splitting: a batch of at least kSplitBytes is cut into chunks of rows. The worker filling it
+// posts the chunks to a queue served by `helpers` threads of the loader's own, takes chunks
+// itself until the queue has none of its batch left, then waits only for the chunks that helpers
+// took. The poster never waits for a helper to become free, so splitting cannot deadlock, and
+// with no helper it degrades to the worker doing every chunk. Helpers stop in the destructor.
+//
 // Thread safety: set_order() may run concurrently with workers (one mutex guards the order map;
 // a worker takes a shared_ptr to its epoch's order, so pruning old epochs is safe).
 #pragma once
@@ -19,7 +25,9 @@
 #include <cstddef>
 #include <cstdint>
 #include <algorithm>
+#include <condition_variable>
 #include <cstring>
+#include <deque>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -27,6 +35,7 @@
 #include <vector>
 
 #include "engine.h"
+#include "thread_pool.h"
 
 namespace pyloader {
 
@@ -47,8 +56,24 @@ class GatherLoader final : public Loader {
  public:
   static constexpr std::size_t kAlign = 64;
 
-  GatherLoader(std::vector<GatherColumn> columns, std::int64_t samples, std::int64_t batch_size)
-      : columns_(std::move(columns)), samples_(samples), batch_size_(batch_size) {}
+  static constexpr std::size_t kSplitBytes = std::size_t{1} << 20;
+  static constexpr std::int64_t kMinChunkRows = 16;
+
+  GatherLoader(std::vector<GatherColumn> columns, std::int64_t samples, std::int64_t batch_size,
+               int helpers = 0)
+      : columns_(std::move(columns)), samples_(samples), batch_size_(batch_size), helpers_(helpers) {
+    if (helpers_ > 0) crew_.start(helpers_, [this](int) { helper_main(); });
+  }
+  ~GatherLoader() override {
+    {
+      std::lock_guard lock(queue_mu_);
+      stopping_ = true;
+    }
+    queue_cv_.notify_all();
+    crew_.join();
+  }
+  GatherLoader(const GatherLoader&) = delete;
+  GatherLoader& operator=(const GatherLoader&) = delete;
 
   // The sample order of `epoch` (a permutation of [0, samples)), or null for the identity.
   // Orders of epochs older than epoch - kKeepEpochs are dropped.
@@ -103,16 +128,50 @@ class GatherLoader final : public Loader {
 
   void fill(int, Prepared& item, std::byte* dst, std::size_t) noexcept override {
     const auto& batch = static_cast<const GatherBatch&>(*item.payload);
+    if (helpers_ == 0 || item.bytes < kSplitBytes || batch.rows < 2 * kMinChunkRows) {
+      gather(batch, dst, 0, batch.rows);
+      return;
+    }
+    // Split: post chunks, work on them too, then wait for the ones helpers took.
+    const std::int64_t chunks = std::min<std::int64_t>(helpers_ + 1, batch.rows / kMinChunkRows);
+    const std::int64_t per = (batch.rows + chunks - 1) / chunks;
+    Split split;
+    {
+      std::lock_guard lock(queue_mu_);
+      for (std::int64_t r = 0; r < batch.rows; r += per) {
+        queue_.push_back(Chunk{&split, &batch, dst, r, std::min(r + per, batch.rows)});
+        ++split.pending;
+      }
+    }
+    queue_cv_.notify_all();
+    for (;;) {  // help with our own chunks (others' too would be fine, ours first is simpler)
+      Chunk c;
+      {
+        std::lock_guard lock(queue_mu_);
+        auto it = std::find_if(queue_.begin(), queue_.end(), [&](const Chunk& x) { return x.split == &split; });
+        if (it == queue_.end()) break;
+        c = *it;
+        queue_.erase(it);
+      }
+      run(c);
+    }
+    std::unique_lock lock(queue_mu_);
+    split.done.wait(lock, [&] { return split.pending == 0; });
+  }
+
+  // Copies rows [begin, end) of the batch to their places in dst.
+  void gather(const GatherBatch& batch, std::byte* dst, std::int64_t begin, std::int64_t end) const noexcept {
     const std::vector<std::size_t> at = offsets(batch.rows, nullptr);
     for (std::size_t c = 0; c < columns_.size(); ++c) {
       const GatherColumn& col = columns_[c];
       if (col.row_bytes == 0) continue;
-      std::byte* out = dst + at[c];
+      std::byte* out = dst + at[c] + static_cast<std::size_t>(begin) * col.row_bytes;
       if (!batch.order && col.row_stride == static_cast<std::int64_t>(col.row_bytes)) {
-        std::memcpy(out, col.base + batch.start * col.row_stride, col.row_bytes * static_cast<std::size_t>(batch.rows));
+        std::memcpy(out, col.base + (batch.start + begin) * col.row_stride,
+                    col.row_bytes * static_cast<std::size_t>(end - begin));
         continue;
       }
-      for (std::int64_t r = 0; r < batch.rows; ++r) {
+      for (std::int64_t r = begin; r < end; ++r) {
         const std::int64_t sample = batch.order ? (*batch.order)[static_cast<std::size_t>(batch.start + r)]
                                                 : batch.start + r;
         std::memcpy(out, col.base + sample * col.row_stride, col.row_bytes);
@@ -129,8 +188,45 @@ class GatherLoader final : public Loader {
   const std::vector<GatherColumn> columns_;
   const std::int64_t samples_;
   const std::int64_t batch_size_;
+  struct Split {
+    std::int64_t pending = 0;  // under queue_mu_
+    std::condition_variable done;
+  };
+  struct Chunk {
+    Split* split = nullptr;
+    const GatherBatch* batch = nullptr;
+    std::byte* dst = nullptr;
+    std::int64_t begin = 0, end = 0;
+  };
+
+  void run(const Chunk& c) {
+    gather(*c.batch, c.dst, c.begin, c.end);
+    std::lock_guard lock(queue_mu_);
+    if (--c.split->pending == 0) c.split->done.notify_all();
+  }
+
+  void helper_main() {
+    for (;;) {
+      Chunk c;
+      {
+        std::unique_lock lock(queue_mu_);
+        queue_cv_.wait(lock, [&] { return stopping_ || !queue_.empty(); });
+        if (queue_.empty()) return;  // stopping, and nothing left to do
+        c = queue_.front();
+        queue_.pop_front();
+      }
+      run(c);
+    }
+  }
+
   std::mutex mu_;
   std::map<std::int64_t, std::shared_ptr<const std::vector<std::int64_t>>> orders_;
+  const int helpers_;
+  std::mutex queue_mu_;
+  std::condition_variable queue_cv_;
+  std::deque<Chunk> queue_;  // under queue_mu_
+  bool stopping_ = false;    // under queue_mu_
+  ThreadPool crew_;          // last: joined before the members above are destroyed
 };
 
 }  // namespace pyloader

@@ -70,7 +70,8 @@ py::dict pool_info(const BufferPool& pool) {
 // how to rebuild a delivered batch (a single array, a tuple or a dict of arrays).
 class PyArraySource {
  public:
-  PyArraySource(py::list arrays, py::object keys, std::int64_t batch_size) : keys_(std::move(keys)) {
+  PyArraySource(py::list arrays, py::object keys, std::int64_t batch_size, int split_threads)
+      : keys_(std::move(keys)) {
     std::vector<GatherColumn> columns;
     std::int64_t samples = -1;
     for (py::handle h : arrays) {
@@ -92,7 +93,7 @@ class PyArraySource {
       row_shapes_.push_back(std::move(row_shape));
       arrays_.push_back(std::move(arr));  // keeps the memory (and any mmap) alive
     }
-    loader_ = std::make_shared<GatherLoader>(std::move(columns), samples, batch_size);
+    loader_ = std::make_shared<GatherLoader>(std::move(columns), samples, batch_size, split_threads);
   }
 
   void set_order(std::int64_t epoch, py::object order) {
@@ -329,8 +330,8 @@ PYBIND11_MODULE(_C, m) {
       });
 
   py::class_<PyArraySource>(m, "ArraySource")
-      .def(py::init<py::list, py::object, std::int64_t>(), py::arg("arrays"), py::arg("keys"),
-           py::arg("batch_size"))
+      .def(py::init<py::list, py::object, std::int64_t, int>(), py::arg("arrays"), py::arg("keys"),
+           py::arg("batch_size"), py::arg("split_threads"))
       .def("set_order", &PyArraySource::set_order, py::arg("epoch"), py::arg("order"));
 
   py::class_<Stack>(m, "Stack")
