@@ -1,0 +1,1201 @@
+"""PyTorch adapter: a drop-in ``torch.utils.data.DataLoader`` whose batches pyloader loads ahead.
+
+Switch by changing one import (``from pyloader.torch import DataLoader``): the signature, the
+argument checks and their messages, ``len()``, and the batches themselves are torch's.
+
+How equality with torch is guaranteed, step by step:
+
+1. *Order.* Torch draws an epoch's indices in the consumer, from the sampler, as the iterator
+   asks for them. So do we, the same way: ``iter(index_sampler)``, then the workers' ``base_seed``
+   from the ``generator`` (exactly as torch's iterator does, so the generator's stream stays
+   aligned), then the whole epoch's index lists. They become the epoch's *plan*: a batch
+   Sequence over the list of index lists, which a :class:`~pyloader.Prefetcher` (no shuffle, no
+   shard: the sampler did both) loads ahead on native threads, in order.
+2. *Contents.* A worker fetches the samples (``dataset.__getitems__`` or ``dataset[i]``, like
+   torch's fetcher) and returns :func:`pyloader.stack` of them: the engine collates them into slot
+   memory with the GIL released, with ``default_collate``'s numpy semantics. Torch tensors in the
+   samples travel as zero-copy ``.numpy()`` views whose dtype is marked (numpy dtype metadata), so
+   the consumer restores dtypes numpy lacks (``bfloat16``). The consumer turns the delivered
+   structure into torch's: arrays become ``torch.from_numpy`` views of the slot (no copy; the
+   tensor keeps the lease alive), tuples become lists, and any leaf the native stack left as a list
+   of values (mixed types, objects, tensors it could not view) goes through torch's own
+   ``default_collate``. A batch the native stack refuses (dict keys in another order, dtypes to
+   promote, ragged shapes) is recomputed in the consumer with torch's ``default_collate``, so the
+   result, or the error, is torch's.
+3. A custom ``collate_fn`` runs in the worker; its tensors travel the same way and come back as
+   tensors, its numpy arrays stay arrays. With ``batch_size=None`` the consumer applies torch's
+   ``default_convert`` rules to the batch the worker returned.
+4. In-memory arrays (``TensorDataset``, a numpy array or a tensor as the dataset) with the default
+   samplers are gathered by the native core with no Python and no GIL per batch, in the order the
+   sampler drew.
+
+``num_workers=0`` (torch: load in the main process) uses one pyloader worker *thread*: it is in the
+main process, so nothing is pickled or forked, the dataset is never called concurrently, and
+loading still overlaps the training step. ``worker_init_fn`` runs once in each worker thread before
+its first batch. Randomness inside ``__getitem__`` is not seeded per worker (threads share torch's,
+numpy's and Python's global generators).
+
+Distributed: when ``torch.distributed`` is initialized and no ``sampler``/``batch_sampler`` is
+given, the default sampler becomes ``DistributedSampler(dataset, shuffle=shuffle, seed=...,
+drop_last=drop_last)`` whose epoch advances with every pass (``set_epoch`` is called for you).
+Pass any sampler explicitly to opt out.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import itertools
+import multiprocessing as python_multiprocessing
+import os
+import threading
+import warnings
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import (
+    BatchSampler,
+    DistributedSampler,
+    IterableDataset,
+    RandomSampler,
+    Sampler,
+    SequentialSampler,
+    TensorDataset,
+)
+from torch.utils.data._utils.collate import (
+    default_collate,
+    default_collate_err_msg_format,
+    default_convert,
+    np_str_obj_array_pattern,
+)
+from torch.utils.data._utils.pin_memory import pin_memory as _torch_pin_memory
+
+from ._errors import BatchError
+from .arrays import ArraySequence
+from .collate import stack
+from .prefetcher import Prefetcher
+
+__all__ = ["DataLoader", "DevicePrefetcher", "SampleError", "StackFallbackWarning", "prefetch"]
+
+_STATE_VERSION = 1
+_KEY = "pyloader.torch"  # numpy dtype metadata: the array is a torch tensor's view (value: dtype name)
+_SKIPPED = 0  # what a worker returns for a position of the next epoch, which nobody will read
+
+
+class SampleError(BatchError):
+    """``dataset[i]`` (or ``dataset.__getitems__``) raised while a worker loaded a batch.
+
+    ``__cause__`` is the original exception, with its traceback.
+
+    Attributes:
+        index: the batch's number in its epoch.
+        sample_index: the dataset index that raised (``None`` when ``__getitems__`` raised).
+        sample_indices: the dataset indices of the batch.
+        epoch: the loader's epoch.
+        position: the engine position; worker: the worker thread that ran it.
+    """
+
+    def __init__(self, message: str, *, index: int, epoch: int, position: int, worker: int,
+                 sample_index: Any, sample_indices: Any) -> None:
+        super().__init__(message, index=index, epoch=epoch, position=position, worker=worker)
+        self.sample_index = sample_index
+        self.sample_indices = sample_indices
+
+
+class StackFallbackWarning(UserWarning):
+    """The native collation refused a batch that torch's ``default_collate`` accepts; the batch was
+    collated by torch in the consumer thread (correct, but slower)."""
+
+
+class _SampleFailure(Exception):
+    """Raised in a worker: which sample failed (the original exception is ``__cause__``)."""
+
+    def __init__(self, sample_index: Any, sample_indices: Any) -> None:
+        super().__init__(sample_index)
+        self.sample_index = sample_index
+        self.sample_indices = sample_indices
+
+
+# ---- tensors <-> slot arrays -------------------------------------------------------------------
+
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_marked: dict[tuple[np.dtype, str], np.dtype] = {}
+
+
+def _marked_dtype(dtype: np.dtype, name: str) -> np.dtype:
+    key = (dtype, name)
+    marked = _marked.get(key)
+    if marked is None:
+        marked = _marked[key] = np.dtype(dtype, metadata={_KEY: name})
+    return marked
+
+
+def _tensor_view(t: torch.Tensor) -> Any:
+    """A numpy view of a CPU tensor, its dtype marked as a tensor's; ``t`` itself if none exists."""
+    if t.device.type != "cpu" or t.layout != torch.strided or t.requires_grad:
+        return t
+    try:
+        a = t.numpy()
+        name = ""
+    except TypeError:  # a dtype numpy lacks (bfloat16, float8...): carry the bits
+        itype = _INT_OF_SIZE.get(t.element_size())
+        if itype is None:
+            return t
+        try:
+            a = t.view(itype).numpy()
+        except (TypeError, RuntimeError):
+            return t
+        name = str(t.dtype).rpartition(".")[2]
+    except RuntimeError:  # conjugate or negative bit set
+        return t
+    return a.view(_marked_dtype(a.dtype, name))
+
+
+def _restore(a: np.ndarray) -> torch.Tensor:
+    """The tensor of a marked array (a zero-copy view of the same memory)."""
+    t = torch.from_numpy(a)
+    name = a.dtype.metadata[_KEY]
+    return t.view(getattr(torch, name)) if name else t
+
+
+def _is_marked(a: np.ndarray) -> bool:
+    md = a.dtype.metadata
+    return md is not None and _KEY in md
+
+
+def _holds_tensor(obj: Any) -> bool:
+    """Whether a tensor sits anywhere the engine looks (exact tuple/list/dict, namedtuple)."""
+    tp = type(obj)
+    if tp is torch.Tensor:
+        return True
+    if tp is tuple or tp is list or (isinstance(obj, tuple) and hasattr(tp, "_fields")):
+        return any(_holds_tensor(x) for x in obj)
+    if tp is dict:
+        return any(_holds_tensor(x) for x in obj.values())
+    return False
+
+
+def _pack(obj: Any) -> Any:
+    """Replaces tensors with marked numpy views, where the engine looks (it copies those)."""
+    tp = type(obj)
+    if tp is torch.Tensor:
+        return _tensor_view(obj)
+    if tp is tuple:
+        return tuple([_pack(x) for x in obj])
+    if tp is list:
+        return [_pack(x) for x in obj]
+    if tp is dict:
+        return {k: _pack(v) for k, v in obj.items()}
+    if isinstance(obj, tuple) and hasattr(tp, "_fields"):
+        return tp(*[_pack(x) for x in obj])
+    return obj
+
+
+def _unpack(obj: Any) -> Any:
+    """Inverse of :func:`_pack` on a delivered batch: marked arrays become tensors again."""
+    tp = type(obj)
+    if tp is np.ndarray:
+        return _restore(obj) if _is_marked(obj) else obj
+    if tp is tuple:
+        return tuple([_unpack(x) for x in obj])
+    if tp is list:
+        return [_unpack(x) for x in obj]
+    if tp is dict:
+        return {k: _unpack(v) for k, v in obj.items()}
+    if isinstance(obj, tuple) and hasattr(tp, "_fields"):
+        return tp(*[_unpack(x) for x in obj])
+    return obj
+
+
+def _collated_array(a: np.ndarray) -> torch.Tensor:
+    if _is_marked(a):
+        return _restore(a)
+    if np_str_obj_array_pattern.search(a.dtype.str) is not None:
+        raise TypeError(default_collate_err_msg_format.format(a.dtype))
+    return torch.from_numpy(a)
+
+
+def _is_field(x: Any) -> bool:
+    """Whether ``x`` can be a field the native stack built (else it is a sample's raw value)."""
+    tp = type(x)
+    return (tp is np.ndarray or tp is list or tp is tuple or tp is dict
+            or (isinstance(x, tuple) and hasattr(tp, "_fields")))
+
+
+def _collated(obj: Any, in_sequence: bool = False) -> Any:
+    """Torch's ``default_collate`` result from what the native stack delivered.
+
+    The stack keeps the samples' structure (exact tuple, list, dict, namedtuple), stacks arrays,
+    and turns a leaf it cannot stack into the list of the samples' values: torch's own
+    ``default_collate`` collates that, so the result is torch's whatever the leaf holds. Torch
+    transposes sequences with ``zip``, so a leaf under a tuple, list or namedtuple reaches its
+    collate function as a tuple of values (and strings stay that tuple), under a dict as a list.
+    """
+    tp = type(obj)
+    if tp is np.ndarray:
+        return _collated_array(obj)
+    if tp is tuple:
+        return [_collated(x, True) for x in obj]  # torch: a tuple of fields collates into a list
+    if tp is dict:
+        return {k: _collated(v) for k, v in obj.items()}
+    if tp is list:
+        if all(_is_field(x) for x in obj):
+            return [_collated(x, True) for x in obj]
+        return default_collate(tuple(obj) if in_sequence else obj)  # the samples' values of a leaf
+    if isinstance(obj, tuple) and hasattr(tp, "_fields"):
+        return tp(*[_collated(x, True) for x in obj])
+    return obj
+
+
+def _converted(obj: Any) -> Any:
+    """Torch's ``default_convert`` of a delivered batch (fast paths for the exact types)."""
+    tp = type(obj)
+    if tp is np.ndarray:
+        if _is_marked(obj):
+            return _restore(obj)
+        if np_str_obj_array_pattern.search(obj.dtype.str) is not None:
+            return obj
+        return torch.from_numpy(obj)
+    if tp is tuple or tp is list:
+        return [_converted(x) for x in obj]
+    if tp is dict:
+        return {k: _converted(v) for k, v in obj.items()}
+    if isinstance(obj, tuple) and hasattr(tp, "_fields"):
+        return tp(*[_converted(x) for x in obj])
+    if tp is int or tp is float or tp is str or tp is bytes or tp is bool or obj is None:
+        return obj
+    return default_convert(obj)
+
+
+def _as_tensors(obj: Any) -> Any:
+    """Every array of a delivered batch as a tensor view, the structure unchanged (for prefetch)."""
+    tp = type(obj)
+    if tp is np.ndarray:
+        if _is_marked(obj):
+            return _restore(obj)
+        if obj.dtype.hasobject or np_str_obj_array_pattern.search(obj.dtype.str) is not None:
+            return obj
+        return torch.from_numpy(obj)
+    if tp is tuple:
+        return tuple([_as_tensors(x) for x in obj])
+    if tp is list:
+        return [_as_tensors(x) for x in obj]
+    if tp is dict:
+        return {k: _as_tensors(v) for k, v in obj.items()}
+    if isinstance(obj, tuple) and hasattr(tp, "_fields"):
+        return tp(*[_as_tensors(x) for x in obj])
+    return obj
+
+
+# ---- what the workers run ---------------------------------------------------------------------
+
+_STACK, _COLLATE, _CONVERT, _CUSTOM = "stack", "collate", "convert", "custom"
+
+
+class _EpochBatches:
+    """Batch ``i`` of one epoch: the samples of ``plan[i]``, fetched and collated on a worker.
+
+    It serves a single epoch, but the Prefetcher always plans the next one and starts loading it
+    once every batch of this one is loaded (right after calling ``on_epoch_end``): from then on
+    ``__getitem__`` returns a placeholder at once, which nobody reads, instead of loading.
+    """
+
+    def __init__(self, dataset: Any, plan: list[Any], kind: str, collate_fn: Callable[[Any], Any] | None,
+                 worker_init: _WorkerInit | None) -> None:
+        self.dataset = dataset
+        self.plan = plan
+        self.kind = kind
+        self.collate_fn = collate_fn
+        self.worker_init = worker_init
+        getitems = getattr(dataset, "__getitems__", None)
+        self.getitems = getitems if kind in (_STACK, _COLLATE) and getitems else None
+        self.done = False
+
+    def on_epoch_end(self) -> None:
+        """Called by the engine after the last batch of the epoch was loaded."""
+        self.done = True
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def fetch(self, indices: Any) -> list[Any]:
+        if self.getitems is not None:
+            try:
+                return self.getitems(indices)
+            except Exception as exc:
+                raise _SampleFailure(None, indices) from exc
+        dataset = self.dataset
+        samples = []
+        j = None
+        try:
+            for j in indices:
+                samples.append(dataset[j])
+        except Exception as exc:
+            raise _SampleFailure(j, indices) from exc
+        return samples
+
+    def get(self, index: Any) -> Any:
+        try:
+            return self.dataset[index]
+        except Exception as exc:
+            raise _SampleFailure(index, [index]) from exc
+
+    def __getitem__(self, i: int) -> Any:
+        if self.done:
+            return _SKIPPED
+        if self.worker_init is not None:
+            self.worker_init()
+        kind = self.kind
+        if kind is _STACK:
+            samples = self.fetch(self.plan[i])
+            if samples and _holds_tensor(samples[0]):
+                samples = [_pack(s) for s in samples]
+            return stack(samples)
+        if kind is _COLLATE:
+            batch = self.collate_fn(self.fetch(self.plan[i]))
+        elif kind is _CONVERT:
+            batch = self.get(self.plan[i])
+        else:  # _CUSTOM: collate_fn(dataset[i])
+            batch = self.collate_fn(self.get(self.plan[i]))
+        return _pack(batch) if _holds_tensor(batch) else batch
+
+
+class _WorkerInit:
+    """Calls ``worker_init_fn(worker_id)`` once in each worker thread, before its first batch."""
+
+    def __init__(self, fn: Callable[[int], Any]) -> None:
+        self.fn = fn
+        self.local = threading.local()
+        self.lock = threading.Lock()
+        self.next_id = 0
+
+    def __call__(self) -> None:
+        if getattr(self.local, "ready", False):
+            return
+        self.local.ready = True
+        with self.lock:
+            worker_id = self.next_id
+            self.next_id += 1
+        self.fn(worker_id)
+
+
+class _OrderedArrays(ArraySequence):
+    """Rows of in-memory arrays in batches of the sampler's order, gathered by the native core."""
+
+    def __init__(self, arrays: list[np.ndarray], batch_size: int, drop_last: bool, order: np.ndarray | None) -> None:
+        super().__init__(*arrays, batch_size=batch_size, shuffle=False, seed=0, drop_last=drop_last)
+        self.order = order
+
+    def sample_order(self, epoch: int) -> np.ndarray | None:
+        return self.order
+
+
+# ---- the DataLoader ----------------------------------------------------------------------------
+
+
+def _distributed() -> tuple[int, int] | None:
+    if dist.is_available() and dist.is_initialized():
+        world = dist.get_world_size()
+        if world > 1:
+            return dist.get_rank(), world
+    return None
+
+
+def _array_columns(dataset: Any) -> tuple[list[np.ndarray], bool] | None:
+    """The numpy columns of an in-memory array dataset, and whether samples are tuples."""
+    if type(dataset) is TensorDataset:
+        tensors, as_tuple = list(dataset.tensors), True
+    elif type(dataset) is torch.Tensor:
+        tensors, as_tuple = [dataset], False
+    elif type(dataset) is np.ndarray:
+        if dataset.ndim < 1 or dataset.dtype.kind not in "biufc":
+            return None
+        return [dataset], False
+    else:
+        return None
+    columns = []
+    for t in tensors:
+        if type(t) is not torch.Tensor or t.device.type != "cpu" or t.layout != torch.strided or t.requires_grad or t.ndim < 1:
+            return None
+        try:
+            columns.append(t.numpy())
+        except (TypeError, RuntimeError):
+            return None
+    return columns, as_tuple
+
+
+class DataLoader:
+    """``torch.utils.data.DataLoader``, loaded ahead by pyloader's native threads.
+
+    Every argument has torch's meaning, defaults and checks (see the module docstring for how the
+    batches are guaranteed to be torch's); the differences are where processes and threads differ:
+
+    Args:
+        dataset: a map-style dataset (``__getitem__`` and, for the default samplers, ``__len__``).
+            An ``IterableDataset`` has no random access to load ahead by index: it is handed to
+            ``torch.utils.data.DataLoader`` (with a warning).
+        batch_size: samples per batch; ``None`` disables auto-batching (a dataset of batches).
+        shuffle: reshuffle every epoch (a ``RandomSampler`` drawing from ``generator``).
+        sampler: the order of the sample indices.
+        batch_sampler: the batches of indices (excludes ``batch_size``, ``shuffle``, ``sampler``,
+            ``drop_last``).
+        num_workers: pyloader worker threads; ``0`` means one worker thread (see the module docs).
+        collate_fn: turns a list of samples into a batch; runs in the worker. ``None``: torch's
+            ``default_collate`` (done natively), or ``default_convert`` when ``batch_size=None``.
+        pin_memory: pin the slot buffers (``cudaHostRegister``) when an accelerator is present.
+        drop_last: drop the last partial batch.
+        timeout: seconds to wait for one batch (``0``: forever).
+        worker_init_fn: called as ``worker_init_fn(worker_id)`` once in each worker thread.
+        multiprocessing_context: checked as torch does; unused by threads.
+        generator: draws the shuffle (and the ``base_seed`` torch draws for its workers).
+        prefetch_factor: batches loaded ahead per worker (default 2).
+        persistent_workers: checked as torch does; worker threads are cheap to start each epoch.
+        pin_memory_device: deprecated in torch (warns as torch does).
+        in_order: accepted; pyloader always delivers in order.
+        mode: pyloader's worker kind: ``"thread"`` (or ``"process"`` where the engine offers it).
+
+    Raises:
+        ValueError, TypeError: the argument combinations torch rejects, with torch's messages.
+    """
+
+    __initialized = False
+
+    def __init__(
+        self,
+        dataset: Any,
+        batch_size: int | None = 1,
+        shuffle: bool | None = None,
+        sampler: Sampler | Iterable | None = None,
+        batch_sampler: Sampler | Iterable | None = None,
+        num_workers: int = 0,
+        collate_fn: Callable[[Any], Any] | None = None,
+        pin_memory: bool = False,
+        drop_last: bool = False,
+        timeout: float = 0,
+        worker_init_fn: Callable[[int], Any] | None = None,
+        multiprocessing_context: Any = None,
+        generator: torch.Generator | None = None,
+        *,
+        prefetch_factor: int | None = None,
+        persistent_workers: bool = False,
+        pin_memory_device: str = "",
+        in_order: bool = True,
+        mode: str = "thread",
+    ) -> None:
+        self._delegate: torch.utils.data.DataLoader | None = None
+        if isinstance(dataset, IterableDataset):
+            self._delegate = torch.utils.data.DataLoader(
+                dataset, batch_size, shuffle, sampler, batch_sampler, num_workers, collate_fn,
+                pin_memory, drop_last, timeout, worker_init_fn, multiprocessing_context, generator,
+                prefetch_factor=prefetch_factor, persistent_workers=persistent_workers,
+                pin_memory_device=pin_memory_device, in_order=in_order,
+            )
+            warnings.warn(
+                "pyloader.torch.DataLoader: an IterableDataset has no random access to load ahead "
+                "by index; it is loaded by torch.utils.data.DataLoader",
+                stacklevel=2,
+            )
+            for name in ("dataset", "batch_size", "num_workers", "prefetch_factor", "pin_memory",
+                         "pin_memory_device", "timeout", "worker_init_fn", "in_order", "drop_last",
+                         "sampler", "batch_sampler", "generator", "collate_fn", "persistent_workers"):
+                object.__setattr__(self, name, getattr(self._delegate, name))
+            object.__setattr__(self, "mode", mode)
+            self.__initialized = True
+            return
+
+        # torch/utils/data/dataloader.py, DataLoader.__init__: the same checks, in the same order.
+        if num_workers < 0:
+            raise ValueError(
+                "num_workers option should be non-negative; "
+                "use num_workers=0 to disable multiprocessing."
+            )
+
+        if timeout < 0:
+            raise ValueError("timeout option should be non-negative")
+
+        if num_workers == 0 and prefetch_factor is not None:
+            raise ValueError(
+                "prefetch_factor option could only be specified in multiprocessing."
+                "let num_workers > 0 to enable multiprocessing, otherwise set prefetch_factor to None."
+            )
+        elif num_workers > 0 and prefetch_factor is None:
+            prefetch_factor = 2
+        elif prefetch_factor is not None and prefetch_factor < 0:
+            raise ValueError("prefetch_factor option should be non-negative")
+
+        if persistent_workers and num_workers == 0:
+            raise ValueError("persistent_workers option needs num_workers > 0")
+
+        self.dataset = dataset
+        self.num_workers = num_workers
+        self.prefetch_factor = prefetch_factor
+        self.pin_memory = pin_memory
+        self.pin_memory_device = pin_memory_device
+        self.timeout = timeout
+        self.worker_init_fn = worker_init_fn
+        self.multiprocessing_context = multiprocessing_context
+        self.in_order = in_order
+
+        shuffle = bool(shuffle)
+        if sampler is not None and shuffle:
+            raise ValueError("sampler option is mutually exclusive with shuffle")
+
+        if batch_sampler is not None:
+            if batch_size != 1 or shuffle or sampler is not None or drop_last:
+                raise ValueError(
+                    "batch_sampler option is mutually exclusive "
+                    "with batch_size, shuffle, sampler, and "
+                    "drop_last"
+                )
+            batch_size = None
+            drop_last = False
+        elif batch_size is None:
+            if drop_last:
+                raise ValueError(
+                    "batch_size=None option disables auto-batching "
+                    "and is mutually exclusive with drop_last"
+                )
+
+        self._auto_shard: DistributedSampler | None = None
+        if sampler is None:
+            shard = _distributed() if batch_sampler is None else None
+            if shard is not None:
+                rank, world = shard
+                seed = generator.initial_seed() if generator is not None else 0
+                sampler = self._auto_shard = DistributedSampler(
+                    dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
+                )
+            elif shuffle:
+                sampler = RandomSampler(dataset, generator=generator)
+            else:
+                sampler = SequentialSampler(dataset)
+
+        own_batch_sampler = batch_size is not None and batch_sampler is None
+        if own_batch_sampler:
+            batch_sampler = BatchSampler(sampler, batch_size, drop_last)
+
+        self.batch_size = batch_size
+        self.drop_last = drop_last
+        self.sampler = sampler
+        self.batch_sampler = batch_sampler
+        self.generator = generator
+
+        if collate_fn is None:
+            collate_fn = default_collate if self._auto_collation else default_convert
+        self.collate_fn = collate_fn
+        self.persistent_workers = persistent_workers
+        self.mode = mode
+        self.__initialized = True
+        self._IterableDataset_len_called = None
+        self._iterator = None
+
+        if self._auto_collation:
+            self._kind = _STACK if collate_fn is default_collate else _COLLATE
+        else:
+            self._kind = _CONVERT if collate_fn is default_convert else _CUSTOM
+        self._native_ok = (
+            self._kind is _STACK and own_batch_sampler and worker_init_fn is None
+            and self._auto_shard is None
+            and (type(sampler) is SequentialSampler
+                 or (type(sampler) is RandomSampler and not sampler.replacement and sampler._num_samples is None))
+            and getattr(sampler, "data_source", None) is dataset
+        )
+        Prefetcher([], workers=1, mode=mode, pin=False).close()  # fails now for a mode the engine lacks
+        self._epoch = 0  # the epoch the next pass will be
+        self._auto_epoch_set: int | None = None
+        self._drew_base_seed = False
+        self._pending: tuple[int, int, list[Any]] | None = None  # a loaded state: (epoch, consumed, rest)
+        self._current: weakref.ref[_LoaderIter] | None = None
+        self._warned_fallback = False
+
+        self.check_worker_number_rationality()
+
+    # -- torch's properties and checks -----------------------------------------------------------
+
+    @property
+    def multiprocessing_context(self) -> Any:
+        return self.__multiprocessing_context
+
+    @multiprocessing_context.setter
+    def multiprocessing_context(self, multiprocessing_context: Any) -> None:
+        if multiprocessing_context is not None:
+            if self.num_workers > 0:
+                if isinstance(multiprocessing_context, str):
+                    valid_start_methods = torch.multiprocessing.get_all_start_methods()
+                    if multiprocessing_context not in valid_start_methods:
+                        raise ValueError(
+                            "multiprocessing_context option "
+                            f"should specify a valid start method in {valid_start_methods!r}, but got "
+                            f"multiprocessing_context={multiprocessing_context!r}"
+                        )
+                    multiprocessing_context = torch.multiprocessing.get_context(multiprocessing_context)
+
+                if not isinstance(multiprocessing_context, python_multiprocessing.context.BaseContext):
+                    raise TypeError(
+                        "multiprocessing_context option should be a valid context "
+                        "object or a string specifying the start method, but got "
+                        f"multiprocessing_context={multiprocessing_context}"
+                    )
+            else:
+                raise ValueError(
+                    "multiprocessing_context can only be used with "
+                    "multi-process loading (num_workers > 0), but got "
+                    f"num_workers={self.num_workers}"
+                )
+
+        self.__multiprocessing_context = multiprocessing_context
+
+    def __setattr__(self, attr: str, val: Any) -> None:
+        if self.__initialized and attr in (
+            "batch_size",
+            "batch_sampler",
+            "sampler",
+            "drop_last",
+            "dataset",
+            "persistent_workers",
+        ):
+            raise ValueError(
+                f"{attr} attribute should not be set after {self.__class__.__name__} is initialized"
+            )
+        super().__setattr__(attr, val)
+
+    @property
+    def _auto_collation(self) -> bool:
+        return self.batch_sampler is not None
+
+    @property
+    def _index_sampler(self) -> Any:
+        return self.batch_sampler if self._auto_collation else self.sampler
+
+    def __len__(self) -> int:
+        if self._delegate is not None:
+            return len(self._delegate)
+        return len(self._index_sampler)
+
+    def check_worker_number_rationality(self) -> None:
+        """Warns, as torch does, when there are more workers than usable CPUs."""
+        if self._delegate is not None or not self.num_workers:
+            return
+        max_num_worker_suggest = torch._utils.cpu_count()
+        cpuset_checked = hasattr(os, "sched_getaffinity")
+        if max_num_worker_suggest is None or self.num_workers > max_num_worker_suggest:
+            suggested = (
+                (
+                    "Our suggested max number of worker in current system is {}{}, which is smaller "
+                    "than what this DataLoader is going to create."
+                ).format(max_num_worker_suggest, "" if cpuset_checked else " (`cpuset` is not taken into account)")
+                if max_num_worker_suggest is not None
+                else "DataLoader is not able to compute a suggested max number of worker in current system."
+            )
+            warnings.warn(
+                f"This DataLoader will create {self.num_workers} worker processes in total. {suggested} "
+                "Please be aware that excessive worker creation might get DataLoader running slow or even freeze, "
+                "lower the worker number to avoid potential slowness/freeze if necessary.",
+                stacklevel=2,
+            )
+
+    # -- epochs ----------------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[Any]:
+        """One epoch of batches, torch's, in torch's order."""
+        if self._delegate is not None:
+            return iter(self._delegate)
+        if self.num_workers == 0 and self.timeout != 0:  # torch's _SingleProcessDataLoaderIter
+            raise AssertionError("_SingleProcessDataLoaderIter requires timeout == 0")
+        if self.num_workers > 0:
+            self.check_worker_number_rationality()
+        self._warn_pinning()
+        if self._pending is not None:
+            epoch, consumed, rest = self._pending
+            self._pending = None
+            plan: _Plan = _Plan(rest, None, consumed)
+        else:
+            epoch = self._sync_auto_epoch()
+            plan = self._draw()
+        self._epoch = epoch + 1
+        it = _LoaderIter(self, epoch, plan)
+        self._current = weakref.ref(it)
+        return it
+
+    def _sync_auto_epoch(self) -> int:
+        """The epoch of the next pass; sets it on the automatic DistributedSampler."""
+        epoch = self._epoch
+        sampler = self._auto_shard
+        if sampler is not None:
+            if self._auto_epoch_set is not None and sampler.epoch != self._auto_epoch_set:
+                epoch = self._epoch = sampler.epoch  # the user called loader.sampler.set_epoch()
+            sampler.set_epoch(epoch)
+            self._auto_epoch_set = epoch
+        return epoch
+
+    def _draw(self) -> _Plan:
+        """Draws an epoch's indices exactly as torch's iterator does, in the same order."""
+        native = self._native_columns()
+        index_sampler = self._index_sampler
+        # torch: iter(index_sampler) in _BaseDataLoaderIter.__init__, then base_seed from the
+        # generator (not again on a persistent iterator's reset), then the indices as loading asks.
+        sampler_iter = iter(self.sampler if native is not None else index_sampler)
+        if not (self.persistent_workers and self.num_workers > 0 and self._drew_base_seed):
+            self._base_seed = torch.empty((), dtype=torch.int64).random_(generator=self.generator).item()
+            self._drew_base_seed = True
+        if native is not None:
+            order = None if type(self.sampler) is SequentialSampler else np.fromiter(sampler_iter, np.int64)
+            return _Plan(None, native, 0, order=order)
+        return _Plan(list(sampler_iter), None, 0)
+
+    def _native_columns(self) -> tuple[list[np.ndarray], bool] | None:
+        if not self._native_ok:
+            return None
+        columns = _array_columns(self.dataset)
+        if columns is None or len(columns[0][0]) == 0:
+            return None
+        return columns
+
+    def _warn_pinning(self) -> None:
+        # torch's _BaseDataLoaderIter.__init__ warnings, verbatim.
+        if self.pin_memory and self.pin_memory_device:
+            warnings.warn(
+                "pin_memory_device is deprecated, the current accelerator will be used as the device,"
+                f"ignore pin_memory_device='{self.pin_memory_device}'.",
+                stacklevel=3,
+            )
+        if self.pin_memory and not torch.accelerator.is_available():
+            warnings.warn(
+                "'pin_memory' argument is set as true but no accelerator is found, "
+                "then device pinned memory won't be used.",
+                stacklevel=3,
+            )
+
+    def _pin_device(self) -> str | None:
+        if not self.pin_memory or not torch.accelerator.is_available():
+            return None
+        acc = torch.accelerator.current_accelerator()
+        if acc is None or acc.type == "mps":
+            return None
+        return acc.type
+
+    def set_epoch(self, epoch: int) -> None:
+        """Makes the next pass epoch ``epoch`` (and calls ``set_epoch`` on a sampler that has it).
+
+        A state loaded with :meth:`load_state_dict` for this same epoch is kept: the pass resumes.
+        """
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epoch must be an integer >= 0, got {epoch!r}")
+        if self._pending is not None and self._pending[0] != epoch:
+            self._pending = None
+        self._epoch = epoch
+        for s in (self.sampler, getattr(self.batch_sampler, "sampler", None)):
+            if s is not None and s is not self._auto_shard and callable(getattr(s, "set_epoch", None)):
+                s.set_epoch(epoch)
+        if self._auto_shard is not None:
+            self._auto_shard.set_epoch(epoch)
+            self._auto_epoch_set = epoch
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next pass will be (the last pass was ``epoch - 1``)."""
+        return self._epoch
+
+    # -- state -----------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where iteration stands: a new DataLoader over the same dataset that loads it yields
+        exactly the batches this one would yield next (the rest of this epoch, then the next).
+
+        It holds the epoch, the batches consumed, the indices of the rest of the current epoch,
+        and the ``generator``'s state (the next epochs' draws). Without a ``generator`` torch draws
+        from its global generator: save and restore ``torch.get_rng_state()`` with your model.
+        """
+        if self._delegate is not None:
+            raise TypeError("state_dict() needs a map-style dataset (this DataLoader delegates to torch's)")
+        it = self._current() if self._current is not None else None
+        if self._pending is not None:
+            epoch, consumed, rest = self._pending
+        elif it is not None and not it.finished:
+            epoch, consumed, rest = it.epoch, it.yielded, it.remaining()
+        else:
+            epoch, consumed, rest = self._epoch, 0, None
+        return {
+            "version": _STATE_VERSION,
+            "epoch": epoch,
+            "batches_consumed": consumed,
+            "remaining": rest,
+            "generator": None if self.generator is None else self.generator.get_state(),
+            "base_seed_drawn": self._drew_base_seed,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continues from a :meth:`state_dict`: the next pass resumes where that one stopped.
+
+        Raises:
+            ValueError: not a state of this version, or a generator state without a generator.
+        """
+        if self._delegate is not None:
+            raise TypeError("load_state_dict() needs a map-style dataset (this DataLoader delegates to torch's)")
+        if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
+            raise ValueError(f"not a pyloader.torch DataLoader state_dict (version {_STATE_VERSION}): {state!r}")
+        epoch, consumed, rest = state["epoch"], state["batches_consumed"], state["remaining"]
+        if state.get("generator") is not None:
+            if self.generator is None:
+                raise ValueError(
+                    "the state_dict holds a generator state but this DataLoader has generator=None: "
+                    "pass a torch.Generator, as the saved DataLoader had"
+                )
+            self.generator.set_state(state["generator"])
+        self._drew_base_seed = bool(state.get("base_seed_drawn", False))
+        self._pending = None if rest is None else (int(epoch), int(consumed), list(rest))
+        self._epoch = int(epoch)
+        if self._auto_shard is not None:
+            self._auto_shard.set_epoch(self._epoch if rest is None else self._epoch + 1)
+            self._auto_epoch_set = self._auto_shard.epoch
+
+    def __repr__(self) -> str:
+        return (
+            f"pyloader.torch.DataLoader({type(self.dataset).__name__}, batch_size={self.batch_size}, "
+            f"num_workers={self.num_workers}, mode={self.mode!r}, batches={len(self)}, "
+            f"next epoch={self._epoch}"
+            + (", delegated to torch" if self._delegate is not None else "")
+            + (", sharded by DistributedSampler" if getattr(self, "_auto_shard", None) is not None else "")
+            + ")"
+        )
+
+
+class _Plan:
+    """An epoch's work: a list of index batches, or native array columns and a sample order."""
+
+    def __init__(self, batches: list[Any] | None, native: tuple[list[np.ndarray], bool] | None,
+                 skipped: int, order: np.ndarray | None = None) -> None:
+        self.batches = batches
+        self.native = native
+        self.order = order
+        self.skipped = skipped  # batches of the epoch consumed before this plan (a resumed state)
+
+
+class _LoaderIter:
+    """One epoch of a :class:`DataLoader`: a Prefetcher over its plan, batches converted to torch's.
+
+    After an error the iterator stays usable (as torch's does): the next ``next()`` continues with
+    the following batch, on a new Prefetcher over the rest of the plan.
+    """
+
+    def __init__(self, loader: DataLoader, epoch: int, plan: _Plan) -> None:
+        self.loader = loader
+        self.epoch = epoch
+        self.plan = plan
+        self.yielded = plan.skipped
+        self.finished = False
+        self._kind = loader._kind
+        self._pin_device = loader._pin_device()
+        self._timeout = loader.timeout
+        self._workers = max(1, loader.num_workers)
+        self._depth = max(1, (loader.prefetch_factor or 2) * self._workers)
+        self._worker_init = _WorkerInit(loader.worker_init_fn) if loader.worker_init_fn is not None else None
+        self._seq: Any = None
+        if plan.native is not None:
+            columns, self._as_tuple = plan.native
+            try:
+                self._seq = _OrderedArrays(columns, loader.batch_size, loader.drop_last, plan.order)
+                self._count = len(self._seq)
+            except ValueError:  # rows that are not contiguous: fetch samples in Python instead
+                self._count = len(loader.batch_sampler)
+                plan.batches = self._index_batches()
+                plan.native = None
+        else:
+            self._count = len(plan.batches)
+        self._base = 0  # plan position of the current Prefetcher's first batch
+        self._prefetcher: Prefetcher | None = None
+        self._batches: Iterator[Any] | None = None
+        self._start(0)
+
+    def _start(self, base: int) -> None:
+        self._close_prefetcher()
+        self._base = base
+        if base >= self._count:
+            return
+        if self._seq is not None and base == 0:
+            seq: Any = self._seq
+        else:
+            batches = self._index_batches()[base:]
+            seq = _EpochBatches(self.loader.dataset, batches, self._kind if self._seq is None else _STACK,
+                                self.loader.collate_fn, self._worker_init)
+        self._prefetcher = Prefetcher(
+            seq,
+            workers=self._workers,
+            depth=self._depth,
+            pin="cuda" if self._pin_device == "cuda" and torch.cuda.is_available() else False,
+            timeout=self._timeout if self._timeout > 0 else None,
+            mode=self.loader.mode,
+        )
+        self._batches = iter(self._prefetcher)
+
+    def _index_batches(self) -> list[Any]:
+        if self.plan.batches is not None:
+            return self.plan.batches
+        bs = self.loader.batch_size
+        n = len(self.plan.native[0][0])
+        order = np.arange(n, dtype=np.int64) if self.plan.order is None else self.plan.order
+        flat = order.tolist()
+        self.plan.batches = [flat[k : k + bs] for k in range(0, self._count * bs, bs)]
+        return self.plan.batches
+
+    def remaining(self) -> list[Any]:
+        """The index batches not yet yielded."""
+        return self._index_batches()[self.yielded - self.plan.skipped :]
+
+    def __iter__(self) -> _LoaderIter:
+        return self
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __next__(self) -> Any:
+        if self._batches is None:
+            self._finish()
+            raise StopIteration
+        try:
+            batch = next(self._batches)
+        except StopIteration:
+            self._finish()
+            raise
+        except BatchError as err:
+            batch = self._recover(err)
+        except TimeoutError as exc:
+            self._start(self.yielded - self.plan.skipped)  # the late batch is loaded again
+            raise RuntimeError(f"DataLoader timed out after {self._timeout} seconds") from exc
+        else:
+            batch = self._convert(batch)
+        if self._pin_device is not None:
+            batch = _torch_pin_memory(batch, self._pin_device)
+        self.yielded += 1
+        return batch
+
+    def _convert(self, batch: Any) -> Any:
+        kind = self._kind
+        if self._seq is not None and self._base == 0:  # natively gathered columns
+            if type(batch) is np.ndarray:
+                t = torch.from_numpy(batch)
+                return [t] if self._as_tuple else t
+            return [torch.from_numpy(a) for a in batch]
+        if kind is _STACK:
+            return _collated(batch)
+        if kind is _CONVERT:
+            return _converted(batch)
+        return _unpack(batch)
+
+    def _sample_error(self, failure: _SampleFailure, position: int, worker: int) -> SampleError:
+        original = failure.__cause__
+        where = ("dataset.__getitems__(...)" if failure.sample_index is None
+                 else f"dataset[{failure.sample_index!r}]")
+        error = SampleError(
+            f"{where} raised {type(original).__name__}: {original} (batch {self.yielded} of epoch "
+            f"{self.epoch}, worker {worker}); the original traceback is above",
+            index=self.yielded, epoch=self.epoch, position=position, worker=worker,
+            sample_index=failure.sample_index, sample_indices=failure.sample_indices,
+        )
+        error.__cause__ = original
+        return error
+
+    def _recover(self, err: BatchError) -> Any:
+        """Handles a failed batch; iteration continues after it on the next ``next()``."""
+        at = self.yielded - self.plan.skipped  # the plan position that failed
+        cause = err.__cause__
+        self._start(at + 1)
+        if isinstance(cause, _SampleFailure):
+            raise self._sample_error(cause, err.position, err.worker)
+        if not (self._kind is _STACK and isinstance(cause, ValueError)
+                and str(cause).startswith("pyloader.stack:")):
+            raise err
+        # The native stack refused the samples: torch decides, in this thread, with its own
+        # default_collate (the result, or the error, is then exactly torch's).
+        indices = self._index_batches()[at]
+        try:
+            samples = _EpochBatches(self.loader.dataset, [], _STACK, None, None).fetch(indices)
+        except _SampleFailure as failure:
+            raise self._sample_error(failure, err.position, -1) from None
+        try:
+            batch = default_collate(samples)
+        except Exception as exc:
+            raise BatchError(
+                f"default_collate raised {type(exc).__name__} on batch {self.yielded} of epoch "
+                f"{self.epoch} (dataset indices {indices!r}): {exc}",
+                index=self.yielded, epoch=self.epoch, position=err.position, worker=err.worker,
+            ) from exc
+        if not self.loader._warned_fallback:
+            self.loader._warned_fallback = True
+            warnings.warn(
+                f"batch {self.yielded} of epoch {self.epoch}: {cause}; torch's default_collate accepts "
+                "these samples, so the batch was collated by torch in the consumer thread (slower). "
+                "Make the samples uniform (same dict key order, same dtypes) to keep collation native.",
+                StackFallbackWarning,
+                stacklevel=3,
+            )
+        return batch
+
+    def _finish(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self._close_prefetcher()
+            self._batches = None
+
+    def _close_prefetcher(self) -> None:
+        p, self._prefetcher, self._batches = self._prefetcher, None, None
+        if p is not None:
+            p.close()
+
+    def close(self) -> None:
+        """Stops the epoch's worker threads (also done at the end of the epoch and on deletion)."""
+        self._close_prefetcher()
+
+    def __del__(self) -> None:
+        self._close_prefetcher()
+
+
+# ---- prefetch: a Sequence to tensors, on a device ---------------------------------------------
+
+
+def _tree_map(fn: Callable[[torch.Tensor], Any], obj: Any) -> Any:
+    tp = type(obj)
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if tp is tuple:
+        return tuple([_tree_map(fn, x) for x in obj])
+    if tp is list:
+        return [_tree_map(fn, x) for x in obj]
+    if tp is dict:
+        return {k: _tree_map(fn, v) for k, v in obj.items()}
+    if isinstance(obj, tuple) and hasattr(tp, "_fields"):
+        return tp(*[_tree_map(fn, x) for x in obj])
+    return obj
+
+
+class DevicePrefetcher:
+    """Batches of a Sequence as torch tensors, copied to a device ahead of the consumer.
+
+    On the CPU (``device`` None or ``"cpu"``) the batches are ``torch.from_numpy`` views of the slot
+    buffers: no copy. With a CUDA device, each batch is copied from pinned slots with
+    ``non_blocking=True`` on a side stream, ``ahead`` batches before it is needed; the consumer's
+    current stream waits on the copy's event before the batch is handed over, the device tensors
+    are recorded on the consumer's stream (so the caching allocator does not reuse them early), and
+    the host batch is kept until its copy has finished.
+
+    Args:
+        sequence: a batch Sequence (``__len__``, ``__getitem__``).
+        device: where the batches go.
+        ahead: batches copied ahead of the consumer (CUDA only).
+        **options: :class:`~pyloader.Prefetcher` options (``workers``, ``shuffle``, ``seed``...).
+    """
+
+    def __init__(self, sequence: Any, device: str | torch.device | None = None, *, ahead: int = 2,
+                 **options: Any) -> None:
+        self.device = None if device is None else torch.device(device)
+        self._cuda = self.device is not None and self.device.type == "cuda"
+        if self.device is not None and self.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"device must be None, 'cpu' or a CUDA device, got {device!r}")
+        if isinstance(ahead, bool) or not isinstance(ahead, int) or ahead < 1:
+            raise ValueError(f"ahead must be an integer >= 1, got {ahead!r}")
+        if self._cuda:
+            if not torch.cuda.is_available():
+                raise RuntimeError(f"device {device!r} was requested but CUDA is not available")
+            if self.device.index is None:
+                self.device = torch.device("cuda", torch.cuda.current_device())
+            options.setdefault("pin", "cuda")
+        self.ahead = ahead
+        self.prefetcher = Prefetcher(sequence, **options)
+        self._stream: Any = None
+
+    def __len__(self) -> int:
+        return len(self.prefetcher)
+
+    def __iter__(self) -> Iterator[Any]:
+        """One epoch of batches (see :class:`~pyloader.Prefetcher` for epochs and resumption)."""
+        host = (_as_tensors(b) for b in self.prefetcher)
+        if not self._cuda:
+            return host
+        return self._to_device(host)
+
+    def _to_device(self, host: Iterator[Any]) -> Iterator[Any]:
+        device = self.device
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device)
+        side = self._stream
+        queue: collections.deque[tuple[Any, Any, Any]] = collections.deque()
+        copying: collections.deque[tuple[Any, Any]] = collections.deque()  # host batches in flight
+
+        def launch() -> bool:
+            try:
+                batch = next(host)
+            except StopIteration:
+                return False
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                on_device = _tree_map(lambda t: t.to(device, non_blocking=True), batch)
+                done = torch.cuda.Event()
+                done.record(side)
+            queue.append((on_device, done, batch))
+            return True
+
+        more = True
+        try:
+            while more and len(queue) < self.ahead:
+                more = launch()
+            while queue:
+                on_device, done, batch = queue.popleft()
+                consumer = torch.cuda.current_stream(device)
+                consumer.wait_event(done)
+                _tree_map(lambda t: t.record_stream(consumer), on_device)
+                copying.append((done, batch))
+                while copying and copying[0][0].query():
+                    copying.popleft()
+                if more:
+                    more = launch()
+                yield on_device
+        finally:
+            for done, _ in itertools.chain(copying, ((d, b) for _, d, b in queue)):
+                done.synchronize()  # the slots stay alive until their copies are done
+
+    def state_dict(self) -> dict[str, Any]:
+        """The Prefetcher's :meth:`~pyloader.Prefetcher.state_dict`."""
+        return self.prefetcher.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The Prefetcher's :meth:`~pyloader.Prefetcher.load_state_dict`."""
+        self.prefetcher.load_state_dict(state)
+
+    def close(self) -> None:
+        """Stops the Prefetcher's workers."""
+        self.prefetcher.close()
+
+    def __enter__(self) -> DevicePrefetcher:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"DevicePrefetcher({self.prefetcher!r}, device={self.device}, ahead={self.ahead})"
+
+
+def prefetch(seq: Any, device: str | torch.device | None = None, **options: Any) -> DevicePrefetcher:
+    """A Sequence of batches to an iterable of torch tensors, loaded (and copied) ahead.
+
+    Example::
+
+        with pyloader.torch.prefetch(seq, "cuda", workers=4) as batches:
+            for epoch in range(epochs):
+                for x, y in batches:
+                    ...
+
+    Args:
+        seq: the batch Sequence.
+        device: ``None`` or ``"cpu"`` (tensors are views of the slots), or a CUDA device.
+        **options: ``ahead`` (batches copied ahead on CUDA) and :class:`~pyloader.Prefetcher`
+            options.
+
+    Returns:
+        a :class:`DevicePrefetcher`; each ``iter()`` is one epoch.
+    """
+    return DevicePrefetcher(seq, device, **options)

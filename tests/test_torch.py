@@ -1,0 +1,597 @@
+"""pyloader.torch: a drop-in torch DataLoader whose batches, order, length and checks are torch's."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from torch.utils.data import (  # noqa: E402
+    BatchSampler,
+    Dataset,
+    DistributedSampler,
+    IterableDataset,
+    RandomSampler,
+    SequentialSampler,
+    SubsetRandomSampler,
+    TensorDataset,
+    WeightedRandomSampler,
+)
+from torch.utils.data import DataLoader as TorchLoader  # noqa: E402
+
+import pyloader  # noqa: E402
+import pyloader.torch as pt  # noqa: E402
+from pyloader.torch import DataLoader  # noqa: E402
+
+Pair = collections.namedtuple("Pair", "a b")
+
+
+class Samples(Dataset):
+    """A map-style per-sample dataset; ``kind`` picks the structure of a sample."""
+
+    def __init__(self, n: int = 23, kind: str = "tuple") -> None:
+        self.n, self.kind = n, kind
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        x = np.arange(6, dtype=np.float32).reshape(2, 3) + i
+        kind = self.kind
+        if kind == "tuple":
+            return x, i
+        if kind == "dict":
+            return {"x": torch.from_numpy(x).T, "y": float(i), "name": f"s{i}", "flag": i % 2 == 0,
+                    "p": Pair(np.int16(i), [i, np.float32(i) / 2])}
+        if kind == "tensors":
+            return torch.full((3,), i, dtype=torch.bfloat16), torch.tensor(i), torch.zeros(2, dtype=torch.uint8)
+        if kind == "mixed":  # int and float samples in one leaf: torch promotes, stack cannot
+            return (i if i % 2 else float(i)), np.array([i])
+        if kind == "list":
+            return [x[0], {"k": i}], b"bytes"
+        raise AssertionError(kind)
+
+
+def assert_same(got, want, path="batch"):
+    """Tensor-by-tensor equality, with types, dtypes and shapes."""
+    assert type(got) is type(want), f"{path}: {type(got).__name__} != {type(want).__name__}"
+    if isinstance(want, torch.Tensor):
+        assert got.dtype == want.dtype and got.shape == want.shape, f"{path}: {got} != {want}"
+        assert torch.equal(got, want), f"{path}: {got} != {want}"
+    elif isinstance(want, dict):
+        assert list(got) == list(want), path
+        for k in want:
+            assert_same(got[k], want[k], f"{path}[{k!r}]")
+    elif isinstance(want, (list, tuple)):
+        assert len(got) == len(want), path
+        for k, (g, w) in enumerate(zip(got, want)):
+            assert_same(g, w, f"{path}[{k}]")
+    elif isinstance(want, np.ndarray):
+        np.testing.assert_array_equal(got, want)
+    else:
+        assert got == want, path
+
+
+def both(dataset, epochs=2, seed=7, workers=2, **kwargs):
+    """Batches of torch's DataLoader and of pyloader's, epoch by epoch, from equal generators."""
+    ref = TorchLoader(dataset, generator=torch.Generator().manual_seed(seed), **kwargs)
+    ours = DataLoader(dataset, generator=torch.Generator().manual_seed(seed), num_workers=workers, **kwargs)
+    assert len(ours) == len(ref)
+    return [(list(ref), list(ours)) for _ in range(epochs)]
+
+
+CONFIGS = {
+    "sequential": dict(batch_size=4),
+    "shuffle": dict(batch_size=3, shuffle=True),
+    "shuffle-drop_last": dict(batch_size=5, shuffle=True, drop_last=True),
+    "no-batching": dict(batch_size=None, shuffle=True),
+}
+
+
+@pytest.mark.parametrize("kind", ["tuple", "dict", "tensors", "mixed", "list"])
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_batches_equal_torch_tensor_by_tensor(kind, config):
+    for ref, ours in both(Samples(23, kind), **CONFIGS[config]):
+        assert len(ours) == len(ref)
+        for want, got in zip(ref, ours):
+            assert_same(got, want)
+
+
+@pytest.mark.parametrize("workers", [0, 1, 2])
+@pytest.mark.parametrize(
+    "make_sampler",
+    [
+        lambda ds, g: dict(sampler=SubsetRandomSampler(list(range(3, 20)), generator=g), batch_size=4),
+        lambda ds, g: dict(sampler=WeightedRandomSampler([1.0] * 10 + [5.0] * 13, 40, generator=g), batch_size=6),
+        lambda ds, g: dict(sampler=RandomSampler(ds, replacement=True, num_samples=30, generator=g), batch_size=7,
+                           drop_last=True),
+        lambda ds, g: dict(batch_sampler=BatchSampler(RandomSampler(ds, generator=g), 5, False)),
+        lambda ds, g: dict(batch_sampler=[[3, 1], [4, 1, 5], [9]]),
+        lambda ds, g: dict(sampler=DistributedSampler(ds, num_replicas=3, rank=1, seed=g.initial_seed()), batch_size=2),
+    ],
+    ids=["subset", "weighted", "replacement", "batch_sampler", "list-batch_sampler", "distributed"],
+)
+def test_samplers_and_batch_samplers_give_torch_batches(make_sampler, workers):
+    ds = Samples(23, "dict")
+    ref = TorchLoader(ds, **make_sampler(ds, torch.Generator().manual_seed(3)))
+    ours = DataLoader(ds, num_workers=workers, **make_sampler(ds, torch.Generator().manual_seed(3)))
+    assert len(ours) == len(ref)
+    for _ in range(2):
+        for want, got in zip(list(ref), list(ours), strict=True):
+            assert_same(got, want)
+
+
+def test_global_rng_without_generator_gives_torch_order():
+    ds = Samples(19)
+    torch.manual_seed(11)
+    ref = [list(TorchLoader(ds, batch_size=4, shuffle=True)) for _ in range(2)]
+    torch.manual_seed(11)
+    loader = DataLoader(ds, batch_size=4, shuffle=True, num_workers=2)
+    for want in ref:
+        for w, g in zip(want, list(loader), strict=True):
+            assert_same(g, w)
+
+
+class BatchSeq:
+    """A batch Sequence (a dataset of whole batches) for batch_size=None."""
+
+    def __len__(self):
+        return 9
+
+    def __getitem__(self, i):
+        return np.full((4, 3), i, np.float32), np.arange(4) + i, {"id": np.int64(i), "name": "b"}
+
+
+def test_batch_sequences_with_batch_size_none_are_converted_like_torch():
+    for ref, ours in both(BatchSeq(), batch_size=None, shuffle=True):
+        for want, got in zip(ref, ours, strict=True):
+            assert_same(got, want)
+
+
+@pytest.mark.parametrize("dataset", [
+    TensorDataset(torch.arange(120.0).reshape(40, 3), torch.arange(40)),
+    TensorDataset(torch.arange(40, dtype=torch.int16)),
+    np.arange(200, dtype=np.uint8).reshape(40, 5),
+    torch.arange(80.0).reshape(40, 2),
+], ids=["TensorDataset", "TensorDataset-1", "ndarray", "tensor"])
+@pytest.mark.parametrize("config", ["sequential", "shuffle", "shuffle-drop_last"])
+def test_array_datasets_are_gathered_natively_and_equal_torch(dataset, config):
+    ours = DataLoader(dataset, generator=torch.Generator().manual_seed(5), num_workers=2, **CONFIGS[config])
+    it = iter(ours)
+    assert isinstance(it._seq, pyloader.ArraySequence)  # the native gather path, no Python per batch
+    del it
+    for ref, got in both(dataset, **CONFIGS[config]):
+        for w, g in zip(ref, got, strict=True):
+            assert_same(g, w)
+
+
+def test_array_rows_that_are_not_contiguous_are_fetched_in_python_and_equal_torch():
+    dataset = TensorDataset(torch.arange(320.0).reshape(4, 40, 2).permute(1, 0, 2), torch.arange(40))
+    it = iter(DataLoader(dataset, batch_size=3, shuffle=True))
+    assert it._seq is None
+    del it
+    for ref, got in both(dataset, batch_size=3, shuffle=True):
+        for w, g in zip(ref, got, strict=True):
+            assert_same(g, w)
+
+
+def test_custom_collate_fn_runs_in_a_worker_and_keeps_its_types():
+    main = threading.get_ident()
+    seen = set()
+
+    def collate(samples):
+        seen.add(threading.get_ident())
+        xs = torch.stack([torch.from_numpy(x) for x, _ in samples])
+        return {"x": xs, "y": np.array([y for _, y in samples]), "n": len(samples)}
+
+    for ref, ours in both(Samples(10), batch_size=4, collate_fn=collate):
+        for want, got in zip(ref, ours, strict=True):
+            assert isinstance(got["x"], torch.Tensor) and isinstance(got["y"], np.ndarray)
+            assert_same(got, want)
+    assert seen and main not in seen - {main} and any(t != main for t in seen)
+
+
+def test_tensors_are_zero_copy_views_that_keep_their_slot_leased():
+    it = iter(DataLoader(Samples(4), batch_size=4, num_workers=1))  # one batch
+    x, y = next(it)
+    info = it._prefetcher.memory_info
+    deadline = time.monotonic() + 5
+    while info()["leased"] != 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    want = torch.from_numpy(np.arange(6, dtype=np.float32).reshape(2, 3)) + torch.arange(4).view(4, 1, 1)
+    del y
+    assert info()["leased"] == 1  # x alone keeps the batch's slot buffer
+    assert torch.equal(x, want)
+    del x
+    assert info()["leased"] == 0  # it was the last owner: the tensor was a view, not a copy
+    assert list(it) == []
+
+
+def test_len_is_torch_len():
+    ds = Samples(23)
+    for kwargs in (dict(), dict(batch_size=4), dict(batch_size=4, drop_last=True), dict(batch_size=None),
+                   dict(batch_sampler=[[1], [2, 3]]), dict(sampler=range(7), batch_size=3)):
+        assert len(DataLoader(ds, **kwargs)) == len(TorchLoader(ds, **kwargs)), kwargs
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Torch's OpenMP threads spin while they wait: on a busy 2-core machine a tiny model then
+    steps 100x slower. One intra-op thread keeps the test about the loader."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_a_training_loop_with_sgd_reduces_the_loss(one_torch_thread):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 8, generator=gen)
+    y = (x @ torch.randn(8, generator=gen) > 0).long()
+
+    class Points(Dataset):
+        def __len__(self):
+            return len(x)
+
+        def __getitem__(self, i):
+            return x[i], y[i]
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.3)
+    loader = DataLoader(Points(), batch_size=32, shuffle=True, num_workers=2, generator=gen)
+    losses = []
+    for _ in range(6):
+        total = 0.0
+        for xb, yb in loader:
+            loss = torch.nn.functional.cross_entropy(model(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(xb)
+        losses.append(total / len(x))
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+@pytest.mark.parametrize("stop", [0, 3, 5])
+@pytest.mark.parametrize("config", ["shuffle", "no-batching"])
+def test_state_dict_resumes_exactly_this_epoch_and_the_next(stop, config):
+    ds = Samples(23)
+    ref = DataLoader(ds, generator=torch.Generator().manual_seed(9), num_workers=2, **CONFIGS[config])
+    want = list(ref) + list(ref) + list(ref)
+    per_epoch = len(ref)
+
+    first = DataLoader(ds, generator=torch.Generator().manual_seed(9), num_workers=2, **CONFIGS[config])
+    got = list(first)
+    it = iter(first)
+    got += [next(it) for _ in range(stop)]
+    state = first.state_dict()
+    assert state["epoch"] == 1 and state["batches_consumed"] == stop
+    del it
+
+    second = DataLoader(ds, generator=torch.Generator().manual_seed(1234), num_workers=1, **CONFIGS[config])
+    second.load_state_dict(state)
+    got += list(second)
+    assert len(got) == 2 * per_epoch
+    got += list(second)
+    for w, g in zip(want, got, strict=True):
+        assert_same(g, w)
+
+
+class Failing(Dataset):
+    def __len__(self):
+        return 10
+
+    def __getitem__(self, i):
+        if i == 7:
+            raise KeyError(f"no sample {i}")
+        return np.zeros(2, np.float32), i
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_failing_sample_raises_naming_its_index_and_iteration_goes_on(workers):
+    it = iter(DataLoader(Failing(), batch_size=3, num_workers=workers))
+    got = []
+    with pytest.raises(pt.SampleError, match=r"dataset\[7\] raised KeyError: 'no sample 7' \(batch 2 of epoch 0") as info:
+        while True:
+            got.append(next(it)[1].tolist())
+    err = info.value
+    assert isinstance(err, pyloader.BatchError)
+    assert (err.index, err.sample_index, err.sample_indices) == (2, 7, [6, 7, 8])
+    assert isinstance(err.__cause__, KeyError)
+    assert got == [[0, 1, 2], [3, 4, 5]]
+    assert [b[1].tolist() for b in it] == [[9]]  # like torch's iterator, the next batch follows
+
+
+def test_samples_torch_accepts_but_the_native_stack_refuses_are_collated_by_torch():
+    class Keys(Dataset):
+        def __len__(self):
+            return 6
+
+        def __getitem__(self, i):
+            return {"a": i, "b": np.float32(i)} if i % 2 else {"b": np.float32(i), "a": i}
+
+    with pytest.warns(pt.StackFallbackWarning, match="batch 0 of epoch 0: pyloader.stack"):
+        ref, ours = both(Keys(), epochs=1, batch_size=2)[0]
+    for want, got in zip(ref, ours, strict=True):
+        assert_same(got, want)
+
+
+def test_samples_torch_refuses_fail_with_torch_error_and_batch_index():
+    class Ragged(Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return np.zeros(i)
+
+    with pytest.raises(RuntimeError) as torch_error:
+        list(TorchLoader(Ragged(), batch_size=2))
+    with pytest.raises(pyloader.BatchError, match="batch 0 of epoch 0") as ours:
+        list(DataLoader(Ragged(), batch_size=2))
+    assert str(ours.value.__cause__) == str(torch_error.value)
+
+
+def test_worker_init_fn_runs_once_in_each_worker_thread():
+    calls = []
+
+    def init(worker_id):
+        calls.append((worker_id, threading.get_ident()))
+
+    loader = DataLoader(Samples(40), batch_size=2, num_workers=2, worker_init_fn=init)
+    assert len(list(loader)) == 20
+    ids = sorted(w for w, _ in calls)
+    assert ids in ([0], [0, 1]) and len({t for _, t in calls}) == len(calls)
+    assert threading.get_ident() not in {t for _, t in calls}
+
+
+def test_timeout_raises_torch_error():
+    class Slow(Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            time.sleep(0.6)
+            return i
+
+    it = iter(DataLoader(Slow(), batch_size=1, num_workers=1, timeout=0.2))
+    with pytest.raises(RuntimeError, match=r"^DataLoader timed out after 0.2 seconds$"):
+        next(it)
+
+
+def test_an_iterable_dataset_is_handed_to_torch():
+    class Stream(IterableDataset):
+        def __iter__(self):
+            return iter(range(10))
+
+    with pytest.warns(UserWarning, match="IterableDataset"):
+        loader = DataLoader(Stream(), batch_size=4)
+    assert [b.tolist() for b in loader] == [b.tolist() for b in TorchLoader(Stream(), batch_size=4)]
+
+
+def test_auto_sharding_follows_distributed_sampler(monkeypatch):
+    """Without a process group this fakes one; the real two-process run is test_ddp_..."""
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 3)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: 2)
+    ds = Samples(22)
+    ours = DataLoader(ds, batch_size=4, shuffle=True, num_workers=2)
+    ref_sampler = DistributedSampler(ds, num_replicas=3, rank=2, shuffle=True, seed=0)
+    ref = TorchLoader(ds, batch_size=4, sampler=ref_sampler)
+    assert len(ours) == len(ref) == 2
+    for epoch in range(3):
+        ref_sampler.set_epoch(epoch)  # pyloader advances the epoch by itself
+        for w, g in zip(list(ref), list(ours), strict=True):
+            assert_same(g, w)
+    explicit = DataLoader(ds, batch_size=4, sampler=SequentialSampler(ds))  # opting out
+    assert len(explicit) == 6
+
+
+# ---- torch's argument checks, replicated -------------------------------------------------------
+
+class Tiny(Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        return i
+
+
+BAD_ARGUMENTS = {
+    "num_workers<0": dict(num_workers=-1),
+    "timeout<0": dict(timeout=-1),
+    "prefetch_factor without workers": dict(prefetch_factor=2),
+    "prefetch_factor<0": dict(num_workers=1, prefetch_factor=-1),
+    "persistent without workers": dict(persistent_workers=True),
+    "sampler and shuffle": dict(sampler=[0, 1], shuffle=True),
+    "batch_sampler and batch_size": dict(batch_sampler=[[0]], batch_size=2),
+    "batch_sampler and shuffle": dict(batch_sampler=[[0]], shuffle=True),
+    "batch_sampler and sampler": dict(batch_sampler=[[0]], sampler=[0]),
+    "batch_sampler and drop_last": dict(batch_sampler=[[0]], drop_last=True),
+    "no batching and drop_last": dict(batch_size=None, drop_last=True),
+    "batch_size=0": dict(batch_size=0),
+    "batch_size=1.5": dict(batch_size=1.5),
+    "drop_last not a bool": dict(drop_last="yes"),
+    "context without workers": dict(multiprocessing_context="spawn"),
+    "unknown start method": dict(num_workers=1, multiprocessing_context="teleport"),
+    "context of a wrong type": dict(num_workers=1, multiprocessing_context=3),
+}
+
+
+@pytest.mark.parametrize("bad", list(BAD_ARGUMENTS))
+def test_bad_arguments_raise_torchs_exception_and_message(bad):
+    kwargs = BAD_ARGUMENTS[bad]
+    with pytest.raises(Exception) as want:
+        TorchLoader(Tiny(), **kwargs)
+    with pytest.raises(Exception) as got:
+        DataLoader(Tiny(), **kwargs)
+    assert type(got.value) is type(want.value)
+    assert str(got.value) == str(want.value)
+
+
+@pytest.mark.parametrize("attr", ["batch_size", "batch_sampler", "sampler", "drop_last", "dataset", "persistent_workers"])
+def test_attributes_torch_freezes_are_frozen(attr):
+    with pytest.raises(ValueError) as want:
+        setattr(TorchLoader(Tiny()), attr, None)
+    with pytest.raises(ValueError) as got:
+        setattr(DataLoader(Tiny()), attr, None)
+    assert str(got.value) == str(want.value)
+
+
+def test_iteration_warnings_and_checks_are_torchs():
+    def caught(make):
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            try:
+                iter(make())
+            except AssertionError as exc:
+                return ["AssertionError: " + str(exc)]
+        return sorted(str(x.message) for x in w)
+
+    for kwargs in (dict(pin_memory=True), dict(pin_memory=True, pin_memory_device="cuda"), dict(timeout=1)):
+        want = caught(lambda: TorchLoader(Tiny(), **kwargs))
+        assert want, kwargs
+        assert caught(lambda: DataLoader(Tiny(), **kwargs)) == want, kwargs
+
+
+def test_more_workers_than_cpus_warns_like_torch():
+    many = (torch._utils.cpu_count() or 1) + 1
+    with pytest.warns(UserWarning) as want:
+        TorchLoader(Tiny(), num_workers=many)
+    with pytest.warns(UserWarning) as got:
+        DataLoader(Tiny(), num_workers=many)
+    assert [str(w.message) for w in got] == [str(w.message) for w in want]
+
+
+def test_an_unknown_mode_fails_at_construction():
+    with pytest.raises(ValueError, match="mode"):
+        DataLoader(Tiny(), mode="fibers")
+
+
+# ---- prefetch ----------------------------------------------------------------------------------
+
+def test_prefetch_on_cpu_yields_tensor_views_without_a_copy():
+    with pt.prefetch(BatchSeq(), workers=2) as batches:
+        assert len(batches) == 9
+        for epoch in range(2):
+            got = list(batches)
+            assert len(got) == 9
+            for i, (x, y, extra) in enumerate(got):
+                assert isinstance(x, torch.Tensor) and torch.equal(x, torch.full((4, 3), float(i)))
+                assert torch.equal(y, torch.arange(4) + i) and extra["name"] == "b"
+    info = batches.prefetcher.memory_info  # closed: only the batches still referenced hold slots
+    assert info()["leased"] == 9  # each batch's tensors are views of its slot buffer: no copy
+    del got, x, y, extra
+    assert info()["leased"] == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine: the device-copy path (pinned slots, non_blocking copies on a side stream) is not exercised")
+def test_prefetch_to_cuda_copies_ahead_on_a_side_stream():
+    with pt.prefetch(BatchSeq(), "cuda", workers=2, ahead=3) as batches:
+        assert batches.prefetcher.memory_info()["pin_method"] == "cuda"
+        for i, (x, y, _) in enumerate(batches):
+            assert x.is_cuda and y.is_cuda
+            assert torch.equal(x.cpu(), torch.full((4, 3), float(i)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine: pinned DataLoader batches are not exercised")
+def test_pin_memory_batches_are_pinned_views():
+    for x, _ in DataLoader(Samples(8), batch_size=4, pin_memory=True, num_workers=2):
+        assert x.is_pinned()
+
+
+# ---- two real processes ------------------------------------------------------------------------
+
+DDP_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+    from torch.utils.data import Dataset, DistributedSampler
+    from pyloader.torch import DataLoader
+
+    class Points(Dataset):
+        def __len__(self):
+            return 50
+
+        def __getitem__(self, i):
+            x = torch.full((4,), float(i) / 50)
+            return x, torch.tensor(float(i % 2)), i
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = DataLoader(Points(), batch_size=4, shuffle=True, num_workers=2)
+    ref_sampler = DistributedSampler(Points(), shuffle=True, seed=0)
+    ref = torch.utils.data.DataLoader(Points(), batch_size=4, sampler=ref_sampler)
+    epochs, matches, losses = [], [], []
+    for epoch in range(2):
+        ref_sampler.set_epoch(epoch)
+        seen = []
+        for x, y, idx in loader:
+            loss = torch.nn.functional.mse_loss(model(x).squeeze(1), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            seen += idx.tolist()
+        epochs.append(seen)
+        matches.append(seen == [i for _, _, b in ref for i in b.tolist()])
+    with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as f:
+        json.dump({"epochs": epochs, "matches": matches, "losses": losses, "len": len(loader)}, f)
+    dist.barrier()
+    dist.destroy_process_group()
+    """
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_with_gloo_on_two_processes_shards_disjointly_and_covers_the_dataset(tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2",
+               OMP_NUM_THREADS="1")
+    procs = [
+        subprocess.Popen([sys.executable, str(script), str(tmp_path)], cwd=tmp_path,
+                         env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for rank in range(2)
+    ]
+    try:
+        outputs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for epoch in range(2):
+        a, b = (set(r["epochs"][epoch]) for r in ranks)
+        assert not a & b, "the ranks' samples overlap"
+        assert a | b == set(range(50)), "the ranks' samples do not cover the dataset"
+        assert len(ranks[0]["epochs"][epoch]) == len(ranks[1]["epochs"][epoch]) == 25
+    assert ranks[0]["epochs"][0] != ranks[0]["epochs"][1], "no new order in the second epoch"
+    assert all(all(r["matches"]) for r in ranks), "not the batches of torch's DistributedSampler"
+    assert ranks[0]["len"] == 7
