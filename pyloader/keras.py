@@ -26,6 +26,10 @@ The Sequence's ``on_epoch_end`` and ``on_epoch_begin`` are not left to Keras (wh
 ``on_epoch_end`` again from every ``reset()``): the engine calls them where loading crosses from one
 epoch to the next, after the last batch of an epoch was loaded and before any batch of the next
 one is, so that what they change applies to the next epoch as a whole even though it loads ahead.
+Each loaded epoch gets one ``on_epoch_begin`` and one ``on_epoch_end``; the epoch loading ahead when
+``fit`` returns has begun (and ended too, if it was loaded completely), and a pass that
+``steps_per_epoch`` spreads over several Keras epochs is one epoch here. Sequences that define
+neither hook (Keras's base class defines no-ops) load across epoch boundaries without waiting.
 
 On the torch backend, numpy batches are handed over as ``torch.from_numpy`` views of pyloader's
 buffers, which Keras's ``convert_to_tensor`` passes through (it would copy a numpy array).
@@ -37,6 +41,7 @@ import inspect
 import random
 import sys
 import threading
+import time
 import traceback
 import warnings
 from collections.abc import Callable, Iterator
@@ -50,7 +55,7 @@ from . import prefetcher as _prefetcher
 from ._errors import BatchError
 from .prefetcher import Prefetcher
 
-__all__ = ["PrefetchedDataset", "prefetch"]
+__all__ = ["FIT_LOADERS", "PrefetchedDataset", "fit_epoch_times", "prefetch"]
 
 _DEFAULT_WORKERS = 4  # for a Sequence that is not a Keras PyDataset (which carries its own)
 _BASE_HOOK_MODULES = ("keras", "tf_keras", "tensorflow")
@@ -540,3 +545,83 @@ def prefetch(
         timeout=timeout,
         max_pool_bytes=max_pool_bytes,
     )
+
+
+# ---- benchmark entry point ---------------------------------------------------------------------
+
+FIT_LOADERS = ("keras-threads", "keras-processes", "pyloader")
+"""How :func:`fit_epoch_times` can feed ``model.fit``: the user's PyDataset with Keras's thread
+pool, with Keras's process pool (``use_multiprocessing=True``), or through :func:`prefetch`."""
+
+
+class _UserDataset(keras.utils.PyDataset):
+    """A user's PyDataset over a plain Sequence, with Keras's parallelism settings (benchmark)."""
+
+    def __init__(self, sequence: Any, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.sequence = sequence
+
+    def __len__(self) -> int:
+        return len(self.sequence)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.sequence[index]
+
+
+def _small_model(batch: Any) -> keras.Model:
+    """Flatten -> Dense(1), sized from one ``(x, y)`` batch, compiled with SGD and MSE."""
+    x = batch[0] if isinstance(batch, (tuple, list)) else batch
+    model = keras.Sequential([keras.Input(np.shape(x)[1:]), keras.layers.Flatten(), keras.layers.Dense(1)])
+    model.compile(keras.optimizers.SGD(1e-9), "mse")
+    return model
+
+
+def fit_epoch_times(
+    sequence: Any,
+    *,
+    loader: str,
+    workers: int = 4,
+    epochs: int = 3,
+    model: keras.Model | None = None,
+) -> list[float]:
+    """Times ``model.fit`` epochs on ``sequence`` fed one way or another (benchmark entry point).
+
+    Used by ``bench/keras_fit.py`` and ``python -m pyloader bench`` to compare pyloader with
+    Keras's own workers inside a real ``fit`` (default ``shuffle=True``, ``verbose=0``).
+
+    Args:
+        sequence: ``__len__``/``__getitem__`` returning ``(x, y)`` batches (numpy).
+        loader: one of :data:`FIT_LOADERS`.
+        workers: Keras's ``workers``, or pyloader's.
+        epochs: epochs to run; the first one includes building the model and starting workers.
+        model: a compiled model; default a ``Flatten -> Dense(1)`` sized from ``sequence[0]``.
+
+    Returns:
+        wall seconds of each epoch, from ``on_epoch_begin`` to ``on_epoch_end``.
+
+    Raises:
+        ValueError: ``loader`` is not one of :data:`FIT_LOADERS`.
+    """
+    if loader not in FIT_LOADERS:
+        raise ValueError(f"loader must be one of {FIT_LOADERS}, got {loader!r}")
+    if model is None:
+        model = _small_model(sequence[0])
+    if loader == "pyloader":
+        data: Any = prefetch(_UserDataset(sequence, workers=workers), workers=workers)
+    else:
+        data = _UserDataset(sequence, workers=workers, use_multiprocessing=loader == "keras-processes")
+    times: list[float] = []
+
+    class _Clock(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+            self.start = time.perf_counter()
+
+        def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+            times.append(time.perf_counter() - self.start)
+
+    try:
+        model.fit(data, epochs=epochs, verbose=0, callbacks=[_Clock()])
+    finally:
+        if isinstance(data, PrefetchedDataset):
+            data.close()
+    return times

@@ -522,3 +522,13 @@ def test_set_epoch_selects_the_shuffled_order(prefetched):
         return recorder.train_seen
 
     assert first_epoch_after(3) == first_epoch_after(3) != first_epoch_after(0)
+
+
+def test_fit_epoch_times_runs_each_loader_setting():
+    # The benchmark entry point (bench/keras_fit.py, python -m pyloader bench); smoke test only.
+    seq = Indexed(4)
+    for loader in ("pyloader", "keras-threads"):
+        times = pk.fit_epoch_times(seq, loader=loader, workers=2, epochs=2)
+        assert len(times) == 2 and all(t > 0 for t in times)
+    with pytest.raises(ValueError, match="loader"):
+        pk.fit_epoch_times(seq, loader="nope")
