@@ -53,6 +53,7 @@ import numpy as np
 
 from . import prefetcher as _prefetcher
 from ._errors import BatchError
+from .arrays import ArraySequence
 from .prefetcher import Prefetcher
 
 __all__ = ["FIT_LOADERS", "PrefetchedDataset", "fit_epoch_times", "prefetch"]
@@ -244,8 +245,13 @@ class PrefetchedDataset(keras.utils.PyDataset):
                 f"sequence must have __getitem__ (batch i) and __len__, got {type(sequence).__name__}"
             )
         self._sequence = sequence
-        self._hooks = _EpochHooks(_user_hook(sequence, "on_epoch_begin"), _user_hook(sequence, "on_epoch_end"))
-        self._source = _HookedSource(sequence, self._hooks) if self._hooks.active else _Source(sequence)
+        self._source: Any
+        if isinstance(sequence, ArraySequence):  # gathered natively, told the epoch by the engine
+            self._hooks = _EpochHooks(None, None)
+            self._source = sequence
+        else:
+            self._hooks = _EpochHooks(_user_hook(sequence, "on_epoch_begin"), _user_hook(sequence, "on_epoch_end"))
+            self._source = _HookedSource(sequence, self._hooks) if self._hooks.active else _Source(sequence)
         self._options = options
         self._loader = Prefetcher(self._source, shuffle=bool(self._shuffle), **options)
         self._options["seed"] = self._loader.state_dict()["seed"]  # every rebuild keeps the order

@@ -95,6 +95,7 @@ class Recorder(keras.layers.Layer):
         super().__init__(**kwargs)
         self.train_seen: list[int] = []
         self.infer_seen: list[int] = []
+        self.train_rows: list[int] = []
         self.pointers: list[int] = []
 
     def call(self, x, training=None):
@@ -102,6 +103,8 @@ class Recorder(keras.layers.Layer):
             return x
         index = int(x[0, 0].item())
         (self.train_seen if training else self.infer_seen).append(index)
+        if training:
+            self.train_rows += [int(v) for v in x[:, 0].tolist()]
         self.pointers.append(x.data_ptr())
         return x
 
@@ -532,3 +535,22 @@ def test_fit_epoch_times_runs_each_loader_setting():
         assert len(times) == 2 and all(t > 0 for t in times)
     with pytest.raises(ValueError, match="loader"):
         pk.fit_epoch_times(seq, loader="nope")
+
+
+def test_array_sequence_is_gathered_natively_every_sample_once_per_epoch(prefetched):
+    samples, batch = 24, 4
+    x = np.stack([np.arange(samples), np.zeros(samples)], axis=1).astype(np.float32)
+    y = np.zeros((samples, 1), np.float32)
+    arrays = pyloader.ArraySequence(x, y, batch_size=batch, shuffle=True, seed=1)
+    ds = prefetched(arrays, workers=2)
+    assert ds.loader._sequence is arrays  # not wrapped: the engine gathers it without Python
+    model, recorder = model_with_recorder()
+    model.fit(ds, epochs=2, verbose=0)
+    rows = recorder.train_rows
+    assert len(rows) == 2 * samples
+    assert sorted(rows[:samples]) == sorted(rows[samples:]) == list(range(samples))
+    assert rows[:samples] != rows[samples:]  # samples reshuffled per epoch
+
+    ordered = prefetched(pyloader.ArraySequence(x, y, batch_size=batch), workers=2)
+    model.layers[-1].set_weights([np.array([[1.0], [0.0]], np.float32), np.zeros(1, np.float32)])
+    np.testing.assert_array_equal(model.predict(ordered, verbose=0)[:, 0], np.arange(samples))
