@@ -1,7 +1,8 @@
 """Re-render a saved bench report: ``python bench/render.py bench/results/bench.json``.
 
-Prints the terminal table and the Markdown table, and rewrites the plot next to the JSON
-(``bench.png``), without measuring anything again (e.g. after changing the plot's style).
+Rewrites the terminal table, the Markdown table and the plot next to the JSON (``bench.txt``,
+``bench.md``, ``bench.png``) without measuring anything again (e.g. after changing their style),
+and prints the terminal table.
 """
 
 from __future__ import annotations
@@ -23,14 +24,16 @@ def main() -> int:
     with open(args.report, encoding="utf-8") as f:
         doc = json.load(f)
     validate(doc)
-    print(format_machine(doc["machine"]))
-    print()
-    print(format_table(doc))
-    print()
-    print(format_markdown(doc))
-    target = args.plot or os.path.splitext(args.report)[0] + ".png"
+    stem = os.path.splitext(args.report)[0]
+    text = format_machine(doc["machine"]) + "\n\n" + format_table(doc)
+    print(text)
+    with open(stem + ".txt", "w", encoding="utf-8") as f:
+        f.write(text + "\n")
+    with open(stem + ".md", "w", encoding="utf-8") as f:
+        f.write(format_markdown(doc) + "\n")
+    target = args.plot or stem + ".png"
     plot(doc, target)
-    print(f"\nwrote {target}")
+    print(f"\nwrote {stem}.txt, {stem}.md, {target}")
     return 0
 
 

@@ -49,8 +49,8 @@ def machine_info() -> dict[str, Any]:
 
     Returns:
         A dict with ``cpu_count`` (logical CPUs), ``cpu_affinity`` (CPUs this process may use),
-        ``cpu_model``, ``memory_bytes``, ``platform``, ``python`` and ``versions`` (package name to
-        version string or None).
+        ``cpu_model``, ``memory_bytes``, ``platform``, ``python``, ``executable``, ``versions``
+        (package name to version string or None) and ``load_average`` (1/5/15 min, or None).
     """
     try:
         affinity: int | None = len(os.sched_getaffinity(0))
@@ -65,7 +65,16 @@ def machine_info() -> dict[str, Any]:
         "python": f"{platform.python_implementation()} {platform.python_version()}",
         "executable": sys.executable,
         "versions": {name: _version(name) for name in _PACKAGES},
+        "load_average": _load_average(),
     }
+
+
+def _load_average() -> list[float] | None:
+    """1, 5 and 15 minute load averages: other work on the machine skews a benchmark."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
 
 
 def format_machine(info: dict[str, Any]) -> str:
@@ -85,6 +94,10 @@ def format_machine(info: dict[str, Any]) -> str:
     versions = ", ".join(
         f"{name} {version or 'not installed'}" for name, version in info["versions"].items()
     )
+    load = info.get("load_average")
+    if load:
+        busy = load[0] > (info.get("cpu_affinity") or info["cpu_count"] or 1) * 0.5
+        cpus += f", load average {load[0]:g} at start" + (" (busy: expect noise)" if busy else "")
     return (
         f"machine: {cpus}, {info['cpu_model']}{mem_text}, {info['platform']}\n"
         f"python:  {info['python']}; {versions}"

@@ -11,7 +11,8 @@ The report document (what ``--json FILE`` writes) is one JSON object::
         "cpu_count": 2, "cpu_affinity": 2, "cpu_model": "...", "memory_bytes": ...,
         "platform": "...", "python": "CPython 3.11.9", "executable": "...",
         "versions": {"pyloader": "0.1.0" | null, "numpy": "...", "torch": ..., "keras": ...,
-                     "pillow": ..., "psutil": ...}
+                     "pillow": ..., "psutil": ...},
+        "load_average": [1.2, 0.9, 0.7] | null   # os.getloadavg() when the run started
       },
       "config": {"workloads": [...], "loaders": [...], "workers": [4], "repeats": 3,
                  "quick": false, "step_ms": 0.0, "timeout_s": 600.0, "sample_interval_s": 0.05,
@@ -181,7 +182,7 @@ def _peers_in(doc: dict[str, Any]) -> list[str]:
 
 def _rows(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     peers = _peers_in(doc)
-    header = ["workload", "loader", "W", "batches/s", *[f"vs {p}" for p in peers],
+    header = ["workload", "loader", "W", "batches/s", "spread", *[f"vs {p}" for p in peers],
               "1st batch ms", "cold 1st ms", "peak MB", "+MB", "stall", "stats() stall"]
     rows = []
     for row in doc["results"]:
@@ -193,6 +194,11 @@ def _rows(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             rows.append(cells)
             continue
         cells.append(_fmt_rate(row["batches_per_s"]))
+        rates = [e["batches"] / e["wall_s"] for e in row["epochs"] if e["wall_s"] > 0]
+        if len(rates) > 1 and row["batches_per_s"]:
+            cells.append(f"±{(max(rates) - min(rates)) / 2 / row['batches_per_s']:.0%}")
+        else:
+            cells.append("-")
         for peer in peers:
             ratio = row["ratios"].get(peer)
             cells.append("-" if ratio is None else f"{ratio:.2f}x")
@@ -214,7 +220,8 @@ def _legend(doc: dict[str, Any]) -> list[str]:
     mem_metric = next((r["memory"]["metric"] for r in doc["results"] if r.get("memory")), "pss")
     cfg = doc["config"]
     lines = [
-        f"batches/s: median of {cfg['repeats']} epoch(s) on one loader; vs X: batches/s over X's, "
+        f"batches/s: median of {cfg['repeats']} epoch(s) on one loader, spread: half their range "
+        "over the median; vs X: batches/s over X's, "
         "same workload and W; 1st batch: median time from starting an epoch to its first batch, "
         "cold 1st: from opening the loader to its first batch;",
         f"peak MB: peak {mem_metric.upper()} of the measurement's process tree (with workers), "
