@@ -26,13 +26,13 @@ def main() -> int:
     validate(doc)
     stem = os.path.splitext(args.report)[0]
     text = format_machine(doc["machine"]) + "\n\n" + format_table(doc)
-    print(text)
     with open(stem + ".txt", "w", encoding="utf-8") as f:
         f.write(text + "\n")
     with open(stem + ".md", "w", encoding="utf-8") as f:
         f.write(format_markdown(doc) + "\n")
     target = args.plot or stem + ".png"
     plot(doc, target)
+    print(text)
     print(f"\nwrote {stem}.txt, {stem}.md, {target}")
     return 0
 
