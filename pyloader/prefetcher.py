@@ -347,6 +347,10 @@ class Prefetcher:
         waited (``wait_s``) and its fraction of the epoch's wall time (``stall_fraction``), buffer
         pool size, peak batches in flight, and the workers' busy fraction.
 
+        The consumer's wait is the time spent inside pyloader to get each batch: sleeping until
+        it is loaded, taking the GIL back, and the hand-off (building the batch's arrays). Python's
+        own iteration overhead around it is not counted.
+
         Returns:
             ``{"epochs": [dict per epoch], "current": the latest epoch's dict or None}``.
         """

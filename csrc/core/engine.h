@@ -147,8 +147,11 @@ class Engine : public std::enable_shared_from_this<Engine> {
   // ---- consumer ----
   std::int64_t next_position() const noexcept { return next_; }
   bool ready() noexcept;  // is the next position ready to take?
-  // Waits at most `timeout` for the next position. False on timeout or stop.
+  // Waits at most `timeout` for the next position. False on timeout or stop. The time waited
+  // counts as the consumer's stall in stats().
   bool wait_ready(std::chrono::nanoseconds timeout) noexcept;
+  // More stall time, spent outside wait_ready() (e.g. taking the GIL back after it).
+  void add_wait(std::int64_t ns) noexcept { pending_wait_ns_ += ns; }
   Delivery take() noexcept;  // requires ready()
   // Positions below `position` are published unloaded (skipped) by the workers.
   void skip_to(std::int64_t position) noexcept;

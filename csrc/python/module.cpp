@@ -178,7 +178,12 @@ class PyEngine {
   py::object next_batch(std::optional<double> timeout) {
     Engine& e = live();
     if (!e.ready()) wait(e, timeout);
-    return deliver(e.take());
+    const auto taking = std::chrono::steady_clock::now();
+    py::object batch = deliver(e.take());
+    // The hand-off (taking the batch, building its arrays) is stall too: the consumer waits for
+    // it. It is counted with the next batch, as take() has already closed this one's figures.
+    e.add_wait(std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - taking).count());
+    return batch;
   }
 
   // Skips every position below `position`: they are not loaded (those already loaded are dropped).
@@ -241,11 +246,15 @@ class PyEngine {
     const auto start = std::chrono::steady_clock::now();
     for (;;) {
       bool ok;
+      std::chrono::steady_clock::time_point woke;
       {
         py::gil_scoped_release release;
         // no Python below
         ok = e.wait_ready(kPollSlice);
+        woke = std::chrono::steady_clock::now();
       }
+      // Taking the GIL back is part of the stall (a worker may hold it).
+      e.add_wait(std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - woke).count());
       if (ok) return;
       if (PyErr_CheckSignals() != 0) throw py::error_already_set();
       if (e.stopping()) raise(PyExc_RuntimeError, "this pyloader engine was closed while waiting for a batch");
