@@ -49,15 +49,18 @@ def build(workload: str, quick: bool) -> Any:
     return eval(WORKLOADS[workload][quick], vars(workloads))  # noqa: S307 - our own table
 
 
-def measure_one(workload: str, loader: str, *, workers: int, epochs: int, quick: bool) -> list[float]:
-    """Epoch times of one ``fit`` in this process."""
+def measure_one(workload: str, loader: str, *, workers: int, epochs: int, quick: bool) -> dict[str, Any]:
+    """Epoch times of one ``fit`` in this process (and pyloader's stall fraction per epoch)."""
     os.environ.setdefault("KERAS_BACKEND", "torch")
     import pyloader.keras
 
-    return pyloader.keras.fit_epoch_times(build(workload, quick), loader=loader, workers=workers, epochs=epochs)
+    stats: list[dict[str, Any]] = []
+    times = pyloader.keras.fit_epoch_times(build(workload, quick), loader=loader, workers=workers,
+                                           epochs=epochs, stats=stats)
+    return {"times": times, "stall": [round(e["stall_fraction"], 4) for e in stats]}
 
 
-def run_one_subprocess(workload: str, loader: str, args: argparse.Namespace) -> list[float]:
+def run_one_subprocess(workload: str, loader: str, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, os.path.abspath(__file__), "--one", workload, loader,
            "--workers", str(args.workers), "--epochs", str(args.epochs)] + (["--quick"] if args.quick else [])
     env = dict(os.environ)
@@ -82,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.one:
-        times = measure_one(*args.one, workers=args.workers, epochs=args.epochs, quick=args.quick)
-        print(json.dumps(times))
+        result = measure_one(*args.one, workers=args.workers, epochs=args.epochs, quick=args.quick)
+        print(json.dumps(result))
         return 0
 
     from pyloader._bench.machine import format_machine, machine_info
@@ -91,13 +94,17 @@ def main(argv: list[str] | None = None) -> int:
     workloads = args.workloads.split(",")
     loaders = args.loaders.split(",")
     raw: dict[str, dict[str, list[list[float]]]] = {w: {lo: [] for lo in loaders} for w in workloads}
+    stalls: dict[str, list[float]] = {w: [] for w in workloads}
     for repeat in range(args.repeats):
         for workload in workloads:
             for loader in loaders:
-                times = run_one_subprocess(workload, loader, args)
+                result = run_one_subprocess(workload, loader, args)
+                times = result["times"]
                 raw[workload][loader].append(times)
+                stalls[workload] += result["stall"][1:]
                 print(f"  repeat {repeat + 1}/{args.repeats} {workload:8s} {loader:16s} "
-                      + " ".join(f"{t:.3f}" for t in times), file=sys.stderr, flush=True)
+                      + " ".join(f"{t:.3f}" for t in times)
+                      + (f"  stall {result['stall']}" if result["stall"] else ""), file=sys.stderr, flush=True)
 
     print(format_machine(machine_info()))
     print(f"model.fit epoch time (s), {args.workers} workers, {args.epochs} epochs per run, median of "
@@ -114,11 +121,23 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {loader:16s} {med:8.3f}  [{min(per_run):.3f}-{max(per_run):.3f}]")
         keras_best = min((v for k, v in summary[workload].items() if k.startswith("keras")), default=None)
         if keras_best is not None and "pyloader" in summary[workload]:
-            print(f"  best Keras / pyloader = {keras_best / summary[workload]['pyloader']:.2f}x")
+            # Also per run: the loaders of one repeat ran back to back, under the same load.
+            ratios = [
+                min(statistics.median(raw[workload][k][r][1:] or raw[workload][k][r])
+                    for k in loaders if k.startswith("keras"))
+                / statistics.median(raw[workload]["pyloader"][r][1:] or raw[workload]["pyloader"][r])
+                for r in range(args.repeats)
+            ]
+            print(f"  best Keras / pyloader = {keras_best / summary[workload]['pyloader']:.2f}x "
+                  f"(per repeat: median {statistics.median(ratios):.2f}x, "
+                  f"{' '.join(f'{x:.2f}' for x in ratios)})")
+        if stalls[workload]:
+            print(f"  pyloader stall fraction (epochs 2..): median {statistics.median(stalls[workload]):.3f}, "
+                  f"max {max(stalls[workload]):.3f}")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"machine": machine_info(), "args": vars(args), "epoch_times": raw,
-                       "median_s": summary}, f, indent=1)
+                       "pyloader_stall": stalls, "median_s": summary}, f, indent=1)
     return 0
 
 

@@ -589,6 +589,7 @@ def fit_epoch_times(
     workers: int = 4,
     epochs: int = 3,
     model: keras.Model | None = None,
+    stats: list[dict[str, Any]] | None = None,
 ) -> list[float]:
     """Times ``model.fit`` epochs on ``sequence`` fed one way or another (benchmark entry point).
 
@@ -601,6 +602,8 @@ def fit_epoch_times(
         workers: Keras's ``workers``, or pyloader's.
         epochs: epochs to run; the first one includes building the model and starting workers.
         model: a compiled model; default a ``Flatten -> Dense(1)`` sized from ``sequence[0]``.
+        stats: if given, pyloader's per-epoch :meth:`~pyloader.Prefetcher.stats` are appended
+            to it (``stall_fraction`` near 0 means the model, not the data, set the pace).
 
     Returns:
         wall seconds of each epoch, from ``on_epoch_begin`` to ``on_epoch_end``.
@@ -629,5 +632,7 @@ def fit_epoch_times(
         model.fit(data, epochs=epochs, verbose=0, callbacks=[_Clock()])
     finally:
         if isinstance(data, PrefetchedDataset):
+            if stats is not None:
+                stats.extend(data.stats()["epochs"][:epochs])
             data.close()
     return times

@@ -307,7 +307,8 @@ def test_validation_data_as_a_sequence(prefetched):
 # ---- batch contents ------------------------------------------------------------------------------
 
 
-def weights_after_fit(ds, **fit_options) -> list[np.ndarray]:
+def weights_after_fit(ds, **fit_options) -> tuple[list[np.ndarray], list[np.ndarray], float]:
+    """(weights before, weights after, last loss) of one epoch of fit on a fresh model."""
     model, _ = model_with_recorder(learning_rate=0.1)
     before = [w.copy() for w in model.get_weights()]
     history = model.fit(ds, epochs=1, verbose=0, **fit_options)
