@@ -815,8 +815,10 @@ class DataLoader:
         it = self._current() if self._current is not None else None
         if self._pending is not None:
             epoch, consumed, rest = self._pending
-        elif it is not None and not it.finished:
+        elif it is not None and not it.finished and it.remaining():
             epoch, consumed, rest = it.epoch, it.yielded, it.remaining()
+        elif it is not None and not it.finished:  # every batch was yielded: the next epoch is next
+            epoch, consumed, rest = it.epoch + 1, 0, None
         else:
             epoch, consumed, rest = self._epoch, 0, None
         return {
@@ -1130,7 +1132,6 @@ class DevicePrefetcher:
                 batch = next(host)
             except StopIteration:
                 return False
-            side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):
                 on_device = _tree_map(lambda t: t.to(device, non_blocking=True), batch)
                 done = torch.cuda.Event()

@@ -290,6 +290,20 @@ def test_state_dict_resumes_exactly_this_epoch_and_the_next(stop, config):
         assert_same(g, w)
 
 
+def test_state_dict_after_the_last_batch_resumes_at_the_next_epoch():
+    loader = DataLoader(Samples(8), batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(2))
+    it = iter(loader)
+    next(it), next(it)  # every batch, but the loop has not seen StopIteration yet
+    state = loader.state_dict()
+    assert (state["epoch"], state["batches_consumed"], state["remaining"]) == (1, 0, None)
+    ref = DataLoader(Samples(8), batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(2))
+    list(ref)
+    resumed = DataLoader(Samples(8), batch_size=4, shuffle=True, generator=torch.Generator())
+    resumed.load_state_dict(state)
+    for w, g in zip(list(ref), list(resumed), strict=True):
+        assert_same(g, w)
+
+
 class Failing(Dataset):
     def __len__(self):
         return 10

@@ -86,7 +86,7 @@ class LoaderSpec:
     requires: tuple[str, ...] = ()
     uses_workers: bool = True
     default: bool = True
-    applies: Callable[[str], bool] = lambda workload: True
+    applies: Callable[[str], bool] = lambda workload: _batch_workload(workload)
     probe_sequence: Callable[[], Any] = lambda: _workloads().TinySequence(batches=2)
 
 
@@ -94,6 +94,13 @@ def _workloads() -> Any:
     from pyloader._bench import workloads
 
     return workloads
+
+
+def _batch_workload(workload: str) -> bool:
+    """Whether a workload is a batch Sequence (not a dataset of samples, which only loaders that
+    batch samples, such as a torch DataLoader, can run)."""
+    spec = _workloads().WORKLOADS.get(workload)
+    return spec is None or not spec.per_sample
 
 
 def probe(modules: tuple[str, ...]) -> str | None:
@@ -210,10 +217,22 @@ def _open_array(seq: Any, *, workers: int) -> Session:
 
 
 class _TorchSession:
-    def __init__(self, seq: Any, *, workers: int) -> None:
-        from torch.utils.data import DataLoader
+    """A DataLoader as a training loop makes one: ``batch_size=None`` over a batch Sequence; over a
+    per-sample dataset, its ``sample_batch_size``, ``shuffle=True`` and a seeded generator (the
+    same batches for every DataLoader class measured)."""
 
-        self.loader = DataLoader(seq, batch_size=None, num_workers=workers)
+    def __init__(self, seq: Any, *, workers: int, loader_class: Any = None) -> None:
+        if loader_class is None:
+            from torch.utils.data import DataLoader as loader_class
+        import torch
+
+        batch_size = getattr(seq, "sample_batch_size", None)
+        if batch_size is None:
+            self.loader = loader_class(seq, batch_size=None, num_workers=workers)
+        else:
+            self.loader = loader_class(seq, batch_size=batch_size, shuffle=True, num_workers=workers,
+                                       generator=torch.Generator().manual_seed(0))
+        self.batches_per_epoch = len(self.loader)
 
     def epoch(self) -> Iterator[Any]:
         return iter(self.loader)
@@ -227,6 +246,14 @@ class _TorchSession:
 
 def _open_torch(seq: Any, *, workers: int) -> Session:
     return _TorchSession(seq, workers=workers)
+
+
+def _open_pyloader_torch(seq: Any, *, workers: int) -> Session:
+    try:
+        from pyloader.torch import DataLoader
+    except ImportError as exc:
+        raise Unavailable(f"pyloader.torch not importable: {exc}") from exc
+    return _TorchSession(seq, workers=workers, loader_class=DataLoader)
 
 
 # -- Keras 3 PyDataset ------------------------------------------------------------------------
@@ -325,8 +352,12 @@ for _spec in [
                applies=lambda workload: workload == "gather",
                probe_sequence=lambda: _workloads().GatherSequence(rows=8, batch_size=4,
                                                                   batches=2)),
-    LoaderSpec("torch", "peer", "torch DataLoader(seq, batch_size=None, num_workers=W)",
-               _open_torch, requires=("torch",)),
+    LoaderSpec("pyloader-torch", "pyloader",
+               "pyloader.torch.DataLoader, the same arguments as the torch peer",
+               _open_pyloader_torch, requires=("pyloader", "torch"), applies=lambda workload: True),
+    LoaderSpec("torch", "peer", "torch DataLoader(seq, batch_size=None, num_workers=W); per-sample "
+               "datasets: batch_size=sample_batch_size, shuffle=True, seeded generator",
+               _open_torch, requires=("torch",), applies=lambda workload: True),
     LoaderSpec("keras-threads", "peer", "Keras 3 PyDataset(workers=W), thread pool",
                _keras_opener(False), requires=("keras",)),
     LoaderSpec("keras-processes", "peer",

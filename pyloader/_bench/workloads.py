@@ -11,6 +11,16 @@ python    per-sample pure-Python work that holds the GIL
 decode    per-sample JPEG decoding with Pillow from in-memory bytes (Pillow releases the GIL)
 ========  =====================================================================================
 
+Per-sample workloads (``Workload.per_sample``) are map-style datasets of *samples* for loaders that
+batch them, like ``torch.utils.data.DataLoader`` (``len`` is the number of samples; the dataset's
+``sample_batch_size`` is the batch size to use):
+
+==============  ===============================================================================
+samples-decode  one JPEG decoded with Pillow per sample (GIL released while decoding)
+samples-array   a ``TensorDataset`` over in-memory uint8 images and int64 labels
+samples-rows    a Python ``__getitem__`` returning one row of in-memory numpy arrays
+==============  ===============================================================================
+
 A workload is described by a :class:`Workload` (name, description, builder) in the
 :data:`WORKLOADS` registry; ``build(quick=...)`` makes the Sequence. ``quick=True`` shrinks every
 workload (small arrays, few batches) so that a whole ``--quick`` run takes seconds. Building may be
@@ -34,6 +44,8 @@ __all__ = [
     "GatherSequence",
     "LatencySequence",
     "PythonSequence",
+    "SampleDecodeDataset",
+    "SampleRowsDataset",
     "TinySequence",
     "WORKLOADS",
     "Workload",
@@ -230,6 +242,82 @@ class DecodeSequence:
         )
 
 
+class SampleDecodeDataset:
+    """Per-sample JPEG decoding with Pillow from in-memory bytes: ``(HWC uint8 image, label)``.
+
+    Args:
+        samples: Number of samples.
+        size: Height and width of the images.
+        images: Distinct encoded images to cycle through.
+        sample_batch_size: Samples per batch for a batching loader.
+        seed: Seed for the image contents.
+    """
+
+    def __init__(self, *, samples: int, size: int, images: int, sample_batch_size: int, seed: int = 0) -> None:
+        self.samples = samples
+        self.size = size
+        self.sample_batch_size = sample_batch_size
+        self.jpegs = _make_jpegs(images, size, seed)
+
+    def __len__(self) -> int:
+        return self.samples
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        from PIL import Image
+
+        j = index % len(self.jpegs)
+        with Image.open(io.BytesIO(self.jpegs[j])) as im:
+            return np.asarray(im.convert("RGB")), j
+
+    def __repr__(self) -> str:
+        return (
+            f"SampleDecodeDataset(samples={self.samples}, size={self.size}, "
+            f"images={len(self.jpegs)}, sample_batch_size={self.sample_batch_size})"
+        )
+
+
+def _image_rows(rows: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``rows`` 3x64x64 uint8 images (a tiled random block, as in GatherSequence) and labels."""
+    rng = np.random.default_rng(seed)
+    block = rng.integers(0, 256, size=1 << 20, dtype=np.uint8)
+    flat = np.resize(block, rows * 3 * 64 * 64)
+    return flat.reshape(rows, 3, 64, 64), rng.integers(0, 1000, size=rows, dtype=np.int64)
+
+
+class SampleRowsDataset:
+    """A Python ``__getitem__`` over in-memory arrays: sample ``i`` is ``(data[i], int(labels[i]))``.
+
+    Args:
+        rows: Samples (3x64x64 uint8 each).
+        sample_batch_size: Samples per batch for a batching loader.
+        seed: Seed for the contents.
+    """
+
+    def __init__(self, *, rows: int, sample_batch_size: int, seed: int = 0) -> None:
+        self.data, self.labels = _image_rows(rows, seed)
+        self.sample_batch_size = sample_batch_size
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        return self.data[index], int(self.labels[index])
+
+    def __repr__(self) -> str:
+        return f"SampleRowsDataset(rows={len(self.data)}, sample_batch_size={self.sample_batch_size})"
+
+
+def _tensor_dataset(rows: int, sample_batch_size: int, seed: int = 0) -> Any:
+    """A ``torch.utils.data.TensorDataset`` of images and labels (torch imported lazily)."""
+    import torch
+    from torch.utils.data import TensorDataset
+
+    data, labels = _image_rows(rows, seed)
+    dataset = TensorDataset(torch.from_numpy(data), torch.from_numpy(labels))
+    dataset.sample_batch_size = sample_batch_size  # type: ignore[attr-defined]
+    return dataset
+
+
 @dataclasses.dataclass(frozen=True)
 class Workload:
     """A named workload of the benchmark.
@@ -239,12 +327,15 @@ class Workload:
         description: One line for ``--list`` and the report.
         build: ``build(quick)`` returns a fresh Sequence; ``quick=True`` is the smoke-test size.
         requires: Modules the workload imports (it is skipped with a note if one is missing).
+        per_sample: The Sequence is a map-style dataset of samples (with ``sample_batch_size``),
+            for loaders that batch samples; other loaders skip it.
     """
 
     name: str
     description: str
     build: Callable[[bool], Any]
     requires: tuple[str, ...] = ()
+    per_sample: bool = False
 
 
 WORKLOADS: dict[str, Workload] = {
@@ -281,6 +372,32 @@ WORKLOADS: dict[str, Workload] = {
                                          size=64 if quick else 256,
                                          images=16 if quick else 64),
             requires=("PIL",),
+        ),
+        Workload(
+            "samples-decode",
+            "per-sample dataset: one 128x128 JPEG decoded with Pillow per sample (GIL released), "
+            "32 samples/batch",
+            lambda quick: SampleDecodeDataset(samples=64 if quick else 3200, size=32 if quick else 128,
+                                              images=8 if quick else 64,
+                                              sample_batch_size=8 if quick else 32),
+            requires=("PIL",),
+            per_sample=True,
+        ),
+        Workload(
+            "samples-array",
+            "per-sample TensorDataset of 3x64x64 uint8 images + int64 labels (~245 MB), "
+            "256 samples/batch, shuffled",
+            lambda quick: _tensor_dataset(1024 if quick else 20_000, 64 if quick else 256),
+            requires=("torch",),
+            per_sample=True,
+        ),
+        Workload(
+            "samples-rows",
+            "per-sample Python __getitem__ returning (row of a 3x64x64 uint8 array, int label), "
+            "256 samples/batch, shuffled",
+            lambda quick: SampleRowsDataset(rows=1024 if quick else 20_000,
+                                            sample_batch_size=64 if quick else 256),
+            per_sample=True,
         ),
     ]
 }
