@@ -1,7 +1,8 @@
 """PyTorch adapter: a drop-in ``torch.utils.data.DataLoader`` whose batches pyloader loads ahead.
 
-Switch by changing one import (``from pyloader.torch import DataLoader``): the signature, the
-argument checks and their messages, ``len()``, and the batches themselves are torch's.
+Switch by changing one import (``from pyloader.torch import DataLoader``): the class is a subclass of
+torch's whose constructor is torch's own (the signature, the argument checks and their messages, the
+attributes), ``len()`` is torch's, and so are the batches and their order.
 
 How equality with torch is guaranteed, step by step:
 
@@ -44,10 +45,7 @@ Pass any sampler explicitly to opt out.
 from __future__ import annotations
 
 import collections
-import copy
 import itertools
-import multiprocessing as python_multiprocessing
-import os
 import threading
 import warnings
 import weakref
@@ -428,19 +426,21 @@ def _array_columns(dataset: Any) -> tuple[list[np.ndarray], bool] | None:
     return columns, as_tuple
 
 
-class DataLoader:
+class DataLoader(torch.utils.data.DataLoader):
     """``torch.utils.data.DataLoader``, loaded ahead by pyloader's native threads.
 
-    Every argument has torch's meaning, defaults and checks (see the module docstring for how the
-    batches are guaranteed to be torch's); the differences are where processes and threads differ:
+    A subclass of torch's DataLoader whose constructor *is* torch's: every argument has torch's
+    meaning, default and checks (raised by torch's own code, so the messages are torch's), and the
+    attributes (``sampler``, ``batch_sampler``, ``collate_fn``...) are the ones torch sets. What
+    differs is where processes and threads differ:
 
     Args:
         dataset: a map-style dataset (``__getitem__`` and, for the default samplers, ``__len__``).
-            An ``IterableDataset`` has no random access to load ahead by index: it is handed to
-            ``torch.utils.data.DataLoader`` (with a warning).
+            An ``IterableDataset`` has no random access to load ahead by index: torch's own
+            iterator loads it (with a warning).
         batch_size: samples per batch; ``None`` disables auto-batching (a dataset of batches).
         shuffle: reshuffle every epoch (a ``RandomSampler`` drawing from ``generator``).
-        sampler: the order of the sample indices.
+        sampler: the order of the sample indices (opts out of automatic distributed sharding).
         batch_sampler: the batches of indices (excludes ``batch_size``, ``shuffle``, ``sampler``,
             ``drop_last``).
         num_workers: pyloader worker threads; ``0`` means one worker thread (see the module docs).
@@ -459,10 +459,9 @@ class DataLoader:
         mode: pyloader's worker kind: ``"thread"`` (or ``"process"`` where the engine offers it).
 
     Raises:
-        ValueError, TypeError: the argument combinations torch rejects, with torch's messages.
+        ValueError, TypeError: the argument combinations torch rejects, with torch's messages;
+            ``ValueError`` for a ``mode`` the engine does not offer.
     """
-
-    __initialized = False
 
     def __init__(
         self,
@@ -486,125 +485,48 @@ class DataLoader:
         in_order: bool = True,
         mode: str = "thread",
     ) -> None:
-        self._delegate: torch.utils.data.DataLoader | None = None
-        if isinstance(dataset, IterableDataset):
-            self._delegate = torch.utils.data.DataLoader(
-                dataset, batch_size, shuffle, sampler, batch_sampler, num_workers, collate_fn,
-                pin_memory, drop_last, timeout, worker_init_fn, multiprocessing_context, generator,
-                prefetch_factor=prefetch_factor, persistent_workers=persistent_workers,
-                pin_memory_device=pin_memory_device, in_order=in_order,
-            )
+        super().__init__(
+            dataset, batch_size, shuffle, sampler, batch_sampler, num_workers, collate_fn,
+            pin_memory, drop_last, timeout, worker_init_fn, multiprocessing_context, generator,
+            prefetch_factor=prefetch_factor, persistent_workers=persistent_workers,
+            pin_memory_device=pin_memory_device, in_order=in_order,
+        )
+        self.mode = mode
+        self._auto_shard: DistributedSampler | None = None
+        self._iterable = isinstance(self.dataset, IterableDataset)
+        if self._iterable:
             warnings.warn(
                 "pyloader.torch.DataLoader: an IterableDataset has no random access to load ahead "
-                "by index; it is loaded by torch.utils.data.DataLoader",
+                "by index; torch's own iterator loads it",
                 stacklevel=2,
             )
-            for name in ("dataset", "batch_size", "num_workers", "prefetch_factor", "pin_memory",
-                         "pin_memory_device", "timeout", "worker_init_fn", "in_order", "drop_last",
-                         "sampler", "batch_sampler", "generator", "collate_fn", "persistent_workers"):
-                object.__setattr__(self, name, getattr(self._delegate, name))
-            object.__setattr__(self, "mode", mode)
-            self.__initialized = True
             return
+        Prefetcher([], workers=1, mode=mode, pin=False).close()  # fails now for a mode the engine lacks
 
-        # torch/utils/data/dataloader.py, DataLoader.__init__: the same checks, in the same order.
-        if num_workers < 0:
-            raise ValueError(
-                "num_workers option should be non-negative; "
-                "use num_workers=0 to disable multiprocessing."
+        if sampler is None and batch_sampler is None and (shard := _distributed()) is not None:
+            # Automatic sharding: the default sampler becomes a DistributedSampler (torch's frozen
+            # attributes are set past its guard, once, here).
+            rank, world = shard
+            seed = generator.initial_seed() if generator is not None else 0
+            self._auto_shard = DistributedSampler(
+                self.dataset, num_replicas=world, rank=rank, shuffle=bool(shuffle), seed=seed,
+                drop_last=drop_last,
             )
-
-        if timeout < 0:
-            raise ValueError("timeout option should be non-negative")
-
-        if num_workers == 0 and prefetch_factor is not None:
-            raise ValueError(
-                "prefetch_factor option could only be specified in multiprocessing."
-                "let num_workers > 0 to enable multiprocessing, otherwise set prefetch_factor to None."
-            )
-        elif num_workers > 0 and prefetch_factor is None:
-            prefetch_factor = 2
-        elif prefetch_factor is not None and prefetch_factor < 0:
-            raise ValueError("prefetch_factor option should be non-negative")
-
-        if persistent_workers and num_workers == 0:
-            raise ValueError("persistent_workers option needs num_workers > 0")
-
-        self.dataset = dataset
-        self.num_workers = num_workers
-        self.prefetch_factor = prefetch_factor
-        self.pin_memory = pin_memory
-        self.pin_memory_device = pin_memory_device
-        self.timeout = timeout
-        self.worker_init_fn = worker_init_fn
-        self.multiprocessing_context = multiprocessing_context
-        self.in_order = in_order
-
-        shuffle = bool(shuffle)
-        if sampler is not None and shuffle:
-            raise ValueError("sampler option is mutually exclusive with shuffle")
-
-        if batch_sampler is not None:
-            if batch_size != 1 or shuffle or sampler is not None or drop_last:
-                raise ValueError(
-                    "batch_sampler option is mutually exclusive "
-                    "with batch_size, shuffle, sampler, and "
-                    "drop_last"
-                )
-            batch_size = None
-            drop_last = False
-        elif batch_size is None:
-            if drop_last:
-                raise ValueError(
-                    "batch_size=None option disables auto-batching "
-                    "and is mutually exclusive with drop_last"
-                )
-
-        self._auto_shard: DistributedSampler | None = None
-        if sampler is None:
-            shard = _distributed() if batch_sampler is None else None
-            if shard is not None:
-                rank, world = shard
-                seed = generator.initial_seed() if generator is not None else 0
-                sampler = self._auto_shard = DistributedSampler(
-                    dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
-                )
-            elif shuffle:
-                sampler = RandomSampler(dataset, generator=generator)
-            else:
-                sampler = SequentialSampler(dataset)
-
-        own_batch_sampler = batch_size is not None and batch_sampler is None
-        if own_batch_sampler:
-            batch_sampler = BatchSampler(sampler, batch_size, drop_last)
-
-        self.batch_size = batch_size
-        self.drop_last = drop_last
-        self.sampler = sampler
-        self.batch_sampler = batch_sampler
-        self.generator = generator
-
-        if collate_fn is None:
-            collate_fn = default_collate if self._auto_collation else default_convert
-        self.collate_fn = collate_fn
-        self.persistent_workers = persistent_workers
-        self.mode = mode
-        self.__initialized = True
-        self._IterableDataset_len_called = None
-        self._iterator = None
+            object.__setattr__(self, "sampler", self._auto_shard)
+            if self.batch_size is not None:
+                object.__setattr__(self, "batch_sampler", BatchSampler(self._auto_shard, self.batch_size, drop_last))
 
         if self._auto_collation:
-            self._kind = _STACK if collate_fn is default_collate else _COLLATE
+            self._kind = _STACK if self.collate_fn is default_collate else _COLLATE
         else:
-            self._kind = _CONVERT if collate_fn is default_convert else _CUSTOM
+            self._kind = _CONVERT if self.collate_fn is default_convert else _CUSTOM
+        s = self.sampler
         self._native_ok = (
-            self._kind is _STACK and own_batch_sampler and worker_init_fn is None
-            and self._auto_shard is None
-            and (type(sampler) is SequentialSampler
-                 or (type(sampler) is RandomSampler and not sampler.replacement and sampler._num_samples is None))
-            and getattr(sampler, "data_source", None) is dataset
+            self._kind is _STACK and batch_sampler is None and worker_init_fn is None
+            and self._auto_shard is None and getattr(s, "data_source", None) is self.dataset
+            and (type(s) is SequentialSampler
+                 or (type(s) is RandomSampler and not s.replacement and s._num_samples is None))
         )
-        Prefetcher([], workers=1, mode=mode, pin=False).close()  # fails now for a mode the engine lacks
         self._epoch = 0  # the epoch the next pass will be
         self._auto_epoch_set: int | None = None
         self._drew_base_seed = False
@@ -612,98 +534,12 @@ class DataLoader:
         self._current: weakref.ref[_LoaderIter] | None = None
         self._warned_fallback = False
 
-        self.check_worker_number_rationality()
-
-    # -- torch's properties and checks -----------------------------------------------------------
-
-    @property
-    def multiprocessing_context(self) -> Any:
-        return self.__multiprocessing_context
-
-    @multiprocessing_context.setter
-    def multiprocessing_context(self, multiprocessing_context: Any) -> None:
-        if multiprocessing_context is not None:
-            if self.num_workers > 0:
-                if isinstance(multiprocessing_context, str):
-                    valid_start_methods = torch.multiprocessing.get_all_start_methods()
-                    if multiprocessing_context not in valid_start_methods:
-                        raise ValueError(
-                            "multiprocessing_context option "
-                            f"should specify a valid start method in {valid_start_methods!r}, but got "
-                            f"multiprocessing_context={multiprocessing_context!r}"
-                        )
-                    multiprocessing_context = torch.multiprocessing.get_context(multiprocessing_context)
-
-                if not isinstance(multiprocessing_context, python_multiprocessing.context.BaseContext):
-                    raise TypeError(
-                        "multiprocessing_context option should be a valid context "
-                        "object or a string specifying the start method, but got "
-                        f"multiprocessing_context={multiprocessing_context}"
-                    )
-            else:
-                raise ValueError(
-                    "multiprocessing_context can only be used with "
-                    "multi-process loading (num_workers > 0), but got "
-                    f"num_workers={self.num_workers}"
-                )
-
-        self.__multiprocessing_context = multiprocessing_context
-
-    def __setattr__(self, attr: str, val: Any) -> None:
-        if self.__initialized and attr in (
-            "batch_size",
-            "batch_sampler",
-            "sampler",
-            "drop_last",
-            "dataset",
-            "persistent_workers",
-        ):
-            raise ValueError(
-                f"{attr} attribute should not be set after {self.__class__.__name__} is initialized"
-            )
-        super().__setattr__(attr, val)
-
-    @property
-    def _auto_collation(self) -> bool:
-        return self.batch_sampler is not None
-
-    @property
-    def _index_sampler(self) -> Any:
-        return self.batch_sampler if self._auto_collation else self.sampler
-
-    def __len__(self) -> int:
-        if self._delegate is not None:
-            return len(self._delegate)
-        return len(self._index_sampler)
-
-    def check_worker_number_rationality(self) -> None:
-        """Warns, as torch does, when there are more workers than usable CPUs."""
-        if self._delegate is not None or not self.num_workers:
-            return
-        max_num_worker_suggest = torch._utils.cpu_count()
-        cpuset_checked = hasattr(os, "sched_getaffinity")
-        if max_num_worker_suggest is None or self.num_workers > max_num_worker_suggest:
-            suggested = (
-                (
-                    "Our suggested max number of worker in current system is {}{}, which is smaller "
-                    "than what this DataLoader is going to create."
-                ).format(max_num_worker_suggest, "" if cpuset_checked else " (`cpuset` is not taken into account)")
-                if max_num_worker_suggest is not None
-                else "DataLoader is not able to compute a suggested max number of worker in current system."
-            )
-            warnings.warn(
-                f"This DataLoader will create {self.num_workers} worker processes in total. {suggested} "
-                "Please be aware that excessive worker creation might get DataLoader running slow or even freeze, "
-                "lower the worker number to avoid potential slowness/freeze if necessary.",
-                stacklevel=2,
-            )
-
     # -- epochs ----------------------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[Any]:
         """One epoch of batches, torch's, in torch's order."""
-        if self._delegate is not None:
-            return iter(self._delegate)
+        if self._iterable:
+            return super().__iter__()
         if self.num_workers == 0 and self.timeout != 0:  # torch's _SingleProcessDataLoaderIter
             raise AssertionError("_SingleProcessDataLoaderIter requires timeout == 0")
         if self.num_workers > 0:
@@ -810,7 +646,7 @@ class DataLoader:
         and the ``generator``'s state (the next epochs' draws). Without a ``generator`` torch draws
         from its global generator: save and restore ``torch.get_rng_state()`` with your model.
         """
-        if self._delegate is not None:
+        if self._iterable:
             raise TypeError("state_dict() needs a map-style dataset (this DataLoader delegates to torch's)")
         it = self._current() if self._current is not None else None
         if self._pending is not None:
@@ -836,7 +672,7 @@ class DataLoader:
         Raises:
             ValueError: not a state of this version, or a generator state without a generator.
         """
-        if self._delegate is not None:
+        if self._iterable:
             raise TypeError("load_state_dict() needs a map-style dataset (this DataLoader delegates to torch's)")
         if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
             raise ValueError(f"not a pyloader.torch DataLoader state_dict (version {_STATE_VERSION}): {state!r}")
@@ -856,12 +692,13 @@ class DataLoader:
             self._auto_epoch_set = self._auto_shard.epoch
 
     def __repr__(self) -> str:
+        if self._iterable:
+            return f"pyloader.torch.DataLoader({type(self.dataset).__name__}, loaded by torch's iterator)"
         return (
             f"pyloader.torch.DataLoader({type(self.dataset).__name__}, batch_size={self.batch_size}, "
             f"num_workers={self.num_workers}, mode={self.mode!r}, batches={len(self)}, "
             f"next epoch={self._epoch}"
-            + (", delegated to torch" if self._delegate is not None else "")
-            + (", sharded by DistributedSampler" if getattr(self, "_auto_shard", None) is not None else "")
+            + (", sharded by DistributedSampler" if self._auto_shard is not None else "")
             + ")"
         )
 

@@ -219,6 +219,26 @@ def test_tensors_are_zero_copy_views_that_keep_their_slot_leased():
     assert list(it) == []
 
 
+def test_persistent_workers_draw_torchs_base_seed_once_so_later_epochs_match_too():
+    ds = Samples(9)
+    ref = TorchLoader(ds, batch_size=4, shuffle=True, num_workers=1, persistent_workers=True,
+                      generator=torch.Generator().manual_seed(4))
+    ours = DataLoader(ds, batch_size=4, shuffle=True, num_workers=1, persistent_workers=True,
+                      generator=torch.Generator().manual_seed(4))
+    for _ in range(3):
+        for w, g in zip(list(ref), list(ours), strict=True):
+            assert_same(g, w)
+
+
+def test_it_is_a_torch_dataloader_with_torchs_attributes():
+    ds = Samples(10)
+    ours, ref = DataLoader(ds, batch_size=3, shuffle=True), TorchLoader(ds, batch_size=3, shuffle=True)
+    assert isinstance(ours, TorchLoader)
+    assert type(ours.sampler) is type(ref.sampler) and type(ours.batch_sampler) is type(ref.batch_sampler)
+    assert (ours.batch_size, ours.drop_last, ours.collate_fn) == (ref.batch_size, ref.drop_last, ref.collate_fn)
+    assert "batch_size=3" in repr(ours)
+
+
 def test_len_is_torch_len():
     ds = Samples(23)
     for kwargs in (dict(), dict(batch_size=4), dict(batch_size=4, drop_last=True), dict(batch_size=None),
