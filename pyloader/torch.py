@@ -30,11 +30,14 @@ How equality with torch is guaranteed, step by step:
    samplers are gathered by the native core with no Python and no GIL per batch, in the order the
    sampler drew.
 
-``num_workers=0`` (torch: load in the main process) uses one pyloader worker *thread*: it is in the
-main process, so nothing is pickled or forked, the dataset is never called concurrently, and
-loading still overlaps the training step. ``worker_init_fn`` runs once in each worker thread before
-its first batch. Randomness inside ``__getitem__`` is not seeded per worker (threads share torch's,
-numpy's and Python's global generators).
+Workers are threads of this process (``mode="thread"``): nothing is pickled or forked, but with
+``num_workers > 1`` the dataset is called from several threads at once, so its ``__getitem__`` must
+be safe to call concurrently (reads of arrays, files at offsets, decoding are). ``num_workers=0``
+(torch: load in the main process) uses one worker *thread*: it is in the main process, so nothing is
+pickled or forked, the dataset is never called concurrently, and loading still overlaps the training
+step. ``worker_init_fn`` runs once in each worker thread before its first batch. Randomness inside
+``__getitem__`` is not seeded per worker (threads share torch's, numpy's and Python's global
+generators), and ``torch.utils.data.get_worker_info()`` is ``None`` in the worker threads.
 
 Distributed: when ``torch.distributed`` is initialized and no ``sampler``/``batch_sampler`` is
 given, the default sampler becomes ``DistributedSampler(dataset, shuffle=shuffle, seed=...,
@@ -890,7 +893,8 @@ class _LoaderIter:
         self._close_prefetcher()
 
     def __del__(self) -> None:
-        self._close_prefetcher()
+        if getattr(self, "_prefetcher", None) is not None:
+            self._close_prefetcher()
 
 
 # ---- prefetch: a Sequence to tensors, on a device ---------------------------------------------
