@@ -75,7 +75,8 @@ BufferPool::~BufferPool() {
   }
 }
 
-BufferLease BufferPool::acquire(std::size_t bytes, const std::atomic<bool>& cancel, std::int64_t priority) {
+BufferLease BufferPool::acquire(std::size_t bytes, const std::atomic<bool>& cancel, std::int64_t priority,
+                                const std::function<bool()>* may_exceed) {
   const std::size_t need = round_to_pages(bytes);
   std::unique_lock lock(mu_);
   bool queued = false;
@@ -83,7 +84,7 @@ BufferLease BufferPool::acquire(std::size_t bytes, const std::atomic<bool>& canc
     // While anyone waits, an earlier priority goes first.
     if (waiting_.empty() || *waiting_.begin() >= priority) {
       const std::int32_t found = take_free_locked(need);
-      if (found >= 0 || can_grow_locked(need)) {
+      if (found >= 0 || can_grow_locked(need, may_exceed && (*may_exceed)())) {
         if (queued) leave_queue_locked(priority);
         if (!waiting_.empty()) returned_.notify_all();  // the next in line may go now
         return found >= 0 ? lease_locked(found) : allocate_unlocked(lock, need);
@@ -94,6 +95,7 @@ BufferLease BufferPool::acquire(std::size_t bytes, const std::atomic<bool>& canc
       queued = true;
       if (waiting_.empty()) wait_started_ = std::chrono::steady_clock::now();
       waiting_.insert(priority);
+      n_waiting_.store(waiting_.size(), std::memory_order_relaxed);
     }
     if (cancel.load(std::memory_order_acquire)) break;
     returned_.wait_for(lock, kWaitSlice);
@@ -118,7 +120,8 @@ std::int32_t BufferPool::take_free_locked(std::size_t need) {
   return found;
 }
 
-bool BufferPool::can_grow_locked(std::size_t need) {
+bool BufferPool::can_grow_locked(std::size_t need, bool urgent) {
+  if (urgent) return true;  // the consumer needs this one next: waiting could never end
   // Drop free (too small) buffers while that is what keeps the pool under its bound.
   while (bytes_ + need > max_bytes_ && !free_.empty()) {
     drop_locked(free_.front());
@@ -130,6 +133,7 @@ bool BufferPool::can_grow_locked(std::size_t need) {
 
 void BufferPool::leave_queue_locked(std::int64_t priority) {
   waiting_.erase(waiting_.find(priority));
+  n_waiting_.store(waiting_.size(), std::memory_order_relaxed);
   if (waiting_.empty()) wait_started_ = {};
 }
 
@@ -198,7 +202,16 @@ BufferLease BufferPool::allocate_unlocked(std::unique_lock<std::mutex>& lock, st
     *slot = b;
     id = static_cast<std::int32_t>(slot - buffers_.begin());
   } else {
-    buffers_.push_back(b);
+    try {
+      buffers_.push_back(b);
+    } catch (...) {  // give the mapping back rather than leak it
+      if (pinned) pinner_.unpin(p, bytes);
+      munmap(p, bytes);
+      if (pinned) pinned_bytes_ -= bytes;
+      bytes_ -= bytes;
+      --live_;
+      throw;
+    }
     id = static_cast<std::int32_t>(buffers_.size() - 1);
   }
   return lease_locked(id);

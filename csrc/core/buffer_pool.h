@@ -9,7 +9,7 @@
 // batches makes the pool grow instead, up to `max_bytes`. Past the bound, acquire() waits for a
 // lease to come back (and waiting_for() tells the consumer how long, so that it can say why).
 // When no buffer at all is leased, acquire() always succeeds, even past the bound: waiting could
-// then never end.
+// then never end (likewise when the caller's may_exceed says so: see acquire()).
 //
 // Buffers are mmap'd anonymous memory (page-aligned, returned to the OS when dropped; from 2 MiB
 // up, 2 MiB-aligned with transparent huge pages requested) and are reused smallest-fit, so
@@ -28,6 +28,7 @@
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <limits>
 #include <memory>
 #include <mutex>
@@ -89,9 +90,13 @@ class BufferPool : public std::enable_shared_from_this<BufferPool> {
   // A buffer of at least `bytes` bytes. Waits while the pool is at its bound and every buffer is
   // leased; returns an empty lease if `cancel` becomes true. Throws std::bad_alloc if the OS
   // refuses memory. While anyone waits, buffers go to the lowest `priority` first (the engine
-  // passes the position, so the batch the consumer needs next is never starved by a later one).
+  // passes the position). When `may_exceed` is given and returns true (asked under the pool's
+  // lock, again after every wake-up), the caller grows the pool past its bound instead of
+  // waiting: the engine says so for the position the consumer needs next while later positions
+  // hold buffers, which they could only release after it (waiting would deadlock).
   BufferLease acquire(std::size_t bytes, const std::atomic<bool>& cancel,
-                      std::int64_t priority = std::numeric_limits<std::int64_t>::max());
+                      std::int64_t priority = std::numeric_limits<std::int64_t>::max(),
+                      const std::function<bool()>* may_exceed = nullptr);
   // Wakes every acquire() so that it re-checks its cancel flag.
   void wake_all();
   PoolInfo info() const;
@@ -100,6 +105,8 @@ class BufferPool : public std::enable_shared_from_this<BufferPool> {
   // Cheap counters for per-batch statistics (relaxed reads of values written under the mutex).
   std::size_t buffers_now() const noexcept { return n_buffers_.load(std::memory_order_relaxed); }
   std::size_t bytes_now() const noexcept { return n_bytes_.load(std::memory_order_relaxed); }
+  // Whether any acquire() is waiting now (a cheap hint, for deciding to call wake_all()).
+  bool has_waiters() const noexcept { return n_waiting_.load(std::memory_order_relaxed) != 0; }
 
  private:
   BufferPool(std::size_t max_bytes, PinRequest pin);
@@ -118,7 +125,7 @@ class BufferPool : public std::enable_shared_from_this<BufferPool> {
   // All under mu_.
   BufferLease lease_locked(std::int32_t id);
   std::int32_t take_free_locked(std::size_t need);  // a free buffer that fits, or -1
-  bool can_grow_locked(std::size_t need);           // may a new buffer of `need` bytes be made?
+  bool can_grow_locked(std::size_t need, bool urgent);  // may a new buffer of `need` bytes be made?
   void leave_queue_locked(std::int64_t priority);
   void drop_locked(std::int32_t id) noexcept;       // unmaps a free buffer
   void publish_counts_locked() noexcept;
@@ -133,7 +140,7 @@ class BufferPool : public std::enable_shared_from_this<BufferPool> {
   std::size_t pin_failures_ = 0, allocations_ = 0;
   std::chrono::steady_clock::time_point wait_started_{};
   std::multiset<std::int64_t> waiting_;  // priorities of the acquire() calls waiting now
-  std::atomic<std::size_t> n_buffers_{0}, n_bytes_{0};
+  std::atomic<std::size_t> n_buffers_{0}, n_bytes_{0}, n_waiting_{0};
 };
 
 }  // namespace pyloader

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cassert>
+#include <functional>
 #include <limits>
 #include <new>
 #include <stdexcept>
@@ -198,7 +199,13 @@ bool Engine::deliver(int worker, Job& job) {
     d.error = std::move(job.prep.error);
     if (d.error.empty() && !job.prep.failed && job.prep.bytes > 0) {
       try {
-        d.buffer = pool_->acquire(job.prep.bytes, stopping_, d.task.position);
+        const std::int64_t position = d.task.position;
+        const std::function<bool()> may_exceed = [this, position] {
+          return position <= consumer_next_.load(std::memory_order_acquire) &&  // U1
+                 in_flight_buffers_.load(std::memory_order_acquire) > 0;
+        };
+        d.buffer = pool_->acquire(job.prep.bytes, stopping_, position, &may_exceed);
+        if (d.buffer) in_flight_buffers_.fetch_add(1, std::memory_order_acq_rel);
       } catch (const std::bad_alloc&) {
         d.error = "out of memory: the buffer pool could not allocate " +
                   std::to_string(job.prep.bytes) + " bytes";
@@ -254,6 +261,9 @@ Delivery Engine::take() noexcept {
   const std::int64_t now = now_ns();
   const std::int64_t in_flight = published_.load(std::memory_order_relaxed) - next_;
   Delivery d = ring_.take(next_++);
+  if (d.buffer) in_flight_buffers_.fetch_sub(1, std::memory_order_acq_rel);
+  consumer_next_.store(next_, std::memory_order_release);  // U1: pairs with may_exceed's load
+  if (pool_->has_waiters()) pool_->wake_all();  // the new next position may now grow the pool
   if (!d.skipped) {
     std::lock_guard lock(stats_mu_);
     if (stats_.empty() || stats_.back().epoch != d.task.epoch) {

@@ -29,8 +29,16 @@
 //
 // Shutdown: stop() sets the stop flag, stops the ring, sets the stop bit of plan_word_ and wakes
 // the pool: every blocked worker returns at once; a worker inside the Loader returns after the
-// call in progress. join() waits for the workers (detaches them if called from one of them: they
-// hold a reference to the engine and end on their own). The destructor does both.
+// call in progress. join() waits for the workers (detaches them if called from one of them). Each
+// worker holds a shared_ptr to the engine, so the owner must call stop() and join(): dropping the
+// last outside reference alone leaves the workers running. The destructor (which runs once the
+// workers have ended) calls both again, harmlessly.
+//
+// Buffers: a worker's acquire passes its position as priority. The position the consumer needs
+// next may grow the pool past its bound while later positions hold buffers (in_flight_buffers_):
+// they are released only after it is consumed, so waiting would deadlock. When every buffer is
+// held by batches the user keeps, it waits (and the binding warns). take() wakes pool waiters
+// when the consumer advances. So the pool exceeds its bound by at most `depth` buffers.
 #pragma once
 
 #include <atomic>
@@ -88,12 +96,15 @@ class Loader {
   virtual ~Loader() = default;
   virtual void thread_start(int worker) = 0;
   virtual void thread_exit(int worker) noexcept = 0;
-  // False when the worker must end instead (the host is shutting down).
+  // thread_start/enter/leave must not throw (an exception would end the process). enter()
+  // returns false when the worker must end instead (the host is shutting down); positions it had
+  // claimed are then never published, so the consumer waits until stop().
   virtual bool enter(int worker) = 0;
   virtual void leave(int worker) = 0;
   // Between enter() and leave(). Records failures in the Prepared; never throws.
   virtual void prepare(int worker, Prepared& item) noexcept = 0;
-  // Outside enter()/leave(): writes the batch into dst (capacity >= item.bytes; null when 0).
+  // Outside enter()/leave(): writes the batch into dst (capacity >= item.bytes). Called for failed
+  // items too (with dst null, to release what they hold); dst is null whenever item.bytes is 0.
   virtual void fill(int worker, Prepared& item, std::byte* dst, std::size_t capacity) noexcept = 0;
   virtual bool has_epoch_end() const noexcept = 0;
   // At most this many positions are prepared per enter()/leave() (see run_budget).
@@ -217,6 +228,9 @@ class Engine : public std::enable_shared_from_this<Engine> {
   alignas(kCacheLine) std::atomic<std::int64_t> skip_before_{0};
   alignas(kCacheLine) std::atomic<std::int64_t> published_{0};
   alignas(kCacheLine) std::atomic<bool> stopping_{false};
+
+  alignas(kCacheLine) std::atomic<std::int64_t> consumer_next_{0};  // next_, for workers (U1)
+  alignas(kCacheLine) std::atomic<std::int64_t> in_flight_buffers_{0};  // leased, not yet taken
 
   // Consumer-only state.
   alignas(kCacheLine) std::int64_t next_ = 0;
