@@ -108,18 +108,9 @@ py::object build_from(const Layout& layout, std::size_t& i, std::byte* base, py:
   switch (node.kind) {
     case Node::kArray: {
       const Leaf& leaf = layout.leaves[node.count];
-      std::vector<py::ssize_t> shape(leaf.shape.begin(), leaf.shape.end());
-      std::vector<py::ssize_t> strides(shape.size());
-      py::ssize_t stride = static_cast<py::ssize_t>(leaf.itemsize);
-      for (std::size_t d = shape.size(); d-- > 0;) {
-        strides[d] = stride;
-        stride *= shape[d];
-      }
-      if (leaf.nbytes == 0 || base == nullptr) {  // empty: nothing to view
-        return py::array(py::reinterpret_borrow<py::dtype>(leaf.dtype), std::move(shape), std::move(strides));
-      }
-      return py::array(py::reinterpret_borrow<py::dtype>(leaf.dtype), std::move(shape),
-                       std::move(strides), base + leaf.offset, lease);
+      return view_array(py::reinterpret_borrow<py::dtype>(leaf.dtype),
+                        std::vector<py::ssize_t>(leaf.shape.begin(), leaf.shape.end()),
+                        leaf.nbytes == 0 || base == nullptr ? nullptr : base + leaf.offset, lease);
     }
     case Node::kTuple:
     case Node::kNamedTuple: {
@@ -319,6 +310,18 @@ void copy_leaves(Layout& layout, std::byte* dst, std::vector<py::object>& trash)
     }
     leaf.sources.clear();
   }
+}
+
+py::object view_array(const py::dtype& dtype, std::vector<py::ssize_t> shape, std::byte* data,
+                      py::handle lease) {
+  std::vector<py::ssize_t> strides(shape.size());
+  py::ssize_t stride = dtype.itemsize();
+  for (std::size_t d = shape.size(); d-- > 0;) {
+    strides[d] = stride;
+    stride *= shape[d];
+  }
+  if (data == nullptr || stride == 0) return py::array(dtype, std::move(shape), std::move(strides));
+  return py::array(dtype, std::move(shape), std::move(strides), data, lease);
 }
 
 py::object build(const Layout& layout, std::byte* base, py::handle lease) {

@@ -80,5 +80,9 @@ struct Stack {
 void copy_leaves(Layout& layout, std::byte* dst, std::vector<py::object>& trash) noexcept;
 // GIL required.
 py::object build(const Layout& layout, std::byte* base, py::handle lease);
+// A C-contiguous array of `shape` viewing `data`, whose base is `lease` (a new empty array when
+// there is no data). GIL required.
+py::object view_array(const py::dtype& dtype, std::vector<py::ssize_t> shape, std::byte* data,
+                      py::handle lease);
 
 }  // namespace pyloader::python

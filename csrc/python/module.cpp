@@ -112,17 +112,7 @@ class PyArraySource {
     for (std::size_t c = 0; c < dtypes_.size(); ++c) {
       std::vector<py::ssize_t> shape{static_cast<py::ssize_t>(batch.rows)};
       shape.insert(shape.end(), row_shapes_[c].begin(), row_shapes_[c].end());
-      std::vector<py::ssize_t> strides(shape.size());
-      py::ssize_t stride = dtypes_[c].itemsize();
-      for (std::size_t d = shape.size(); d-- > 0;) {
-        strides[d] = stride;
-        stride *= shape[d];
-      }
-      if (base == nullptr || stride == 0) {
-        out.append(py::array(dtypes_[c], std::move(shape), std::move(strides)));
-      } else {
-        out.append(py::array(dtypes_[c], std::move(shape), std::move(strides), base + at[c], lease));
-      }
+      out.append(view_array(dtypes_[c], std::move(shape), base == nullptr ? nullptr : base + at[c], lease));
     }
     if (keys_.is_none()) return out.size() == 1 ? py::object(out[0]) : py::object(py::tuple(out));
     py::dict d;
