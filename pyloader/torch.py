@@ -389,6 +389,10 @@ class _OrderedArrays(ArraySequence):
 
     def __init__(self, arrays: list[np.ndarray], batch_size: int, drop_last: bool, order: np.ndarray | None) -> None:
         super().__init__(*arrays, batch_size=batch_size, shuffle=False, seed=0, drop_last=drop_last)
+        if order is not None and (len(order) != self.samples or (len(order) and not (
+                0 <= int(order.min()) and int(order.max()) < self.samples))):
+            # The native gather trusts its order (it would read outside the arrays).
+            raise ValueError(f"the sampler's order does not fit the {self.samples} rows (one in-range index per row)")
         self.order = order
 
     def sample_order(self, epoch: int) -> np.ndarray | None:
