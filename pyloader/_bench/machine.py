@@ -10,9 +10,10 @@ import importlib.metadata
 import os
 import platform
 import sys
+import time
 from typing import Any
 
-__all__ = ["machine_info", "format_machine"]
+__all__ = ["copy_bandwidth", "machine_info", "format_machine"]
 
 _PACKAGES = ("pyloader", "numpy", "torch", "keras", "pillow", "psutil")
 
@@ -44,13 +45,43 @@ def _memory_total() -> int | None:
         return None
 
 
-def machine_info() -> dict[str, Any]:
+def copy_bandwidth(threads: int, *, mebibytes: int = 256, repeats: int = 5) -> float:
+    """The machine's memory copy bandwidth with ``threads`` threads, in GB/s (best of repeats).
+
+    Each thread copies its share of a ``mebibytes`` buffer with ``numpy.copyto`` (which releases
+    the GIL), so the figure is what plain memcpy achieves here: the yardstick for gather loaders.
+    Bytes copied (not bytes read plus written) per second.
+    """
+    import threading
+
+    import numpy as np
+
+    src = np.ones(mebibytes << 20, dtype=np.uint8)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)  # fault every page in before timing
+    bounds = np.linspace(0, len(src), threads + 1).astype(int)
+    parts = [(dst[a:b], src[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+    best = 0.0
+    for _ in range(repeats):
+        workers = [threading.Thread(target=np.copyto, args=part) for part in parts]
+        start = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        best = max(best, len(src) / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def machine_info(*, bandwidth: bool = True) -> dict[str, Any]:
     """Return a JSON-ready description of this machine and the library versions.
 
     Returns:
         A dict with ``cpu_count`` (logical CPUs), ``cpu_affinity`` (CPUs this process may use),
         ``cpu_model``, ``memory_bytes``, ``platform``, ``python``, ``executable``, ``versions``
-        (package name to version string or None) and ``load_average`` (1/5/15 min, or None).
+        (package name to version string or None), ``load_average`` (1/5/15 min, or None) and
+        ``copy_gbps`` (``{"1": GB/s, "2": GB/s}`` with 1 and 2 threads, see
+        :func:`copy_bandwidth`; None when ``bandwidth`` is false).
     """
     try:
         affinity: int | None = len(os.sched_getaffinity(0))
@@ -66,6 +97,7 @@ def machine_info() -> dict[str, Any]:
         "executable": sys.executable,
         "versions": {name: _version(name) for name in _PACKAGES},
         "load_average": _load_average(),
+        "copy_gbps": {str(t): round(copy_bandwidth(t), 2) for t in (1, 2)} if bandwidth else None,
     }
 
 
@@ -98,7 +130,13 @@ def format_machine(info: dict[str, Any]) -> str:
     if load:
         busy = load[0] > (info.get("cpu_affinity") or info["cpu_count"] or 1) * 0.5
         cpus += f", load average {load[0]:g} at start" + (" (busy: expect noise)" if busy else "")
+    copy = info.get("copy_gbps")
+    copy_text = (
+        f"\nmemory:  copy bandwidth {copy['1']:.1f} GB/s with 1 thread, {copy['2']:.1f} GB/s with 2"
+        if copy
+        else ""
+    )
     return (
         f"machine: {cpus}, {info['cpu_model']}{mem_text}, {info['platform']}\n"
-        f"python:  {info['python']}; {versions}"
+        f"python:  {info['python']}; {versions}{copy_text}"
     )
