@@ -197,17 +197,8 @@ class Prefetcher:
         return self._epoch(epoch, end, self._token)
 
     def _epoch(self, epoch: int, end: int, token: int) -> Iterator[Any]:
-        engine = self._engine
-        assert engine is not None
-        next_batch = engine.next_batch
-        timeout = self.timeout
-        while engine.next_position < end:
-            if self._token != token:
-                raise RuntimeError("this epoch iterator was replaced by a newer iter() of its Prefetcher")
-            yield next_batch(timeout)
-        error = engine.epoch_error(epoch)
-        if error is not None:
-            raise EpochEndError(f"on_epoch_end() raised after epoch {epoch}: {error!r}") from error
+        assert self._engine is not None
+        return _EpochIterator(self, self._engine, epoch, end, token)
 
     def _empty_epoch(self, token: int) -> Iterator[Any]:
         epoch, _ = self._resume
@@ -230,12 +221,16 @@ class Prefetcher:
             batch_error,
             PoolExhaustedWarning,
         )
-        indices = self._plan.indices(epoch)[offset:]
+        try:
+            indices = self._plan.indices(epoch)[offset:]
+            self._register_epoch(epoch)
+            engine.append(epoch, indices, False)
+            engine.start()
+        except BaseException:
+            engine.close()  # leave the Prefetcher as it was: no engine
+            raise
         self._engine = engine
-        self._register_epoch(epoch)
-        engine.append(epoch, indices, False)
         self._segments = [(epoch, 0, len(indices), offset)]
-        engine.start()
 
     def _plan_through(self, epoch: int) -> None:
         assert self._engine is not None
@@ -437,6 +432,45 @@ class Prefetcher:
             f"workers={self.workers}, depth={self.depth}, mode={self.mode!r}, "
             f"shuffle={self.shuffle}, shard=({self._plan.rank}, {self._plan.world_size}), {state})"
         )
+
+
+class _EpochIterator:
+    """One pass over a Prefetcher: the positions of one epoch, in order.
+
+    After a :class:`~pyloader.BatchError` (or a timeout) the iterator stays usable: ``next()``
+    goes on with the following batch. A ``for`` loop that an exception leaves has abandoned the
+    pass: the next ``iter()`` of the Prefetcher starts the next epoch.
+    """
+
+    __slots__ = ("_loader", "_engine", "_epoch", "_end", "_token", "_timeout", "_ended")
+
+    def __init__(self, loader: Prefetcher, engine: _C.Engine, epoch: int, end: int, token: int) -> None:
+        self._loader = loader
+        self._engine = engine
+        self._epoch = epoch
+        self._end = end
+        self._token = token
+        self._timeout = loader.timeout
+        self._ended = False
+
+    def __iter__(self) -> _EpochIterator:
+        return self
+
+    def __next__(self) -> Any:
+        if self._loader._token != self._token:
+            raise RuntimeError("this epoch iterator was replaced by a newer iter() of its Prefetcher")
+        engine = self._engine
+        if engine.next_position < self._end:
+            return engine.next_batch(self._timeout)
+        if not self._ended:
+            self._ended = True
+            error = engine.epoch_error(self._epoch)
+            if error is not None:
+                raise EpochEndError(f"on_epoch_end() raised after epoch {self._epoch}: {error!r}") from error
+        raise StopIteration
+
+    def __length_hint__(self) -> int:
+        return max(0, self._end - self._engine.next_position)
 
 
 def prefetch(sequence: Any, **options: Any) -> Prefetcher:

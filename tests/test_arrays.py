@@ -183,3 +183,16 @@ def test_large_batches_split_across_threads_arrive_intact(split_threads):
 def test_split_threads_is_validated():
     with pytest.raises(ValueError, match="split_threads must be None or an integer >= 0, got -1"):
         pyloader.ArraySequence(np.zeros(4), batch_size=2, split_threads=-1)
+
+
+class BadOrder(pyloader.ArraySequence):
+    def sample_order(self, epoch):
+        order = np.arange(self.samples)
+        order[3] = 1 << 40
+        return order
+
+
+def test_a_sample_order_out_of_range_is_refused_before_any_row_is_read():
+    ds = BadOrder(np.arange(10), batch_size=4, shuffle=True)
+    with pytest.raises(IndexError, match=r"index 1099511627776 at position 3, outside \[0, 10\)"):
+        list(pyloader.Prefetcher(ds, workers=1))

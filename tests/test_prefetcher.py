@@ -228,6 +228,17 @@ def test_error_in_getitem_names_the_index_and_carries_the_original_traceback():
     loader.close()
 
 
+def test_after_an_error_next_goes_on_with_the_following_batches():
+    loader = pyloader.Prefetcher(Counting(5, fail=frozenset({1})), workers=2)
+    it = iter(loader)
+    got = [int(next(it)[1]["i"])]
+    with pytest.raises(pyloader.BatchError):
+        next(it)
+    got += indices_of(it)
+    assert got == [0, 2, 3, 4]
+    loader.close()
+
+
 class ReturnsNone:
     def __len__(self):
         return 3

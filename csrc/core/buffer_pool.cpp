@@ -106,6 +106,20 @@ BufferLease BufferPool::acquire(std::size_t bytes, const std::atomic<bool>& canc
   return {};
 }
 
+BufferLease BufferPool::try_acquire(std::size_t bytes, std::int64_t priority) {
+  const std::size_t need = round_to_pages(bytes);
+  std::unique_lock lock(mu_);
+  if (!waiting_.empty() && *waiting_.begin() < priority) return {};
+  const std::int32_t found = take_free_locked(need);
+  if (found >= 0) return lease_locked(found);
+  if (!can_grow_locked(need, false)) return {};
+  try {
+    return allocate_unlocked(lock, need);
+  } catch (const std::bad_alloc&) {
+    return {};  // the caller falls back to acquire(), which reports it
+  }
+}
+
 std::int32_t BufferPool::take_free_locked(std::size_t need) {
   std::int32_t found = -1;
   std::size_t found_at = 0;

@@ -97,6 +97,9 @@ class BufferPool : public std::enable_shared_from_this<BufferPool> {
   BufferLease acquire(std::size_t bytes, const std::atomic<bool>& cancel,
                       std::int64_t priority = std::numeric_limits<std::int64_t>::max(),
                       const std::function<bool()>* may_exceed = nullptr);
+  // A buffer now, or an empty lease if getting one would mean waiting (or the OS refuses memory).
+  BufferLease try_acquire(std::size_t bytes,
+                          std::int64_t priority = std::numeric_limits<std::int64_t>::max());
   // Wakes every acquire() so that it re-checks its cancel flag.
   void wake_all();
   PoolInfo info() const;

@@ -144,6 +144,7 @@ void Engine::worker_main(int worker) {
   const std::size_t max_run = std::min(options_.max_run, loader_->max_run());
   std::vector<Job> run;
   run.reserve(max_run);
+  std::vector<std::pair<Delivery, Segment*>> deferred;
   Segment* cached = nullptr;
   while (!stopping()) {
     const std::int64_t p = ring_.claim();
@@ -151,9 +152,11 @@ void Engine::worker_main(int worker) {
     const std::int64_t start = now_ns();
     // The first position is ours; more follow while they are ready and cheap (one enter/leave).
     bool entered = false;
+    std::size_t taken = 0;
     for (std::int64_t q = p;;) {
       cached = segment_of(q, cached);
       Job& job = run.emplace_back();
+      ++taken;
       job.segment = cached;
       job.prep.task = {q, cached->epoch, cached->indices[static_cast<std::size_t>(q - cached->start)]};
       job.skip = q < skip_before_.load(std::memory_order_acquire);
@@ -170,13 +173,16 @@ void Engine::worker_main(int worker) {
         loader_->prepare(worker, job.prep);
         job.load_ns = now_ns() - t0;
       }
-      if (run.size() >= max_run || now_ns() - start >= options_.run_budget.count() ||
-          stopping()) {
-        break;
-      }
+      if (taken >= max_run || now_ns() - start >= options_.run_budget.count() || stopping()) break;
+      if (max_run > 1 && publish_early(worker, job, deferred)) run.pop_back();
       if (!ring_.try_claim(open_end_.load(std::memory_order_acquire), q)) break;  // P2
     }
     if (entered) loader_->leave(worker);
+    for (auto& [d, segment] : deferred) {  // last positions of their epochs: hook, then publish
+      run_epoch_hook(worker, segment);
+      publish(std::move(d));
+    }
+    deferred.clear();
     bool stopped = false;
     for (Job& job : run) {
       if (!stopped && !deliver(worker, job)) stopped = true;
@@ -188,47 +194,82 @@ void Engine::worker_main(int worker) {
   loader_->thread_exit(worker);
 }
 
+bool Engine::publish_early(int worker, Job& job, std::vector<std::pair<Delivery, Segment*>>& deferred) {
+  if (job.prep.bytes > kEarlyPublishBytes) return false;
+  BufferLease buffer;
+  const bool needs_buffer = !job.skip && job.prep.error.empty() && !job.prep.failed && job.prep.bytes > 0;
+  if (needs_buffer) {
+    buffer = pool_->try_acquire(job.prep.bytes, job.prep.task.position);
+    if (!buffer) return false;
+    in_flight_buffers_.fetch_add(1, std::memory_order_acq_rel);
+  }
+  Delivery d = fill_delivery(worker, job, std::move(buffer));
+  if (count_finished(job.segment)) {
+    deferred.emplace_back(std::move(d), job.segment);
+  } else {
+    publish(std::move(d));
+  }
+  return true;
+}
+
 // Fills the job's buffer and publishes it. False when the engine stopped while waiting.
 bool Engine::deliver(int worker, Job& job) {
+  BufferLease buffer;
+  std::string error;
+  bool out_of_memory = false;
+  if (!job.skip && job.prep.error.empty() && !job.prep.failed && job.prep.bytes > 0) {
+    const std::int64_t position = job.prep.task.position;
+    const std::function<bool()> may_exceed = [this, position] {
+      return position <= consumer_next_.load(std::memory_order_acquire) &&  // U1
+             in_flight_buffers_.load(std::memory_order_acquire) > 0;
+    };
+    try {
+      buffer = pool_->acquire(job.prep.bytes, stopping_, position, &may_exceed);
+      if (!buffer) return false;  // stopped while waiting for a buffer
+      in_flight_buffers_.fetch_add(1, std::memory_order_acq_rel);
+    } catch (const std::bad_alloc&) {
+      error = "out of memory: the buffer pool could not allocate " + std::to_string(job.prep.bytes) + " bytes";
+      out_of_memory = true;
+    }
+  }
+  if (out_of_memory) job.prep.error = std::move(error);
+  Delivery d = fill_delivery(worker, job, std::move(buffer));
+  d.out_of_memory = out_of_memory;
+  if (count_finished(job.segment)) run_epoch_hook(worker, job.segment);
+  publish(std::move(d));
+  return true;
+}
+
+Delivery Engine::fill_delivery(int worker, Job& job, BufferLease buffer) {
   Delivery d;
   d.task = job.prep.task;
   d.worker = worker;
   d.skipped = job.skip;
-  if (!job.skip) {
-    const std::int64_t t0 = now_ns();
-    d.error = std::move(job.prep.error);
-    if (d.error.empty() && !job.prep.failed && job.prep.bytes > 0) {
-      try {
-        const std::int64_t position = d.task.position;
-        const std::function<bool()> may_exceed = [this, position] {
-          return position <= consumer_next_.load(std::memory_order_acquire) &&  // U1
-                 in_flight_buffers_.load(std::memory_order_acquire) > 0;
-        };
-        d.buffer = pool_->acquire(job.prep.bytes, stopping_, position, &may_exceed);
-        if (d.buffer) in_flight_buffers_.fetch_add(1, std::memory_order_acq_rel);
-      } catch (const std::bad_alloc&) {
-        d.error = "out of memory: the buffer pool could not allocate " +
-                  std::to_string(job.prep.bytes) + " bytes";
-        d.out_of_memory = true;
-      }
-      if (!d.buffer && d.error.empty()) return false;  // stopped while waiting for a buffer
-    }
-    if (d.error.empty()) {
-      loader_->fill(worker, job.prep, d.buffer.data(), d.buffer.capacity());
-      d.failed = job.prep.failed;
-      d.payload = std::move(job.prep.payload);
-    }
-    d.load_ns = job.load_ns + (now_ns() - t0);
+  if (job.skip) return d;
+  const std::int64_t t0 = now_ns();
+  d.error = std::move(job.prep.error);
+  d.buffer = std::move(buffer);
+  if (d.error.empty()) {
+    loader_->fill(worker, job.prep, d.buffer.data(), d.buffer.capacity());
+    d.failed = job.prep.failed;
+    d.payload = std::move(job.prep.payload);
   }
-  finish_position(worker, job.segment);
-  published_.fetch_add(1, std::memory_order_relaxed);
-  ring_.publish(d.task.position, std::move(d));
-  return true;
+  d.load_ns = job.load_ns + (now_ns() - t0);
+  return d;
 }
 
-void Engine::finish_position(int worker, Segment* segment) {
-  if (segment->remaining.fetch_sub(1, std::memory_order_acq_rel) != 1) return;
-  // The last position of this segment: the epoch is fully loaded.
+void Engine::publish(Delivery d) {
+  published_.fetch_add(1, std::memory_order_relaxed);
+  const std::int64_t position = d.task.position;
+  ring_.publish(position, std::move(d));
+}
+
+bool Engine::count_finished(Segment* segment) {
+  if (segment->remaining.fetch_sub(1, std::memory_order_acq_rel) != 1) return false;
+  return true;  // the last position of this segment: the epoch is fully loaded
+}
+
+void Engine::run_epoch_hook(int worker, Segment* segment) {
   std::unique_ptr<Payload> error;
   if (loader_->has_epoch_end()) error = loader_->epoch_end(worker, segment->epoch);
   {

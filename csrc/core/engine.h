@@ -14,7 +14,10 @@
 // Python: with the GIL held, calling user code); fill() copies into the buffer outside them (for
 // Python: with the GIL released). A worker that has entered keeps preparing further positions
 // that are ready to load, while each takes less than `run_budget` in total, so that cheap batches
-// pay for one enter/leave (one GIL hand-off) together.
+// pay for one enter/leave (one GIL hand-off) together. A prepared batch that is cheap to hand
+// over (at most kEarlyPublishBytes, a buffer free at once) is published right away, inside the run, so
+// that it never waits for the load of the next position, which may be slow. (Its fill then runs
+// between enter() and leave(); the copy is small.)
 //
 // Epoch gates: when the Loader has an epoch_end() hook, the positions of epoch e+1 become
 // loadable only once every position of epoch e has been loaded and the hook has run. The hook
@@ -91,6 +94,10 @@ struct Delivery {
   std::int64_t load_ns = 0;
 };
 
+// A prepared batch of at most this many bytes may be filled and published inside its worker's
+// run (between enter() and leave()), so that it never waits for the next position's load.
+inline constexpr std::size_t kEarlyPublishBytes = std::size_t{64} << 10;
+
 class Loader {
  public:
   virtual ~Loader() = default;
@@ -103,8 +110,9 @@ class Loader {
   virtual void leave(int worker) = 0;
   // Between enter() and leave(). Records failures in the Prepared; never throws.
   virtual void prepare(int worker, Prepared& item) noexcept = 0;
-  // Outside enter()/leave(): writes the batch into dst (capacity >= item.bytes). Called for failed
-  // items too (with dst null, to release what they hold); dst is null whenever item.bytes is 0.
+  // Writes the batch into dst (capacity >= item.bytes). Called for failed items too (with dst
+  // null, to release what they hold); dst is null whenever item.bytes is 0. Runs outside
+  // enter()/leave(), except for a batch of at most kEarlyPublishBytes published inside a run.
   virtual void fill(int worker, Prepared& item, std::byte* dst, std::size_t capacity) noexcept = 0;
   virtual bool has_epoch_end() const noexcept = 0;
   // At most this many positions are prepared per enter()/leave() (see run_budget).
@@ -207,7 +215,13 @@ class Engine : public std::enable_shared_from_this<Engine> {
   bool wait_loadable(std::int64_t position) noexcept;
   Segment* segment_of(std::int64_t position, Segment* cached) const;
   bool deliver(int worker, Job& job);
-  void finish_position(int worker, Segment* segment);
+  // Publishes a prepared job now if that needs no wait; false leaves it for deliver().
+  // *deferred receives a job whose epoch hook must first run (outside enter()/leave()).
+  bool publish_early(int worker, Job& job, std::vector<std::pair<Delivery, Segment*>>& deferred);
+  Delivery fill_delivery(int worker, Job& job, BufferLease buffer);
+  bool count_finished(Segment* segment);  // true: it was the last position and a hook must run
+  void run_epoch_hook(int worker, Segment* segment);
+  void publish(Delivery d);
   void recompute_open_locked();
   void bump_plan_word() noexcept;
 

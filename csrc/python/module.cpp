@@ -93,15 +93,29 @@ class PyArraySource {
       row_shapes_.push_back(std::move(row_shape));
       arrays_.push_back(std::move(arr));  // keeps the memory (and any mmap) alive
     }
+    samples_ = samples;
     loader_ = std::make_shared<GatherLoader>(std::move(columns), samples, batch_size, split_threads);
   }
 
+  // The order is checked here, once per epoch: the workers index memory with it unchecked.
   void set_order(std::int64_t epoch, py::object order) {
     std::shared_ptr<const std::vector<std::int64_t>> v;
     if (!order.is_none()) {
       auto a = py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>::ensure(order);
       if (!a) throw py::error_already_set();
-      v = std::make_shared<const std::vector<std::int64_t>>(a.data(), a.data() + a.size());
+      if (a.ndim() != 1 || a.size() != samples_) {
+        throw py::value_error("the sample order of epoch " + std::to_string(epoch) + " must hold " +
+                              std::to_string(samples_) + " indices, got " + std::to_string(a.size()));
+      }
+      const std::int64_t* data = a.data();
+      for (py::ssize_t k = 0; k < a.size(); ++k) {
+        if (data[k] < 0 || data[k] >= samples_) {
+          throw py::index_error("the sample order of epoch " + std::to_string(epoch) + " has index " +
+                                std::to_string(data[k]) + " at position " + std::to_string(k) +
+                                ", outside [0, " + std::to_string(samples_) + ")");
+        }
+      }
+      v = std::make_shared<const std::vector<std::int64_t>>(data, data + a.size());
     }
     loader_->set_order(epoch, std::move(v));
   }
@@ -125,6 +139,7 @@ class PyArraySource {
 
  private:
   py::object keys_;  // None: a single array or a tuple; else a tuple of dict keys
+  std::int64_t samples_ = 0;
   std::vector<py::array> arrays_;
   std::vector<py::dtype> dtypes_;
   std::vector<std::vector<py::ssize_t>> row_shapes_;
