@@ -233,3 +233,35 @@ def test_bench_config_rejects_bad_values_showing_them() -> None:
         BenchConfig(workloads=("nope",), loaders=("plain",))
     with pytest.raises(ValueError, match="repeats must be >= 1, got 0"):
         BenchConfig(workloads=("tiny",), loaders=("plain",), repeats=0)
+
+
+# -- model.fit loaders --------------------------------------------------------------------------
+
+
+def test_fit_loaders_are_opt_in_and_run_only_latency_and_gather() -> None:
+    from pyloader._bench.harness import BenchConfig, _plan
+    from pyloader._bench.loaders import default_loaders
+
+    fit = ("fit-keras-threads", "fit-keras-processes", "fit-pyloader")
+    assert not set(fit) & set(default_loaders())
+    plan = _plan(BenchConfig(workloads=("tiny", "latency", "gather", "python"), loaders=fit))
+    assert {(p.workloads, p.loader) for p in plan} == {
+        ((w,), loader) for w in ("latency", "gather") for loader in fit}
+
+
+def test_quick_fit_run_compares_fit_loaders_only_with_each_other(tmp_path: Any) -> None:
+    proc = run_cli(["bench", "--quick", "-w", "latency", "-l",
+                    "plain,fit-pyloader,fit-keras-threads",
+                    "--workers", "2", "--json", "out.json", "--no-progress"], str(tmp_path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    doc = json.loads((tmp_path / "out.json").read_text())
+    validate(doc)
+    by = {r["loader"]: r for r in doc["results"]}
+    assert by["fit-pyloader"]["status"] == by["fit-keras-threads"]["status"] == "ok", doc["notes"]
+    for name in ("fit-pyloader", "fit-keras-threads"):
+        assert by[name]["batches"] == by["plain"]["batches"] > 0  # every batch went through fit
+    assert set(by["fit-pyloader"]["ratios"]) == {"fit-keras-threads"}
+    assert by["fit-pyloader"]["engine_stall_fraction"] is not None
+    assert by["fit-keras-threads"]["ratios"] == {"fit-keras-threads": 1.0}
+    assert set(by["plain"]["ratios"]) == {"plain"}
+    assert "vs fit-keras-threads" in proc.stdout

@@ -329,11 +329,15 @@ def _summarize(
 
 
 def _add_ratios(results: list[dict[str, Any]]) -> None:
-    """Fill ``ratios[peer] = batches_per_s / peer's batches_per_s`` within workload and workers."""
+    """Fill ``ratios[peer] = batches_per_s / peer's batches_per_s`` within workload, workers and
+    loader group (a ``model.fit`` epoch is compared only with other ``model.fit`` epochs)."""
     ok = [r for r in results if r["status"] == "ok"]
+    group = {name: spec.group for name, spec in _loaders.LOADERS.items()}
     for row in ok:
         for peer in ok:
             if peer["kind"] != "peer" or peer["workload"] != row["workload"]:
+                continue
+            if group.get(peer["loader"]) != group.get(row["loader"]):
                 continue
             if peer["workers"] is not None and peer["workers"] != row["workers"]:
                 continue

@@ -14,7 +14,9 @@ with :func:`probe` before any subprocess starts), or ``open`` raising :class:`Un
 that into :class:`Unavailable`). The harness then skips it with a note.
 
 Adding a loader (a native array source, process mode, a framework adapter) is one entry in
-:data:`LOADERS`: write an ``open`` function and call :func:`register`.
+:data:`LOADERS`: write an ``open`` function and call :func:`register`. The ``fit-*`` loaders run
+a real ``model.fit`` epoch per ``epoch()`` (group ``"fit"``), so they are compared only with each
+other.
 """
 
 from __future__ import annotations
@@ -77,6 +79,9 @@ class LoaderSpec:
             (e.g. a native array source only fits ``gather``).
         probe_sequence: Makes the two-batch Sequence the measurement opens (and closes) before
             building the workload, to import modules and find out early that it is unavailable.
+        group: What an epoch measures: ``"batches"`` (batches handed to the harness) or
+            ``"fit"`` (a ``model.fit`` epoch, data and training); ratios are computed only
+            against peers of the same group.
     """
 
     name: str
@@ -88,6 +93,7 @@ class LoaderSpec:
     default: bool = True
     applies: Callable[[str], bool] = lambda workload: _batch_workload(workload)
     probe_sequence: Callable[[], Any] = lambda: _workloads().TinySequence(batches=2)
+    group: str = "batches"
 
 
 def _workloads() -> Any:
@@ -316,6 +322,55 @@ def _keras_opener(use_multiprocessing: bool) -> Callable[..., Session]:
     return open_
 
 
+# -- Keras 3 model.fit -------------------------------------------------------------------------
+
+
+class _FitSession:
+    """One ``model.fit`` epoch per :meth:`epoch` on a small model (:class:`pyloader.keras.FitRun`),
+    the data fed by Keras's workers or by pyloader. The batches are consumed inside ``fit``:
+    ``epoch()`` yields one ``None`` per training step ``fit`` ran, after it returns, so
+    batches/s is the training throughput and the first batch arrives with the whole epoch."""
+
+    def __init__(self, seq: Any, *, workers: int, loader: str) -> None:
+        if "KERAS_BACKEND" not in os.environ and probe(("torch",)) is None:
+            os.environ["KERAS_BACKEND"] = "torch"
+        try:
+            from pyloader.keras import FitRun
+        except ImportError as exc:
+            raise Unavailable(f"pyloader.keras not importable: {exc}") from exc
+        self.run = FitRun(seq, loader=loader, workers=workers)
+
+    def epoch(self) -> Iterator[Any]:
+        _, batches = self.run.epoch()
+        for _ in range(batches):
+            yield None
+
+    def stats(self) -> dict[str, Any] | None:
+        return self.run.stats()
+
+    def close(self) -> None:
+        self.run.close()
+
+
+def _fit_opener(loader: str) -> Callable[..., Session]:
+    def open_(seq: Any, *, workers: int) -> Session:
+        return _FitSession(seq, workers=workers, loader=loader)
+
+    return open_
+
+
+def _fit_spec(name: str, kind: str, loader: str, description: str) -> LoaderSpec:
+    """A ``fit-*`` loader: opt-in (Keras imports and a model per measurement cost seconds), on
+    the ``latency`` and ``gather`` workloads, compared only with the other ``fit-*`` loaders."""
+    return LoaderSpec(
+        name, kind, f"model.fit epochs of a Flatten->Dense(1) model fed by {description} "
+                    "(batches/s: training steps/s; 1st batch and stall span the fit epoch)",
+        _fit_opener(loader), requires=("keras", "pyloader"), default=False,
+        applies=lambda workload: workload in ("latency", "gather"),
+        probe_sequence=lambda: _workloads().LatencySequence(batches=2, delay_s=0.0, rows=2),
+        group="fit")
+
+
 # -- registry ---------------------------------------------------------------------------------
 
 LOADERS: dict[str, LoaderSpec] = {}
@@ -363,6 +418,12 @@ for _spec in [
     LoaderSpec("keras-processes", "peer",
                "Keras 3 PyDataset(workers=W, use_multiprocessing=True), process pool",
                _keras_opener(True), requires=("keras",)),
+    _fit_spec("fit-keras-threads", "peer", "keras-threads",
+              "the user's PyDataset(workers=W), Keras thread pool"),
+    _fit_spec("fit-keras-processes", "peer", "keras-processes",
+              "the user's PyDataset(workers=W, use_multiprocessing=True), Keras process pool"),
+    _fit_spec("fit-pyloader", "pyloader", "pyloader",
+              "pyloader.keras.prefetch(PyDataset, workers=W)"),
 ]:
     register(_spec)
 
