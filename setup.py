@@ -26,4 +26,6 @@ ext = Pybind11Extension(
     libraries=["dl"],
 )
 
-setup(ext_modules=[ext], cmdclass={"build_ext": build_ext})
+# The package lives in src/, so that the repository root never shadows the installed package
+# (whose compiled extension the source tree lacks).
+setup(ext_modules=[ext], cmdclass={"build_ext": build_ext}, package_dir={"": "src"})

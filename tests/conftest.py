@@ -15,16 +15,15 @@ if not os.path.exists(os.path.join(os.path.dirname(pyloader.__file__), "_C.pyi")
     name.startswith("_C") and name.endswith(".so") for name in os.listdir(os.path.dirname(pyloader.__file__))
 ):
     raise pytest.UsageError(
-        f"pyloader at {pyloader.__file__} has no built extension: run `pip install '.[test]'` and "
-        "`pytest tests` from the repository root (not `python -m pytest`, which imports the source tree)"
+        f"pyloader at {pyloader.__file__} has no built extension: install it first, with "
+        "`pip install '.[test]'` (the source tree in src/ is never imported by the tests)"
     )
 
 
 def run_python(code: str, *, timeout: float = 60.0, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Runs `code` in a fresh interpreter; a hang fails the calling test instead of the suite.
 
-    It runs in tests/ (where `sequences` lives), never in the repository root, whose source tree
-    `pyloader/` has no compiled extension and would shadow the installed package.
+    It runs in tests/, where `sequences` lives.
     """
     full_env = dict(os.environ)
     if env:
