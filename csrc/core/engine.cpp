@@ -215,7 +215,6 @@ bool Engine::publish_early(int worker, Job& job, std::vector<std::pair<Delivery,
 // Fills the job's buffer and publishes it. False when the engine stopped while waiting.
 bool Engine::deliver(int worker, Job& job) {
   BufferLease buffer;
-  std::string error;
   bool out_of_memory = false;
   if (!job.skip && job.prep.error.empty() && !job.prep.failed && job.prep.bytes > 0) {
     const std::int64_t position = job.prep.task.position;
@@ -228,11 +227,11 @@ bool Engine::deliver(int worker, Job& job) {
       if (!buffer) return false;  // stopped while waiting for a buffer
       in_flight_buffers_.fetch_add(1, std::memory_order_acq_rel);
     } catch (const std::bad_alloc&) {
-      error = "out of memory: the buffer pool could not allocate " + std::to_string(job.prep.bytes) + " bytes";
+      job.prep.error = "out of memory: the buffer pool could not allocate " +
+                       std::to_string(job.prep.bytes) + " bytes";
       out_of_memory = true;
     }
   }
-  if (out_of_memory) job.prep.error = std::move(error);
   Delivery d = fill_delivery(worker, job, std::move(buffer));
   d.out_of_memory = out_of_memory;
   if (count_finished(job.segment)) run_epoch_hook(worker, job.segment);
@@ -265,8 +264,7 @@ void Engine::publish(Delivery d) {
 }
 
 bool Engine::count_finished(Segment* segment) {
-  if (segment->remaining.fetch_sub(1, std::memory_order_acq_rel) != 1) return false;
-  return true;  // the last position of this segment: the epoch is fully loaded
+  return segment->remaining.fetch_sub(1, std::memory_order_acq_rel) == 1;
 }
 
 void Engine::run_epoch_hook(int worker, Segment* segment) {

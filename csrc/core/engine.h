@@ -219,7 +219,8 @@ class Engine : public std::enable_shared_from_this<Engine> {
   // *deferred receives a job whose epoch hook must first run (outside enter()/leave()).
   bool publish_early(int worker, Job& job, std::vector<std::pair<Delivery, Segment*>>& deferred);
   Delivery fill_delivery(int worker, Job& job, BufferLease buffer);
-  bool count_finished(Segment* segment);  // true: it was the last position and a hook must run
+  // Counts a position of `segment` as loaded; true for the last one (its epoch hook must run).
+  bool count_finished(Segment* segment);
   void run_epoch_hook(int worker, Segment* segment);
   void publish(Delivery d);
   void recompute_open_locked();

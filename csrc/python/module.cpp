@@ -225,9 +225,6 @@ class PyEngine {
     return out;
   }
 
-  int workers() { return live().workers(); }
-  bool closed() const { return engine_ == nullptr; }
-
   void close() {
     if (!engine_) return;
     engine_->stop();
@@ -368,7 +365,5 @@ PYBIND11_MODULE(_C, m) {
       .def("drain_to", &PyEngine::drain_to, py::arg("position"))
       .def("epoch_error", &PyEngine::epoch_error, py::arg("epoch"))
       .def("stats", &PyEngine::stats)
-      .def_property_readonly("workers", &PyEngine::workers)
-      .def_property_readonly("closed", &PyEngine::closed)
       .def("close", &PyEngine::close);
 }

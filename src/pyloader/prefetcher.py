@@ -183,7 +183,7 @@ class Prefetcher:
         self._check_open()
         self._token += 1
         if self._plan.epoch_length == 0:
-            return self._empty_epoch(self._token)
+            return self._empty_epoch()
         if self._engine is None:
             self._start_engine()
         engine = self._engine
@@ -194,13 +194,9 @@ class Prefetcher:
             epoch += 1
         self._plan_through(epoch + 1)  # keep one epoch planned ahead: no bubble at the boundary
         _, _, end, _ = self._segment_of(epoch)
-        return self._epoch(epoch, end, self._token)
+        return _EpochIterator(self, engine, epoch, end, self._token)
 
-    def _epoch(self, epoch: int, end: int, token: int) -> Iterator[Any]:
-        assert self._engine is not None
-        return _EpochIterator(self, self._engine, epoch, end, token)
-
-    def _empty_epoch(self, token: int) -> Iterator[Any]:
+    def _empty_epoch(self) -> Iterator[Any]:
         epoch, _ = self._resume
         self._resume = (epoch + 1, 0)
         if self._on_epoch_end is not None:
@@ -393,19 +389,13 @@ class Prefetcher:
             raise RuntimeError("this Prefetcher is closed")
 
     def _stop_engine(self) -> None:
-        engine, self._engine = self._engine, None
+        engine = self._engine
         if engine is not None:
-            self._resume = self._position_of(engine)
+            self._resume = self._position()  # where the next engine starts
             self._past_stats += [self._summarize(s) for s in engine.stats()]
+            self._engine = None
             engine.close()
         self._segments = []
-
-    def _position_of(self, engine: _C.Engine) -> tuple[int, int]:
-        saved, self._engine = self._engine, engine
-        try:
-            return self._position()
-        finally:
-            self._engine = saved
 
     def close(self) -> None:
         """Stops and joins every worker thread. Idempotent; batches already delivered stay valid."""
