@@ -10,7 +10,8 @@ import os
 from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import setup
 
-CORE = ["csrc/core/buffer_pool.cpp", "csrc/core/pin.cpp", "csrc/core/engine.cpp"]
+CORE = ["csrc/core/arena.cpp", "csrc/core/buffer_pool.cpp", "csrc/core/pin.cpp", "csrc/core/engine.cpp",
+        "csrc/core/proc_loader.cpp"]
 BINDINGS = ["csrc/python/module.cpp", "csrc/python/layout.cpp", "csrc/python/py_loader.cpp"]
 
 extra_compile_args = ["-O3", "-fvisibility=hidden", "-Wall", "-Wextra"]

@@ -62,11 +62,32 @@ void BufferLease::reset() noexcept {
   capacity_ = 0;
 }
 
-std::shared_ptr<BufferPool> BufferPool::create(std::size_t max_bytes, PinRequest pin) {
-  return std::shared_ptr<BufferPool>(new BufferPool(max_bytes, pin));
+std::shared_ptr<BufferPool> BufferPool::create(std::size_t max_bytes, PinRequest pin,
+                                               std::size_t arena_bytes) {
+  return std::shared_ptr<BufferPool>(new BufferPool(max_bytes, pin, arena_bytes));
 }
 
-BufferPool::BufferPool(std::size_t max_bytes, PinRequest pin) : max_bytes_(max_bytes), pinner_(pin) {}
+BufferPool::BufferPool(std::size_t max_bytes, PinRequest pin, std::size_t arena_bytes)
+    : max_bytes_(max_bytes),
+      arena_(arena_bytes > 0 ? Arena::create(round_to_pages(arena_bytes)) : nullptr),
+      pinner_(pin) {}
+
+// Without mu_ (the arena has its own lock).
+void* BufferPool::map_memory(std::size_t bytes) {
+  if (!arena_) {
+    void* p = map_buffer(bytes);
+    return p == MAP_FAILED ? nullptr : p;
+  }
+  return arena_->allocate(bytes, bytes >= kHugePage ? kHugePage : page_size());
+}
+
+void BufferPool::unmap(void* p, std::size_t bytes) noexcept {
+  if (arena_) {
+    arena_->free(static_cast<std::byte*>(p), bytes);
+  } else {
+    munmap(p, bytes);
+  }
+}
 
 BufferPool::~BufferPool() {
   // No lease can be alive: each holds a shared_ptr to the pool.
@@ -188,12 +209,12 @@ BufferLease BufferPool::allocate_unlocked(std::unique_lock<std::mutex>& lock, st
   bytes_ += bytes;
   ++leased_;
   lock.unlock();
-  void* p = map_buffer(bytes);
-  const bool pinned = p != MAP_FAILED && pinner_.pin(p, bytes);
+  void* p = map_memory(bytes);
+  const bool pinned = p != nullptr && pinner_.pin(p, bytes);
   lock.lock();
   bytes_ -= bytes;
   --leased_;
-  if (p == MAP_FAILED) {
+  if (p == nullptr) {
     publish_counts_locked();
     throw std::bad_alloc();
   }
@@ -220,7 +241,7 @@ BufferLease BufferPool::allocate_unlocked(std::unique_lock<std::mutex>& lock, st
       buffers_.push_back(b);
     } catch (...) {  // give the mapping back rather than leak it
       if (pinned) pinner_.unpin(p, bytes);
-      munmap(p, bytes);
+      unmap(p, bytes);
       if (pinned) pinned_bytes_ -= bytes;
       bytes_ -= bytes;
       --live_;
@@ -237,7 +258,7 @@ void BufferPool::drop_locked(std::int32_t id) noexcept {
     pinner_.unpin(b.data, b.capacity);
     pinned_bytes_ -= b.capacity;
   }
-  munmap(b.data, b.capacity);
+  unmap(b.data, b.capacity);
   bytes_ -= b.capacity;
   --live_;
   b = Buffer{};

@@ -15,6 +15,10 @@
 // up, 2 MiB-aligned with transparent huge pages requested) and are reused smallest-fit, so
 // steady-state loading makes no allocation and takes no page fault.
 //
+// Shared buffers (process mode): created with `arena_bytes`, the pool carves its buffers from one
+// shared-memory Arena of that size (arena.h) instead of mapping private memory, so that worker
+// processes can write into them (they address a buffer by its offset in the arena).
+//
 // Thread safety: every member is safe to call from any thread. State is guarded by one mutex;
 // the hot path holds it for a short scan of the free list. The pool outlives its users: leases
 // hold a shared_ptr to it.
@@ -36,6 +40,7 @@
 #include <string>
 #include <vector>
 
+#include "arena.h"
 #include "pin.h"
 
 namespace pyloader {
@@ -82,7 +87,10 @@ struct PoolInfo {
 
 class BufferPool : public std::enable_shared_from_this<BufferPool> {
  public:
-  static std::shared_ptr<BufferPool> create(std::size_t max_bytes, PinRequest pin);
+  // `arena_bytes` > 0: buffers come from a shared Arena of that size (throws std::system_error
+  // when it cannot be made).
+  static std::shared_ptr<BufferPool> create(std::size_t max_bytes, PinRequest pin,
+                                            std::size_t arena_bytes = 0);
   ~BufferPool();
   BufferPool(const BufferPool&) = delete;
   BufferPool& operator=(const BufferPool&) = delete;
@@ -103,6 +111,8 @@ class BufferPool : public std::enable_shared_from_this<BufferPool> {
   // Wakes every acquire() so that it re-checks its cancel flag.
   void wake_all();
   PoolInfo info() const;
+  // The shared arena, or null for a pool of private buffers.
+  Arena* arena() const noexcept { return arena_.get(); }
   // How long the longest current acquire() has been waiting for a free buffer (zero if none is).
   std::chrono::nanoseconds waiting_for() const;
   // Cheap counters for per-batch statistics (relaxed reads of values written under the mutex).
@@ -112,7 +122,9 @@ class BufferPool : public std::enable_shared_from_this<BufferPool> {
   bool has_waiters() const noexcept { return n_waiting_.load(std::memory_order_relaxed) != 0; }
 
  private:
-  BufferPool(std::size_t max_bytes, PinRequest pin);
+  BufferPool(std::size_t max_bytes, PinRequest pin, std::size_t arena_bytes);
+  void* map_memory(std::size_t bytes);  // a new buffer's memory, or nullptr (mu_ not held)
+  void unmap(void* p, std::size_t bytes) noexcept;
   friend class BufferLease;
   void release(std::int32_t id) noexcept;
 
@@ -134,6 +146,7 @@ class BufferPool : public std::enable_shared_from_this<BufferPool> {
   void publish_counts_locked() noexcept;
 
   const std::size_t max_bytes_;
+  std::unique_ptr<Arena> arena_;
   mutable std::mutex mu_;
   std::condition_variable returned_;
   Pinner pinner_;

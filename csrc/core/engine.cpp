@@ -364,6 +364,7 @@ void Engine::stop() noexcept {
   plan_word_.fetch_or(kStopBit, std::memory_order_release);
   wake_all(plan_word_);
   pool_->wake_all();
+  loader_->interrupt();
 }
 
 void Engine::join() noexcept {

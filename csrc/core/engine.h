@@ -32,7 +32,8 @@
 //
 // Shutdown: stop() sets the stop flag, stops the ring, sets the stop bit of plan_word_ and wakes
 // the pool: every blocked worker returns at once; a worker inside the Loader returns after the
-// call in progress. join() waits for the workers (detaches them if called from one of them). Each
+// call in progress (the Loader's interrupt() cuts short a call that waits on another process).
+// join() waits for the workers (detaches them if called from one of them). Each
 // worker holds a shared_ptr to the engine, so the owner must call stop() and join(): dropping the
 // last outside reference alone leaves the workers running. The destructor (which runs once the
 // workers have ended) calls both again, harmlessly.
@@ -119,6 +120,9 @@ class Loader {
   virtual std::size_t max_run() const noexcept { return static_cast<std::size_t>(-1); }
   // Outside enter()/leave(). Returns the error the hook raised, or null.
   virtual std::unique_ptr<Payload> epoch_end(int worker, std::int64_t epoch) noexcept = 0;
+  // Called by Engine::stop(), from any thread: a prepare()/fill() blocked on something outside
+  // the process (a worker process) must return promptly.
+  virtual void interrupt() noexcept {}
 };
 
 struct EngineOptions {
