@@ -57,3 +57,62 @@ class WithEpochEnd(Counting):
 
 def indices_of(batches) -> list[int]:
     return [int(b[1]["i"]) for b in batches]
+
+
+class ProcSeq:
+    """For process mode (module level, so that spawn can pickle it).
+
+    Batch i is ``(float32 array of `shape` full of i, i, {"name": "b<i>", "epoch": epoch})`` where
+    ``epoch`` counts this copy's on_epoch_end() calls. It can sleep per batch, raise at
+    ``raise_at``, and kill its own process with SIGSEGV at ``crash_at`` (in ``crash_epoch``
+    only, when given).
+    """
+
+    def __init__(self, n: int, *, shape: tuple[int, ...] = (4,), sleep: float = 0.0,
+                 raise_at: tuple[int, ...] = (), crash_at: tuple[int, ...] = (),
+                 crash_epoch: int | None = None) -> None:
+        self.n = n
+        self.shape = shape
+        self.sleep = sleep
+        self.raise_at = frozenset(raise_at)
+        self.crash_at = frozenset(crash_at)
+        self.crash_epoch = crash_epoch
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def on_epoch_end(self) -> None:
+        self.epoch += 1
+
+    def __getitem__(self, i: int):
+        import os
+        import signal
+
+        if self.sleep:
+            time.sleep(self.sleep)
+        if i in self.crash_at and (self.crash_epoch is None or self.epoch == self.crash_epoch):
+            os.kill(os.getpid(), signal.SIGSEGV)
+        if i in self.raise_at:
+            raise ValueError(f"bad batch {i}")
+        return np.full(self.shape, i, dtype=np.float32), i, {"name": f"b{i}", "epoch": self.epoch}
+
+
+def init_marker(worker_id: int) -> None:
+    """A worker_init_fn: records the worker id and a draw from numpy's seeded global state."""
+    import os
+
+    os.environ["PYLOADER_TEST_WORKER"] = f"{worker_id}:{np.random.randint(1 << 30)}"
+
+
+class WorkerFacts:
+    """Batch i is what the worker that loads it knows: (i, its pid, its init marker, a draw)."""
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int):
+        import os
+
+        time.sleep(0.02)  # so that both workers get some
+        return i, os.getpid(), os.environ.get("PYLOADER_TEST_WORKER", ""), int(np.random.randint(1 << 30))

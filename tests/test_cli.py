@@ -144,13 +144,9 @@ def test_quick_measures_every_planned_pair(quick_run: dict[str, Any]) -> None:
         assert loader["memory"]["peak_mb"] >= loader["memory"]["base_mb"] > 0
 
 
-def test_an_unsupported_pyloader_mode_is_skipped_with_a_note(quick_run: dict[str, Any]) -> None:
+def test_process_mode_is_measured(quick_run: dict[str, Any]) -> None:
     rows = [r for r in quick_run["doc"]["results"] if r["loader"] == "pyloader-process"]
-    for row in rows:
-        assert row["status"] in ("ok", "unavailable")
-        if row["status"] == "unavailable":
-            assert "process" in row["note"]
-            assert any(n.startswith("pyloader-process: skipped") for n in quick_run["doc"]["notes"])
+    assert rows and all(row["status"] == "ok" for row in rows), rows
 
 
 def test_quick_prints_machine_and_table_and_writes_files(quick_run: dict[str, Any]) -> None:

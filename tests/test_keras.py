@@ -14,6 +14,8 @@ from collections import Counter
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
 import numpy as np
+import warnings
+
 import pytest
 
 keras = pytest.importorskip("keras")
@@ -386,16 +388,12 @@ def test_plain_sequence_gets_pyloader_defaults(prefetched):
     assert (ds.loader.workers, ds.loader.depth) == (4, 8)
 
 
-def test_use_multiprocessing_maps_to_threads_with_a_warning(prefetched):
-    from pyloader import prefetcher
-
+def test_use_multiprocessing_maps_to_process_mode(prefetched):
     seq = Indexed(4, workers=2, use_multiprocessing=True)
-    if "process" in prefetcher._MODES:  # pragma: no cover - not in this version
-        assert prefetched(seq).loader.mode == "process"
-        return
-    with pytest.warns(UserWarning, match="no process mode"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         ds = prefetched(seq)
-    assert (ds.loader.mode, ds.loader.workers) == ("thread", 2)
+    assert (ds.loader.mode, ds.loader.workers) == ("process", 2)
     assert prefetched(seq, mode="thread").loader.mode == "thread"  # explicit: no warning
 
 

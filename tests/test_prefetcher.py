@@ -296,7 +296,8 @@ def test_timeout_names_the_slow_index():
     "option,value",
     [("workers", 0), ("workers", 1.5), ("workers", True), ("depth", 0), ("shuffle", "yes"),
      ("seed", -1), ("shard", (2, 2)), ("drop_last", None), ("pin", "gpu"), ("timeout", 0),
-     ("timeout", "1"), ("mode", "fork"), ("mode", "process"), ("max_pool_bytes", 0)],
+     ("timeout", "1"), ("mode", "fork"), ("mode", "processes"), ("max_pool_bytes", 0),
+         ("max_retries", -1)],
 )
 def test_bad_options_raise_value_error_showing_the_value(option, value):
     with pytest.raises(ValueError, match=option) as info:

@@ -18,7 +18,7 @@ std::string join(const std::vector<std::string>& parts) {
   std::string out;
   for (std::size_t i = 0; i < parts.size(); ++i) {
     if (i) out += "; ";
-    out += "worker " + std::to_string(i + 1) + ": " + parts[i];
+    out += "attempt " + std::to_string(i + 1) + ": " + parts[i];
   }
   return out;
 }

@@ -324,6 +324,81 @@ py::object view_array(const py::dtype& dtype, std::vector<py::ssize_t> shape, st
   return py::array(dtype, std::move(shape), std::move(strides), data, lease);
 }
 
+py::tuple layout_meta(const Layout& layout) {
+  std::string kinds(layout.nodes.size(), '\0');
+  py::tuple counts(layout.nodes.size());
+  py::list objects;
+  for (std::size_t i = 0; i < layout.nodes.size(); ++i) {
+    const Node& n = layout.nodes[i];
+    kinds[i] = static_cast<char>(n.kind);
+    counts[i] = py::int_(n.count);
+    if (n.kind == Node::kObject || n.kind == Node::kDict || n.kind == Node::kNamedTuple) objects.append(n.obj);
+  }
+  py::list leaves;
+  for (const Leaf& leaf : layout.leaves) {
+    py::tuple shape(leaf.shape.size());
+    for (std::size_t d = 0; d < leaf.shape.size(); ++d) shape[d] = py::int_(leaf.shape[d]);
+    leaves.append(py::make_tuple(leaf.dtype, shape, leaf.offset));
+  }
+  return py::make_tuple(py::bytes(kinds), counts, objects, leaves, layout.bytes);
+}
+
+py::object build_meta(py::handle meta, std::byte* base, std::size_t capacity, py::handle lease) {
+  auto bad = [](const std::string& what) { throw py::value_error("malformed batch layout from a worker: " + what); };
+  auto t = py::reinterpret_borrow<py::tuple>(meta);
+  if (!py::isinstance<py::tuple>(meta) || t.size() != 5) bad("not a 5-tuple");
+  const std::string kinds = t[0].cast<std::string>();
+  auto counts = t[1].cast<py::tuple>();
+  auto objects = t[2].cast<py::list>();
+  auto leaves = t[3].cast<py::list>();
+  if (counts.size() != kinds.size() || kinds.empty()) bad("node counts");
+  Layout layout;
+  layout.bytes = t[4].cast<std::size_t>();
+  if (layout.bytes > capacity) bad("needs more bytes than its buffer holds");
+  std::size_t next_object = 0;
+  for (std::size_t i = 0; i < kinds.size(); ++i) {
+    Node n;
+    const auto kind = static_cast<std::uint8_t>(kinds[i]);
+    if (kind > Node::kObject) bad("node kind");
+    n.kind = static_cast<Node::Kind>(kind);
+    n.count = counts[i].cast<std::uint32_t>();
+    if (n.kind == Node::kObject || n.kind == Node::kDict || n.kind == Node::kNamedTuple) {
+      if (next_object >= objects.size()) bad("objects");
+      n.obj = objects[next_object++];
+      if (n.kind == Node::kDict && (!py::isinstance<py::tuple>(n.obj) || py::len(n.obj) != n.count)) bad("dict keys");
+    }
+    if (n.kind == Node::kArray && n.count >= leaves.size()) bad("leaf number");
+    layout.nodes.push_back(std::move(n));
+  }
+  for (py::handle h : leaves) {
+    auto lt = h.cast<py::tuple>();
+    Leaf leaf;
+    leaf.dtype = py::dtype::from_args(lt[0]);
+    leaf.itemsize = static_cast<std::size_t>(py::reinterpret_borrow<py::dtype>(leaf.dtype).itemsize());
+    leaf.nbytes = leaf.itemsize;
+    for (py::handle d : lt[1].cast<py::tuple>()) {
+      const auto extent = d.cast<std::int64_t>();
+      if (extent < 0) bad("negative extent");
+      leaf.shape.push_back(extent);
+      leaf.nbytes *= static_cast<std::size_t>(extent);
+    }
+    leaf.offset = lt[2].cast<std::size_t>();
+    if (leaf.offset > layout.bytes || leaf.nbytes > layout.bytes - leaf.offset) bad("an array outside the batch");
+    layout.leaves.push_back(std::move(leaf));
+  }
+  // build() walks the nodes by their counts: check they form exactly one tree.
+  std::size_t open = 1;
+  for (const Node& n : layout.nodes) {
+    if (open == 0) bad("extra nodes");
+    --open;
+    if (n.kind == Node::kTuple || n.kind == Node::kNamedTuple || n.kind == Node::kList || n.kind == Node::kDict) {
+      open += n.count;
+    }
+  }
+  if (open != 0) bad("missing nodes");
+  return build(layout, base, lease);
+}
+
 py::object build(const Layout& layout, std::byte* base, py::handle lease) {
   std::size_t i = 0;
   return build_from(layout, i, base, lease);

@@ -80,6 +80,13 @@ struct Stack {
 void copy_leaves(Layout& layout, std::byte* dst, std::vector<py::object>& trash) noexcept;
 // GIL required.
 py::object build(const Layout& layout, std::byte* base, py::handle lease);
+// Process mode: the layout as plain picklable values, for a worker process to send (the sources
+// stay behind), and the batch rebuilt from them on the consumer's side. The meta is
+// (kinds: bytes, counts: tuple, objects: list, leaves: list of (dtype, shape, offset), bytes).
+// GIL required.
+py::tuple layout_meta(const Layout& layout);
+// Raises ValueError when the meta is malformed or its arrays do not fit in `capacity` bytes.
+py::object build_meta(py::handle meta, std::byte* base, std::size_t capacity, py::handle lease);
 // A C-contiguous array of `shape` viewing `data`, whose base is `lease` (a new empty array when
 // there is no data). GIL required.
 py::object view_array(const py::dtype& dtype, std::vector<py::ssize_t> shape, std::byte* data,

@@ -6,6 +6,9 @@
 //   Lease       the base object of every array of one delivered batch; the buffer returns to the
 //               pool when the last array (and the lease) dies.
 //   Engine      one run of the core Engine over a Python Sequence: append epochs, take batches.
+//   ProcLoader  process mode's core loader (proc_loader.h) with its Python callbacks; an Engine
+//               made over one decodes each batch's layout (meta) into views of the shared buffer.
+//   Packed      the worker process's side: one batch flattened, to be written into a buffer.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -13,10 +16,12 @@
 #include <chrono>
 #include <optional>
 #include <string>
+#include <system_error>
 
 #include "../core/buffer_pool.h"
 #include "../core/engine.h"
 #include "../core/gather.h"
+#include "../core/proc_loader.h"
 #include "layout.h"
 #include "py_loader.h"
 
@@ -65,6 +70,144 @@ py::dict pool_info(const BufferPool& pool) {
   PyErr_SetString(type, message.c_str());
   throw py::error_already_set();
 }
+
+bool interpreter_finalizing() noexcept {
+#if PY_VERSION_HEX >= 0x030D0000
+  return Py_IsFinalizing() != 0;
+#else
+  return _Py_IsFinalizing() != 0;
+#endif
+}
+
+// A batch as the worker process sees it: flattened once (GIL held), written into a buffer (GIL
+// released), its layout sent as meta. The checks and messages are thread mode's (PyLoader).
+class Packed {
+ public:
+  Packed(py::object value, std::int64_t index) : index_(index) {
+    if (value.is_none() || PyGen_Check(value.ptr()) || PyCoro_CheckExact(value.ptr())) {
+      const std::string what = value.is_none() ? "None" : py::str(py::type::of(value).attr("__name__")).cast<std::string>();
+      throw py::type_error("__getitem__(" + std::to_string(index) + ") returned " + what +
+                           ": it must return the batch (a numpy array, a number, or a tuple/list/dict of them)");
+    }
+    if (py::isinstance<Stack>(value)) {
+      flatten_stacked(value.cast<Stack&>().samples, layout_, index);
+    } else {
+      flatten(value, layout_, index);
+    }
+  }
+  std::size_t nbytes() const { return layout_.bytes; }
+  py::tuple meta() const { return layout_meta(layout_); }
+  // Copies the arrays to address..address+capacity (the worker's mapping of a shared buffer).
+  void write(std::uintptr_t address, std::size_t capacity) {
+    if (written_) raise(PyExc_RuntimeError, "this batch was written already");
+    if (capacity < layout_.bytes) {
+      raise(PyExc_ValueError, "batch " + std::to_string(index_) + " needs " + std::to_string(layout_.bytes) +
+                                  " bytes, the buffer holds " + std::to_string(capacity));
+    }
+    std::vector<py::object> trash;
+    {
+      py::gil_scoped_release release;
+      // no Python below: copy_leaves moves the sources' references into trash
+      copy_leaves(layout_, reinterpret_cast<std::byte*>(address), trash);
+    }
+    written_ = true;
+  }
+  py::bytes tobytes() {
+    std::string out(layout_.bytes, '\0');
+    write(reinterpret_cast<std::uintptr_t>(out.data()), out.size());
+    return py::bytes(out);
+  }
+
+ private:
+  Layout layout_;
+  std::int64_t index_;
+  bool written_ = false;
+};
+
+// Python objects a native callback holds: released with the GIL, wherever the last copy dies.
+struct PyRefs {
+  py::object replace, hook, errors;
+  ~PyRefs() {
+    if (interpreter_finalizing()) {  // leak rather than touch a dying interpreter
+      replace.release();
+      hook.release();
+      errors.release();
+      return;
+    }
+    if (PyGILState_Check()) return;
+    py::gil_scoped_acquire gil;
+    replace = py::object();
+    hook = py::object();
+    errors = py::object();
+  }
+};
+
+// Process mode's loader, with the Python side's callbacks:
+//   replace(slot) -> (fd, pid, death)   starts a new worker for a slot whose worker died
+//   hook(epoch)                         the Sequence's on_epoch_end (None: no hook)
+//   errors(kind, blob, index, epoch, position, worker, pid) -> exception   for failed batches
+class PyProcLoader {
+ public:
+  PyProcLoader(std::vector<int> fds, std::vector<int> pids, const PyPool& pool, py::object replace,
+               py::object hook, py::object errors, int max_retries, std::int64_t hooks_before) {
+    Arena* arena = pool.pool->arena();
+    if (!arena) throw py::value_error("process mode needs a BufferPool made with arena_bytes");
+    if (fds.size() != pids.size() || fds.empty()) throw py::value_error("one fd and one pid per worker");
+    refs_ = std::make_shared<PyRefs>();
+    refs_->replace = std::move(replace);
+    refs_->hook = std::move(hook);
+    refs_->errors = std::move(errors);
+    std::vector<ProcWorker> workers;
+    for (std::size_t i = 0; i < fds.size(); ++i) workers.push_back({fds[i], pids[i]});
+    std::shared_ptr<PyRefs> refs = refs_;
+    ProcLoader::Replace on_death = [refs](int slot, std::string& death) -> ProcWorker {
+      if (interpreter_finalizing()) {
+        death = "the interpreter is shutting down";
+        return {};
+      }
+      py::gil_scoped_acquire gil;
+      try {
+        auto t = refs->replace(slot).cast<py::tuple>();
+        death = t[2].cast<std::string>();
+        return {t[0].cast<int>(), t[1].cast<int>()};
+      } catch (py::error_already_set& e) {
+        death = std::string("starting a new worker failed: ") + e.what();
+        return {};
+      }
+    };
+    ProcLoader::Hook on_epoch;
+    if (!refs_->hook.is_none()) {
+      on_epoch = [refs](int, std::int64_t epoch) -> std::unique_ptr<Payload> {
+        if (interpreter_finalizing()) return nullptr;
+        py::gil_scoped_acquire gil;
+        try {
+          refs->hook(epoch);
+        } catch (py::error_already_set& e) {
+          auto batch = std::make_unique<PyBatch>();
+          batch->error = e.value();
+          if (e.trace() && !e.trace().is_none()) PyException_SetTraceback(batch->error.ptr(), e.trace().ptr());
+          return batch;
+        }
+        return nullptr;
+      };
+    }
+    loader_ = std::make_shared<ProcLoader>(std::move(workers), arena->base(), arena->size(), std::move(on_death),
+                                           std::move(on_epoch), max_retries, hooks_before);
+  }
+
+  std::shared_ptr<ProcLoader> loader() const { return loader_; }
+  const PyRefs& refs() const { return *refs_; }
+
+  py::list workers() const {
+    py::list out;
+    for (const ProcWorker& w : loader_->workers()) out.append(py::make_tuple(w.fd, w.pid));
+    return out;
+  }
+
+ private:
+  std::shared_ptr<PyRefs> refs_;
+  std::shared_ptr<ProcLoader> loader_;
+};
 
 // The native source of a pyloader.ArraySequence: its columns for the core's GatherLoader, and
 // how to rebuild a delivered batch (a single array, a tuple or a dict of arrays).
@@ -163,6 +306,12 @@ class PyEngine {
       native_ = &sequence.cast<PyArraySource&>();
       native_ref_ = sequence;
       loader = native_->loader();
+    } else if (py::isinstance<PyProcLoader>(sequence)) {  // process mode
+      proc_ = &sequence.cast<PyProcLoader&>();
+      native_ref_ = sequence;
+      loader = proc_->loader();
+      static py::handle loads = py::object(py::module_::import("pickle").attr("loads")).release();
+      loads_ = py::reinterpret_borrow<py::object>(loads);
     } else {
       loader = std::make_shared<PyLoader>(std::move(sequence), std::move(epoch_end), workers);
     }
@@ -296,6 +445,7 @@ class PyEngine {
       py::object lease = py::cast(Lease{std::move(d.buffer)});
       return native_->build(gathered, base, lease);
     }
+    if (proc_) return deliver_proc(std::move(d));
     auto* batch = static_cast<PyBatch*>(d.payload.get());
     if (d.failed) {
       py::object exc = error_factory_(batch->error, d.task.index, d.task.epoch, d.task.position, d.worker);
@@ -308,10 +458,29 @@ class PyEngine {
     return build(batch->layout, base, lease);
   }
 
+  py::object deliver_proc(Delivery d) {
+    auto* batch = static_cast<ProcBatch*>(d.payload.get());
+    if (d.failed) {
+      const char* kind = batch->kind == ProcBatch::kRaised ? "raised" : "died";
+      py::object exc = proc_->refs().errors(kind, py::bytes(batch->message), d.task.index, d.task.epoch,
+                                            d.task.position, d.worker, batch->pid);
+      PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(exc.ptr())), exc.ptr());
+      throw py::error_already_set();
+    }
+    py::object meta = loads_(py::memoryview::from_memory(batch->meta.data(), static_cast<py::ssize_t>(batch->meta.size())));
+    if (!d.buffer) return build_meta(meta, nullptr, 0, py::none());
+    std::byte* base = d.buffer.data();
+    const std::size_t capacity = d.buffer.capacity();
+    py::object lease = py::cast(Lease{std::move(d.buffer)});
+    return build_meta(meta, base, capacity, lease);
+  }
+
   std::shared_ptr<BufferPool> pool_;
   std::shared_ptr<Engine> engine_;
   PyArraySource* native_ = nullptr;  // set for an ArraySequence's native source
-  py::object native_ref_;            // keeps it alive
+  PyProcLoader* proc_ = nullptr;     // set in process mode
+  py::object loads_;                 // pickle.loads, in process mode
+  py::object native_ref_;            // keeps it (the source or the ProcLoader) alive
   py::object error_factory_;
   py::object warning_category_;
   bool warned_starved_ = false;
@@ -326,11 +495,20 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "pyloader's native core (private: use the pyloader package).";
 
   py::class_<PyPool>(m, "BufferPool")
-      .def(py::init([](std::size_t max_bytes, const std::string& pin) {
-             return PyPool{BufferPool::create(max_bytes, parse_pin(pin))};
+      .def(py::init([](std::size_t max_bytes, const std::string& pin, std::size_t arena_bytes) {
+             try {
+               return PyPool{BufferPool::create(max_bytes, parse_pin(pin), arena_bytes)};
+             } catch (const std::system_error& e) {
+               raise(PyExc_OSError, std::string("pyloader: cannot make the shared-memory arena: ") + e.what());
+             }
            }),
-           py::arg("max_bytes"), py::arg("pin"))
-      .def("info", [](const PyPool& p) { return pool_info(*p.pool); });
+           py::arg("max_bytes"), py::arg("pin"), py::arg("arena_bytes") = 0)
+      .def("info", [](const PyPool& p) { return pool_info(*p.pool); })
+      .def_property_readonly("arena_fd", [](const PyPool& p) { return p.pool->arena() ? p.pool->arena()->fd() : -1; })
+      .def_property_readonly("arena_size", [](const PyPool& p) { return p.pool->arena() ? p.pool->arena()->size() : 0; })
+      .def("close_arena_fd", [](const PyPool& p) {
+        if (p.pool->arena()) p.pool->arena()->close_fd();
+      });
 
   py::class_<Lease>(m, "Lease")
       .def_property_readonly("nbytes", [](const Lease& l) { return l.buffer.capacity(); })
@@ -352,6 +530,28 @@ PYBIND11_MODULE(_C, m) {
       .def("__repr__", [](const Stack& s) {
         return "pyloader.stack(<" + std::to_string(s.samples.size()) + " samples>)";
       });
+
+  py::class_<Packed>(m, "Packed")
+      .def(py::init<py::object, std::int64_t>(), py::arg("value"), py::arg("index"))
+      .def_property_readonly("nbytes", &Packed::nbytes)
+      .def("meta", &Packed::meta)
+      .def("write", &Packed::write, py::arg("address"), py::arg("capacity"))
+      .def("tobytes", &Packed::tobytes);
+
+  py::class_<PyProcLoader>(m, "ProcLoader")
+      .def(py::init<std::vector<int>, std::vector<int>, const PyPool&, py::object, py::object, py::object, int,
+                    std::int64_t>(),
+           py::arg("fds"), py::arg("pids"), py::arg("pool"), py::arg("replace"), py::arg("hook"),
+           py::arg("errors"), py::arg("max_retries"), py::arg("hooks_before"))
+      .def("workers", &PyProcLoader::workers)
+      .def("dirty", [](const PyProcLoader& l) { return l.loader()->dirty(); })
+      .def_property_readonly("hooks", [](const PyProcLoader& l) { return l.loader()->hooks(); })
+      .def_property_readonly("deaths", [](const PyProcLoader& l) { return l.loader()->deaths(); });
+
+  m.attr("WIRE_HEADER") = py::make_tuple("=IIqqqqQ", sizeof(WireHeader));
+  m.attr("WIRE_KINDS") = py::dict(py::arg("load") = static_cast<int>(kLoad), py::arg("size") = static_cast<int>(kSize),
+                                  py::arg("error") = static_cast<int>(kError), py::arg("write") = static_cast<int>(kWrite),
+                                  py::arg("done") = static_cast<int>(kDone), py::arg("inline") = static_cast<int>(kInline));
 
   py::class_<PyEngine>(m, "Engine")
       .def(py::init<py::object, py::object, const PyPool&, int, std::size_t, double, py::object, py::object>(),

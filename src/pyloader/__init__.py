@@ -2,13 +2,14 @@
 
 Wrap a Sequence (``__len__`` = number of batches, ``__getitem__(i)`` = batch ``i``) in a
 :class:`Prefetcher`; iterate it once per epoch. Batches load ahead on native threads into reusable
-buffers and arrive in a deterministic order, each exactly once.
+buffers and arrive in a deterministic order, each exactly once. ``mode="process"`` loads them in
+worker processes that write into shared memory, for a ``__getitem__`` that holds the GIL.
 """
 
 from __future__ import annotations
 
 from .arrays import ArraySequence
-from ._errors import BatchError, EpochEndError, PoolExhaustedWarning
+from ._errors import BatchError, EpochEndError, PoolExhaustedWarning, WorkerDiedError
 from .collate import collate, stack
 from .prefetcher import Prefetcher, prefetch
 
@@ -25,5 +26,6 @@ __all__ = sorted(
         "collate",
         "prefetch",
         "stack",
+        "WorkerDiedError",
     ]
 )

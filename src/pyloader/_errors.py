@@ -27,6 +27,11 @@ class BatchError(RuntimeError):
         self.worker = worker
 
 
+class WorkerDiedError(BatchError):
+    """Process mode: the worker processes that tried to load a batch died, ``max_retries + 1``
+    times. The message says how each ended (signal, exit status)."""
+
+
 class EpochEndError(RuntimeError):
     """The Sequence's ``on_epoch_end()`` raised. ``__cause__`` is the original exception."""
 

@@ -51,7 +51,6 @@ from typing import Any
 import keras
 import numpy as np
 
-from . import prefetcher as _prefetcher
 from ._errors import BatchError
 from .arrays import ArraySequence
 from .prefetcher import Prefetcher
@@ -499,8 +498,8 @@ def prefetch(
             ``on_epoch_begin``/``on_epoch_end`` run once per epoch, where loading crosses epochs.
         workers: loading threads. Default: a PyDataset's ``workers``, else 4.
         depth: batches loaded ahead. Default: a PyDataset's ``max_queue_size``, else ``2 * workers``.
-        mode: ``"thread"``. Default: ``"process"`` for a PyDataset with
-            ``use_multiprocessing=True`` where pyloader has it, else threads (with a warning).
+        mode: ``"thread"`` or ``"process"``. Default: ``"process"`` for a PyDataset with
+            ``use_multiprocessing=True``, else ``"thread"``.
         shuffle: ``None`` follows the order Keras asks for; ``True``/``False`` force it.
         seed: seed of the shuffled order; default drawn from Python's ``random`` (which
             ``keras.utils.set_random_seed`` seeds), or 0 when sharded.
@@ -523,19 +522,7 @@ def prefetch(
     if depth is None:
         depth = queue_size
     if mode is None:
-        mode = "thread"
-        if multiprocessing:
-            if "process" in getattr(_prefetcher, "_MODES", ()):
-                mode = "process"
-            else:
-                warnings.warn(
-                    f"{type(sequence).__name__} has use_multiprocessing=True, but this pyloader has "
-                    "no process mode yet: loading on threads, which run __getitem__ in parallel "
-                    "only where it releases the GIL (numpy, I/O, sleep). Pass mode='thread' to "
-                    "silence this warning.",
-                    UserWarning,
-                    stacklevel=2,
-                )
+        mode = "process" if multiprocessing else "thread"
     if seed is None and shard is None:
         seed = random.getrandbits(63)
     return PrefetchedDataset(

@@ -27,6 +27,7 @@ import numpy as np
 
 from . import _C
 from ._errors import EpochEndError, PoolExhaustedWarning, batch_error
+from . import process as _process
 from ._plan import Plan, resolve_shard
 from .arrays import ArraySequence
 
@@ -34,10 +35,25 @@ __all__ = ["Prefetcher", "prefetch"]
 
 _STATE_VERSION = 1
 _RUN_BUDGET_US = 200.0  # a worker holding the GIL keeps loading ready batches while cheaper than this
-_MODES = ("thread",)
+_MODES = ("thread", "process")
+_ARENA_SLACK = 1 << 30  # the arena's room beyond twice the pool's bound (it is sparse: costs nothing)
 
 _live: weakref.WeakSet[Prefetcher] = weakref.WeakSet()
 _live_lock = threading.Lock()
+
+
+def _orphan_live() -> None:
+    # In a forked child, the Prefetchers are copies whose threads and processes belong to the
+    # parent: closing them here would join threads that do not exist. Keep them, inert, forever.
+    for loader in list(_live):
+        loader._closed = True
+        _orphans.append(loader)
+    _live.clear()
+
+
+_orphans: list[Prefetcher] = []
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_orphan_live)
 
 
 @atexit.register
@@ -100,9 +116,18 @@ class Prefetcher:
             ``"mlock"``, or ``False``. See :meth:`memory_info` for what was pinned.
         timeout: seconds to wait for one batch before raising ``TimeoutError`` naming its index;
             ``None`` waits forever.
-        mode: ``"thread"``.
+        mode: ``"thread"``, or ``"process"`` for a ``__getitem__`` that holds the GIL: worker
+            processes write batches straight into shared memory (see :mod:`pyloader.process`).
         max_pool_bytes: bound of the buffer pool; it grows past ``depth`` buffers only while you
             keep references to old batches. Default: half the physical memory.
+        start_method: process mode: how the worker processes start. ``"fork"`` (the default
+            where it exists) forks them from a copy of this process taken now; ``"spawn"`` and
+            ``"forkserver"`` start a fresh interpreter that receives the Sequence pickled.
+        worker_init_fn: process mode: called as ``worker_init_fn(worker_id)`` in each new worker
+            process (replacements too), after ``random`` and numpy are seeded from
+            ``(seed, worker_id)``.
+        max_retries: process mode: how many times a batch whose worker process died is loaded
+            again (by a new worker) before it fails with :class:`~pyloader.WorkerDiedError`.
 
     Raises:
         TypeError: ``sequence`` has no ``__len__`` or ``__getitem__``.
@@ -123,9 +148,13 @@ class Prefetcher:
         timeout: float | None = None,
         mode: str = "thread",
         max_pool_bytes: int | None = None,
+        start_method: str | None = None,
+        worker_init_fn: Any = None,
+        max_retries: int = 2,
     ) -> None:
         self._closed = True  # until construction succeeds: __del__ must find a consistent object
         self._engine: _C.Engine | None = None
+        self._workers: _process.WorkerPool | None = None
         if not (hasattr(sequence, "__len__") and hasattr(sequence, "__getitem__")):
             raise TypeError(
                 f"sequence must have __len__ and __getitem__ (a Sequence of batches), "
@@ -137,11 +166,19 @@ class Prefetcher:
         self.shuffle = _check_bool("shuffle", shuffle)
         self.drop_last = _check_bool("drop_last", drop_last)
         if mode not in _MODES:
-            raise ValueError(
-                f"mode must be one of {_MODES}, got {mode!r}"
-                + (" (process mode is not available in this version)" if mode == "process" else "")
-            )
+            raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
         self.mode = mode
+        if mode == "process":
+            if start_method is None:
+                start_method = _process.default_start_method()
+            if start_method not in _process.START_METHODS:
+                raise ValueError(f"start_method must be one of {_process.START_METHODS} or None, got {start_method!r}")
+            if worker_init_fn is not None and not callable(worker_init_fn):
+                raise ValueError(f"worker_init_fn must be callable or None, got {worker_init_fn!r}")
+        elif start_method is not None or worker_init_fn is not None:
+            raise ValueError("start_method and worker_init_fn apply to mode='process' only")
+        self.start_method = start_method
+        self.max_retries = _check_int("max_retries", max_retries, 0)
         if timeout is not None and (
             isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0
         ):
@@ -157,10 +194,19 @@ class Prefetcher:
         self._plan = Plan(length, self.shuffle, seed, rank, world, self.drop_last)
         self._sequence = sequence
         # An ArraySequence is gathered natively: the engine passes it the epoch, no hook needed.
-        self._native = isinstance(sequence, ArraySequence)
+        self._native = isinstance(sequence, ArraySequence) and mode == "thread"
         hook = None if self._native else getattr(sequence, "on_epoch_end", None)
         self._on_epoch_end = hook if callable(hook) else None
-        self._pool = _C.BufferPool(self._max_pool_bytes, self._pin)
+        arena = 2 * self._max_pool_bytes + _ARENA_SLACK if mode == "process" else 0
+        self._pool = _C.BufferPool(self._max_pool_bytes, self._pin, arena)
+        self._hooks_run = 0  # epoch hooks run so far (process mode: workers replay them)
+        self._proc_loader: Any = None
+        if mode == "process":
+            # Now, before any thread of this Prefetcher runs: the zygote is forked from this image.
+            self._workers = _process.WorkerPool(
+                sequence, workers=self.workers, pool=self._pool, start_method=start_method,
+                worker_init_fn=worker_init_fn, seed=seed, replay_hooks=self._on_epoch_end is not None,
+            )
 
         # Where the next engine starts: (epoch, batches of that epoch already consumed).
         self._resume: tuple[int, int] = (0, 0)
@@ -200,6 +246,7 @@ class Prefetcher:
         epoch, _ = self._resume
         self._resume = (epoch + 1, 0)
         if self._on_epoch_end is not None:
+            self._hooks_run += 1
             self._on_epoch_end()
         return
         yield  # a generator that yields nothing
@@ -207,8 +254,14 @@ class Prefetcher:
     def _start_engine(self) -> None:
         epoch, offset = self._resume
         hook = self._on_epoch_end
+        if self._workers is not None:
+            source = self._proc_loader = self._workers.loader(
+                self._pool, None if hook is None else (lambda _epoch: hook()), self.max_retries, self._hooks_run
+            )
+        else:
+            source = self._sequence.native_source() if self._native else self._sequence
         engine = _C.Engine(
-            self._sequence.native_source() if self._native else self._sequence,
+            source,
             None if hook is None else (lambda _epoch: hook()),
             self._pool,
             self.workers,
@@ -395,6 +448,11 @@ class Prefetcher:
             self._past_stats += [self._summarize(s) for s in engine.stats()]
             self._engine = None
             engine.close()
+        loader, self._proc_loader = self._proc_loader, None
+        if loader is not None and self._workers is not None:
+            self._hooks_run = loader.hooks
+            if not self._closed:
+                self._workers.discard(loader.dirty())  # workers left mid-conversation
         self._segments = []
 
     def close(self) -> None:
@@ -403,8 +461,17 @@ class Prefetcher:
             return
         self._closed = True
         self._stop_engine()
+        workers, self._workers = getattr(self, "_workers", None), None
+        if workers is not None:
+            workers.close()
+            self._pool.close_arena_fd()
         with _live_lock:
             _live.discard(self)
+
+    def worker_pids(self) -> list[int]:
+        """Process mode: the process ids of the current workers, one per worker (a replaced worker's
+        successor takes its place). Thread mode: ``[]``."""
+        return [] if self._workers is None else self._workers.pids()
 
     def __enter__(self) -> Prefetcher:
         return self
