@@ -436,3 +436,38 @@ def test_options_are_validated():
     with pytest.raises(ValueError, match="max_retries must be an integer >= 0"):
         pyloader.Prefetcher(ProcSeq(2), mode="process", max_retries=-1)
     assert pyloader.Prefetcher(ProcSeq(2)).worker_pids() == []
+
+
+def test_ctrl_c_to_the_process_group_leaves_nothing():
+    # A terminal's Ctrl-C signals the whole process group: the workers and the zygote ignore it,
+    # the consumer gets KeyboardInterrupt while waiting, and its exit takes them all down.
+    code = PRELUDE + """
+p = pyloader.Prefetcher(ProcSeq(10_000, sleep=0.2), mode="process", workers=2)
+it = iter(p)
+next(it)
+print(" ".join(map(str, p.worker_pids() + [p._workers._proc.pid])), flush=True)
+try:
+    for _ in it:
+        pass
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+    assert all(psutil.pid_exists(pid) for pid in p.worker_pids())  # they ignored it
+    raise
+"""
+    code = code.replace("import pyloader", "import pyloader, psutil")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    try:
+        pids = [int(x) for x in proc.stdout.readline().split()]
+        assert len(pids) == 3
+        time.sleep(0.3)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+        assert "interrupted" in out, err
+        assert "KeyboardInterrupt" in err, err
+        assert wait_gone(pids) == []
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()

@@ -42,6 +42,7 @@ import numpy as np
 __all__ = [
     "DecodeSequence",
     "GatherSequence",
+    "LargeSequence",
     "LatencySequence",
     "PythonSequence",
     "SampleDecodeDataset",
@@ -99,6 +100,32 @@ class TinySequence:
 
     def __repr__(self) -> str:
         return f"TinySequence(batches={self.batches})"
+
+
+class LargeSequence:
+    """Ready-made large batches: the same ``mb`` MB float32 array, returned as is.
+
+    Loading costs nothing, so the time per batch is what moving a batch to the consumer costs
+    (the hand-off): for process workers, getting its bytes out of the worker process.
+
+    Args:
+        batches: Number of batches.
+        mb: Batch size in megabytes (1e6 bytes).
+    """
+
+    def __init__(self, *, batches: int, mb: float = 3.0) -> None:
+        self.batches = batches
+        self.mb = mb
+        self.data = np.random.default_rng(0).random(int(mb * 1e6) // 4, dtype=np.float32)
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return self.data
+
+    def __repr__(self) -> str:
+        return f"LargeSequence(batches={self.batches}, mb={self.mb})"
 
 
 class GatherSequence:
@@ -351,6 +378,11 @@ WORKLOADS: dict[str, Workload] = {
             "tiny",
             "almost free batches: the loader's own per-batch overhead",
             lambda quick: TinySequence(batches=200 if quick else 5000),
+        ),
+        Workload(
+            "large",
+            "ready-made 3 MB float32 batches: the cost of handing a big batch to the consumer",
+            lambda quick: LargeSequence(batches=20 if quick else 400, mb=3.0),
         ),
         Workload(
             "gather",
