@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from typing import Any
 
 import psutil
 import pytest
@@ -49,6 +50,26 @@ def wait_gone(pids: list[int], seconds: float = 10.0) -> list[int]:
             return []
         time.sleep(0.05)
     return [p for p in pids if not gone(p)]
+
+
+CONSUMER = PRELUDE + """
+import psutil
+p = pyloader.Prefetcher(ProcSeq(10_000, sleep=%r), mode="process", workers=2)
+it = iter(p)
+next(it)
+print(" ".join(map(str, p.worker_pids() + [p._workers._proc.pid])), flush=True)
+"""
+
+
+def start_consumer(sleep: float, rest: str, **popen: Any) -> tuple[subprocess.Popen, list[int]]:
+    """A consumer process mid-epoch (then running `rest`); returns it and its workers' and
+    zygote's pids."""
+    proc = subprocess.Popen([sys.executable, "-c", CONSUMER % sleep + textwrap.dedent(rest)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=os.path.dirname(os.path.abspath(__file__)), **popen)
+    pids = [int(x) for x in proc.stdout.readline().split()]
+    assert len(pids) == 3, proc.stderr.read() if not pids else pids
+    return proc, pids
 
 
 def test_batches_in_order_match_thread_mode():
@@ -214,26 +235,15 @@ def test_worker_exception_carries_its_traceback():
 
 
 def test_workers_exit_when_the_consumer_is_killed():
-    code = PRELUDE + """
-p = pyloader.Prefetcher(ProcSeq(10_000, sleep=0.05), mode="process", workers=2)
-it = iter(p)
-next(it)
-print(" ".join(map(str, p.worker_pids() + [p._workers._proc.pid])), flush=True)
-time.sleep(60)
-"""
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
-                            cwd=os.path.dirname(os.path.abspath(__file__)))
+    proc, pids = start_consumer(0.05, "time.sleep(60)")
     try:
-        pids = [int(x) for x in proc.stdout.readline().split()]
-        assert len(pids) == 3
         assert all(not gone(pid) for pid in pids)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
         assert wait_gone(pids) == [], "workers or zygote outlived their consumer"
     finally:
         proc.kill()
-        proc.wait()
-        proc.stdout.close()
+        proc.communicate()
 
 
 def test_close_leaves_no_process_thread_or_descriptor():
@@ -441,25 +451,16 @@ def test_options_are_validated():
 def test_ctrl_c_to_the_process_group_leaves_nothing():
     # A terminal's Ctrl-C signals the whole process group: the workers and the zygote ignore it,
     # the consumer gets KeyboardInterrupt while waiting, and its exit takes them all down.
-    code = PRELUDE + """
-p = pyloader.Prefetcher(ProcSeq(10_000, sleep=0.2), mode="process", workers=2)
-it = iter(p)
-next(it)
-print(" ".join(map(str, p.worker_pids() + [p._workers._proc.pid])), flush=True)
-try:
-    for _ in it:
-        pass
-except KeyboardInterrupt:
-    print("interrupted", flush=True)
-    assert all(psutil.pid_exists(pid) for pid in p.worker_pids())  # they ignored it
-    raise
-"""
-    code = code.replace("import pyloader", "import pyloader, psutil")
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    proc, pids = start_consumer(0.2, """
+        try:
+            for _ in it:
+                pass
+        except KeyboardInterrupt:
+            print("interrupted", flush=True)
+            assert all(psutil.pid_exists(pid) for pid in p.worker_pids())  # they ignored it
+            raise
+        """, start_new_session=True)
     try:
-        pids = [int(x) for x in proc.stdout.readline().split()]
-        assert len(pids) == 3
         time.sleep(0.3)
         os.killpg(proc.pid, signal.SIGINT)
         out, err = proc.communicate(timeout=30)
@@ -468,6 +469,4 @@ except KeyboardInterrupt:
         assert wait_gone(pids) == []
     finally:
         proc.kill()
-        proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
+        proc.communicate()

@@ -200,6 +200,18 @@ void ProcLoader::fail_died(Prepared& item, const std::vector<std::string>& death
   item.payload = std::move(batch);
 }
 
+bool ProcLoader::retry_after_death(int worker, Prepared& item, std::vector<std::string>& deaths) {
+  if (!replace(worker, deaths)) {
+    fail_died(item, deaths, "no new worker process could be started");
+    return false;
+  }
+  if (static_cast<int>(deaths.size()) > max_retries_) {
+    fail_died(item, deaths, "");
+    return false;
+  }
+  return true;
+}
+
 // ---- Loader ---------------------------------------------------------------------------------
 
 void ProcLoader::prepare(int worker, Prepared& item) noexcept {
@@ -223,14 +235,7 @@ void ProcLoader::prepare(int worker, Prepared& item) noexcept {
         }
         // A malformed answer: the worker is broken; it is replaced like a dead one.
       }
-      if (!replace(worker, deaths)) {
-        fail_died(item, deaths, "no new worker process could be started");
-        return;
-      }
-      if (static_cast<int>(deaths.size()) > max_retries_) {
-        fail_died(item, deaths, "");
-        return;
-      }
+      if (!retry_after_death(worker, item, deaths)) return;
     }
   } catch (const std::exception& e) {
     item.error = std::string("process mode: ") + e.what();
@@ -314,14 +319,7 @@ void ProcLoader::fill(int worker, Prepared& item, std::byte* dst, std::size_t ca
         batch->message = "the loader was stopped";
         return;
       }
-      if (!replace(worker, deaths)) {
-        fail_died(item, deaths, "no new worker process could be started");
-        return;
-      }
-      if (static_cast<int>(deaths.size()) > max_retries_) {
-        fail_died(item, deaths, "");
-        return;
-      }
+      if (!retry_after_death(worker, item, deaths)) return;
       reload = true;
     }
   } catch (const std::exception& e) {

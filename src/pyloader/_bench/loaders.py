@@ -22,6 +22,7 @@ other.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import os
 import sys
@@ -262,6 +263,14 @@ def _open_pyloader_torch(seq: Any, *, workers: int) -> Session:
     return _TorchSession(seq, workers=workers, loader_class=DataLoader)
 
 
+def _open_pyloader_torch_process(seq: Any, *, workers: int) -> Session:
+    try:
+        from pyloader.torch import DataLoader
+    except ImportError as exc:
+        raise Unavailable(f"pyloader.torch not importable: {exc}") from exc
+    return _TorchSession(seq, workers=workers, loader_class=functools.partial(DataLoader, mode="process"))
+
+
 # -- Keras 3 PyDataset ------------------------------------------------------------------------
 
 
@@ -410,6 +419,10 @@ for _spec in [
     LoaderSpec("pyloader-torch", "pyloader",
                "pyloader.torch.DataLoader, the same arguments as the torch peer",
                _open_pyloader_torch, requires=("pyloader", "torch"), applies=lambda workload: True),
+    LoaderSpec("pyloader-torch-process", "pyloader",
+               "pyloader.torch.DataLoader(..., mode='process'), the same arguments as the torch peer",
+               _open_pyloader_torch_process, requires=("pyloader", "torch"), applies=lambda workload: True,
+               default=False),
     LoaderSpec("torch", "peer", "torch DataLoader(seq, batch_size=None, num_workers=W); per-sample "
                "datasets: batch_size=sample_batch_size, shuffle=True, seeded generator",
                _open_torch, requires=("torch",), applies=lambda workload: True),
