@@ -629,3 +629,325 @@ def test_ddp_with_gloo_on_two_processes_shards_disjointly_and_covers_the_dataset
     assert ranks[0]["epochs"][0] != ranks[0]["epochs"][1], "no new order in the second epoch"
     assert all(all(r["matches"]) for r in ranks), "not the batches of torch's DistributedSampler"
     assert ranks[0]["len"] == 7
+
+
+# ---- mode="process" ----------------------------------------------------------------------------
+# Worker processes, killed for real: each scenario runs in a fresh interpreter with a timeout
+# (conftest.run_python), so that a hang or a stray process fails one test, not the suite. The
+# scenarios import this module's datasets (they run in tests/) and print "OK" at the end.
+
+PROC_PRELUDE = """
+import gc, glob, multiprocessing, os, signal, sys, time
+import numpy as np
+import psutil
+import torch
+from torch.utils.data import Dataset
+from torch.utils.data import DataLoader as TorchLoader
+import pyloader
+from pyloader.torch import DataLoader, SampleError
+from test_torch import CONFIGS, Samples, assert_same
+"""
+
+process_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process mode tests fork")
+
+
+def run_ok(body: str, *, timeout: float = 120.0, env: dict[str, str] | None = None) -> str:
+    from conftest import run_python
+
+    r = run_python(PROC_PRELUDE + textwrap.dedent(body), timeout=timeout, env=env)
+    assert r.returncode == 0 and "OK" in r.stdout, f"exit {r.returncode}\nstdout:\n{r.stdout}\nstderr:\n{r.stderr}"
+    return r.stdout
+
+
+@process_only
+def test_process_mode_batches_equal_torch_batch_for_batch():
+    run_ok("""
+    import warnings
+    warnings.simplefilter("ignore", pyloader.torch.StackFallbackWarning)  # kind "mixed"
+    for kind in ["tuple", "dict", "tensors", "mixed", "list"]:
+        for name, config in CONFIGS.items():
+            ds = Samples(23, kind)
+            ref = TorchLoader(ds, generator=torch.Generator().manual_seed(7), **config)
+            ours = DataLoader(ds, generator=torch.Generator().manual_seed(7), num_workers=2, mode="process",
+                              **config)
+            assert len(ours) == len(ref)
+            for epoch in range(2):
+                want, it = list(ref), iter(ours)
+                assert len(it.worker_pids()) == 2 and os.getpid() not in it.worker_pids()
+                got = list(it)
+                assert len(got) == len(want), (kind, name, epoch)
+                for w, g in zip(want, got):
+                    assert_same(g, w, f"{kind}/{name}/epoch {epoch}")
+    # persistent workers: torch draws base_seed once; the generator's stream stays aligned
+    ds = Samples(9)
+    ref = TorchLoader(ds, batch_size=4, shuffle=True, num_workers=1, persistent_workers=True,
+                      generator=torch.Generator().manual_seed(4))
+    ours = DataLoader(ds, batch_size=4, shuffle=True, num_workers=1, persistent_workers=True,
+                      generator=torch.Generator().manual_seed(4), mode="process")
+    for _ in range(3):
+        for w, g in zip(list(ref), list(ours), strict=True):
+            assert_same(g, w)
+    # a state_dict taken mid-epoch resumes in a new DataLoader with new worker processes
+    config = CONFIGS["shuffle"]
+    want = list(DataLoader(Samples(23), generator=torch.Generator().manual_seed(9), num_workers=2,
+                           mode="process", **config))
+    first = DataLoader(Samples(23), generator=torch.Generator().manual_seed(9), num_workers=2, mode="process",
+                       **config)
+    it = iter(first)
+    got = [next(it) for _ in range(3)]
+    state = first.state_dict()
+    del it
+    second = DataLoader(Samples(23), generator=torch.Generator().manual_seed(0), num_workers=2, mode="process",
+                        **config)
+    second.load_state_dict(state)
+    got += list(second)
+    for w, g in zip(want, got, strict=True):
+        assert_same(g, w)
+    # in-memory arrays need no Python per batch: native threads gather them in either mode
+    from torch.utils.data import TensorDataset
+    tensors = TensorDataset(torch.arange(60.0).view(20, 3), torch.arange(20))
+    ref = TorchLoader(tensors, batch_size=6, shuffle=True, generator=torch.Generator().manual_seed(2))
+    ours = DataLoader(tensors, batch_size=6, shuffle=True, generator=torch.Generator().manual_seed(2),
+                      num_workers=2, mode="process")
+    for _ in range(2):
+        it = iter(ours)
+        assert it.worker_pids() == []
+        for w, g in zip(list(ref), list(it), strict=True):
+            assert_same(g, w)
+    # num_workers=0 means one worker process
+    it = iter(DataLoader(Samples(10), batch_size=4, mode="process"))
+    assert len(it.worker_pids()) == 1 and os.getpid() not in it.worker_pids()
+    assert [b[1].tolist() for b in it] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    print("OK")
+    """)
+
+
+@process_only
+def test_process_mode_multiprocessing_context_picks_how_workers_start():
+    run_ok("""
+    for context in ["spawn", multiprocessing.get_context("forkserver"), None]:
+        ds = Samples(23, "dict")
+        ref = TorchLoader(ds, batch_size=3, shuffle=True, generator=torch.Generator().manual_seed(1))
+        ours = DataLoader(ds, batch_size=3, shuffle=True, generator=torch.Generator().manual_seed(1),
+                          num_workers=2, mode="process", multiprocessing_context=context)
+        it = iter(ours)
+        name = context if context is None or isinstance(context, str) else context.get_start_method()
+        assert it._prefetcher.start_method == (name or "fork"), it._prefetcher.start_method
+        for w, g in zip(list(ref), list(it), strict=True):
+            assert_same(g, w)
+    try:
+        iter(DataLoader(Samples(5), batch_size=2, num_workers=1, mode="process",
+                        multiprocessing_context="spawn", collate_fn=lambda batch: batch))
+    except TypeError as e:
+        assert "collate_fn" in str(e) and "multiprocessing_context='spawn'" in str(e), e
+    else:
+        raise AssertionError("an unpicklable collate_fn was accepted for spawn")
+    print("OK")
+    """, timeout=180)
+
+
+@process_only
+def test_process_mode_training_loop_with_sgd_reduces_the_loss():
+    run_ok("""
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 8, generator=gen)
+    y = (x @ torch.randn(8, generator=gen) > 0).long()
+
+    class Points(Dataset):  # Python per sample, holding the GIL: what worker processes are for
+        def __len__(self):
+            return len(x)
+
+        def __getitem__(self, i):
+            return x[i], y[i]
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.3)
+    loader = DataLoader(Points(), batch_size=32, shuffle=True, num_workers=2, generator=gen, mode="process")
+    losses = []
+    for _ in range(6):
+        total = 0.0
+        for xb, yb in loader:
+            loss = torch.nn.functional.cross_entropy(model(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(xb)
+        losses.append(total / len(x))
+    assert losses[-1] < 0.5 * losses[0], losses
+    print("OK")
+    """)
+
+
+@process_only
+def test_process_mode_a_sigkilled_worker_mid_epoch_still_yields_every_batch(tmp_path):
+    run_ok(f"""
+    class Slow(Samples):
+        def __getitem__(self, i):
+            time.sleep(0.005)
+            return super().__getitem__(i)
+
+    def init(worker_id):
+        open(os.path.join({str(tmp_path)!r}, f"init-{{worker_id}}-{{os.getpid()}}"), "w").close()
+
+    ds = Slow(160, "dict")
+    ref = list(TorchLoader(ds, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(5)))
+    loader = DataLoader(ds, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(5),
+                        num_workers=2, worker_init_fn=init, mode="process")
+    it = iter(loader)
+    got, victim = [], None
+    for k, batch in enumerate(it):
+        got.append(batch)
+        if k == 5:
+            before = it.worker_pids()
+            victim = before[1]
+            os.kill(victim, signal.SIGKILL)
+        if k == 30:
+            after = it.worker_pids()
+            assert victim not in after and after[0] == before[0], (before, after)
+    assert len(got) == len(ref) == 40
+    for w, g in zip(ref, got):
+        assert_same(g, w)
+    inits = sorted(os.path.basename(f) for f in glob.glob(os.path.join({str(tmp_path)!r}, "init-*")))
+    assert inits == sorted([f"init-0-{{before[0]}}", f"init-1-{{victim}}", f"init-1-{{after[1]}}"]), inits
+    print("OK")
+    """)
+
+
+@process_only
+def test_process_mode_worker_init_fn_runs_in_each_worker_process_like_torchs(tmp_path):
+    run_ok(f"""
+    import json
+    out = {str(tmp_path)!r}
+
+    class Checked(Samples):
+        def __getitem__(self, i):
+            assert torch.utils.data.get_worker_info().dataset is self  # the worker's own copy
+            return super().__getitem__(i)
+
+    def init(worker_id):
+        info = torch.utils.data.get_worker_info()
+        record = dict(id=worker_id, pid=os.getpid(), info_id=info.id, num_workers=info.num_workers,
+                      seed=info.seed, torch_seed=torch.initial_seed(), threads=torch.get_num_threads(),
+                      dataset=type(info.dataset).__name__)
+        with open(os.path.join(out, f"{{os.getpid()}}.tmp"), "w") as f:
+            json.dump(record, f)
+        os.rename(f.name, os.path.join(out, f"{{os.getpid()}}.json"))  # whole, or not there
+
+    def records(pids):
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and len(glob.glob(os.path.join(out, "*.json"))) < len(pids):
+            time.sleep(0.02)
+        found = {{}}
+        for path in glob.glob(os.path.join(out, "*.json")):
+            with open(path) as f:
+                r = json.load(f)
+            found[r["pid"]] = r
+            os.remove(path)
+        assert set(found) == set(pids), (found, pids)
+        return found
+
+    def epoch_seeds(loader):
+        it = iter(loader)
+        pids = it.worker_pids()
+        assert len(pids) == 2 and os.getpid() not in pids
+        got = records(pids)
+        for slot, pid in enumerate(pids):
+            r = got[pid]
+            assert r["id"] == r["info_id"] == slot and r["num_workers"] == 2, r
+            assert r["seed"] == r["torch_seed"] and r["threads"] == 1 and r["dataset"] == "Checked", r
+        assert len(list(it)) == 20
+        return [got[pid]["seed"] for pid in pids]
+
+    def seeds(generator_seed):
+        loader = DataLoader(Checked(40), batch_size=2, num_workers=2, worker_init_fn=init, mode="process",
+                            shuffle=True, generator=torch.Generator().manual_seed(generator_seed))
+        return [epoch_seeds(loader) for _ in range(2)]
+
+    first = seeds(3)
+    assert len(set(first[0] + first[1])) == 4, first  # per worker and per epoch
+    assert seeds(3) == first  # reproducible from the generator
+    assert seeds(4) != first
+    assert torch.utils.data.get_worker_info() is None  # the consumer is no worker
+    print("OK")
+    """)
+
+
+@process_only
+def test_process_mode_leaves_no_child_processes():
+    run_ok("""
+    me = psutil.Process()
+    ds = Samples(40)
+    loader = DataLoader(ds, batch_size=4, shuffle=True, num_workers=2, mode="process")
+    assert me.children(recursive=True) == []  # construction starts nothing
+    for epoch in range(2):
+        assert len(list(loader)) == 10
+        assert me.children(recursive=True) == [], me.children(recursive=True)
+    for batch in loader:  # an unfinished pass: its iterator is gone at once, and so are its workers
+        break
+    del batch
+    assert me.children(recursive=True) == []
+    old = iter(loader)
+    next(old)
+    pids = old.worker_pids()
+    new = iter(loader)  # a new pass retires the unfinished one: its workers end
+    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids)
+    try:
+        next(old)
+    except RuntimeError as e:
+        assert "replaced by a newer iter()" in str(e), e
+    else:
+        raise AssertionError("a retired iterator went on")
+    assert len(list(new)) == 10
+    it = iter(loader)
+    next(it)
+    assert len(me.children(recursive=True)) == 3  # a zygote and its two workers
+    del loader, it, old, new
+    gc.collect()
+    assert me.children(recursive=True) == [], me.children(recursive=True)
+    print("OK")
+    """)
+
+
+@process_only
+def test_process_mode_sample_errors_and_timeouts_are_torchs():
+    run_ok("""
+    class Bad(Dataset):
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, i):
+            if i == 4:
+                raise KeyError(f"no {i}")
+            if i == 9:
+                time.sleep(2)
+            return i
+
+    it = iter(DataLoader(Bad(), batch_size=2, num_workers=2, mode="process"))
+    assert [next(it).tolist() for _ in range(2)] == [[0, 1], [2, 3]]
+    try:
+        next(it)
+    except SampleError as e:
+        assert (e.sample_index, e.sample_indices, e.index) == (4, [4, 5], 2), e
+        assert type(e.__cause__) is KeyError and "no 4" in str(e.__cause__)
+        assert any("Traceback in worker process" in n for n in e.__cause__.__notes__)
+    else:
+        raise AssertionError("no SampleError")
+    assert [b.tolist() for b in it] == [[6, 7], [8, 9]]  # iteration goes on after the error
+
+    it = iter(DataLoader(Bad(), batch_size=2, num_workers=1, mode="process", timeout=0.3))
+    got = []
+    try:
+        while True:
+            got.append(next(it).tolist())
+    except SampleError:
+        pass
+    try:
+        while True:
+            got.append(next(it).tolist())
+    except RuntimeError as e:
+        assert str(e) == "DataLoader timed out after 0.3 seconds", e
+    assert got == [[0, 1], [2, 3], [6, 7]], got
+    print("OK")
+    """)

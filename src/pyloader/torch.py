@@ -11,12 +11,14 @@ How equality with torch is guaranteed, step by step:
    from the ``generator`` (exactly as torch's iterator does, so the generator's stream stays
    aligned), then the whole epoch's index lists. They become the epoch's *plan*: a batch
    Sequence over the list of index lists, which a :class:`~pyloader.Prefetcher` (no shuffle, no
-   shard: the sampler did both) loads ahead on native threads, in order.
+   shard: the sampler did both) loads ahead on its workers (threads or processes, see below), in
+   order.
 2. *Contents.* A worker fetches the samples (``dataset.__getitems__`` or ``dataset[i]``, like
    torch's fetcher) and returns :func:`pyloader.stack` of them: the engine collates them into slot
-   memory with the GIL released, with ``default_collate``'s numpy semantics. Torch tensors in the
-   samples travel as zero-copy ``.numpy()`` views whose dtype is marked (numpy dtype metadata), so
-   the consumer restores dtypes numpy lacks (``bfloat16``). The consumer turns the delivered
+   memory with the GIL released (a worker process: into the shared slot memory), with
+   ``default_collate``'s numpy semantics. Torch tensors in the samples travel as zero-copy
+   ``.numpy()`` views whose dtype is marked (numpy dtype metadata), so the consumer restores dtypes
+   numpy lacks (``bfloat16``). The consumer turns the delivered
    structure into torch's: arrays become ``torch.from_numpy`` views of the slot (no copy; the
    tensor keeps the lease alive), tuples become lists, and any leaf the native stack left as a list
    of values (mixed types, objects, tensors it could not view) goes through torch's own
@@ -30,14 +32,37 @@ How equality with torch is guaranteed, step by step:
    samplers are gathered by the native core with no Python and no GIL per batch, in the order the
    sampler drew.
 
-Workers are threads of this process (``mode="thread"``): nothing is pickled or forked, but with
-``num_workers > 1`` the dataset is called from several threads at once, so its ``__getitem__`` must
-be safe to call concurrently (reads of arrays, files at offsets, decoding are). ``num_workers=0``
-(torch: load in the main process) uses one worker *thread*: it is in the main process, so nothing is
-pickled or forked, the dataset is never called concurrently, and loading still overlaps the training
-step. ``worker_init_fn`` runs once in each worker thread before its first batch. Randomness inside
-``__getitem__`` is not seeded per worker (threads share torch's, numpy's and Python's global
-generators), and ``torch.utils.data.get_worker_info()`` is ``None`` in the worker threads.
+Workers come in two kinds, chosen with ``mode``:
+
+- ``mode="thread"`` (the default): workers are threads of this process. Nothing is pickled or
+  forked, but with ``num_workers > 1`` the dataset is called from several threads at once, so its
+  ``__getitem__`` must be safe to call concurrently (reads of arrays, files at offsets, decoding
+  are). ``num_workers=0`` (torch: load in the main process) uses one worker *thread*: it is in the
+  main process, so nothing is pickled or forked, the dataset is never called concurrently, and
+  loading still overlaps the training step. ``worker_init_fn`` runs once in each worker thread
+  before its first batch. Randomness inside ``__getitem__`` is not seeded per worker (threads
+  share torch's, numpy's and Python's global generators), ``torch.utils.data.get_worker_info()``
+  is ``None`` in the worker threads, and ``multiprocessing_context`` is checked but unused.
+- ``mode="process"``: for a ``__getitem__`` that holds the GIL (Python-level decoding and
+  augmentation). ``num_workers`` worker *processes* (``num_workers=0``: one worker process, so
+  that the dataset sees the same environment whatever the count) fetch and collate the samples
+  and write the batch's arrays straight into shared memory; the tensors you receive are views of
+  it, as in thread mode. Each worker process is forked from a single-threaded zygote process
+  (:mod:`pyloader.process`); ``multiprocessing_context`` (``"fork"``, ``"spawn"``,
+  ``"forkserver"`` or a context object) picks how the zygote starts: with spawn or forkserver it
+  receives the dataset, ``collate_fn`` and ``worker_init_fn`` pickled, so they must be picklable
+  (module-level classes and functions). In each worker, as in torch's worker loop, torch uses one
+  intra-op thread, ``get_worker_info()`` gives the worker's ``id``, ``num_workers``, ``seed`` and
+  its copy of the ``dataset``, and then ``worker_init_fn(worker_id)`` is called. Python's
+  ``random``, numpy's and torch's global generators are seeded per worker from the ``base_seed``
+  drawn from ``generator`` (as torch draws it), the epoch and the worker id: reproducible, though
+  not torch's own values. A worker that dies (a crash, the out-of-memory killer) is replaced by a
+  new one (``worker_init_fn`` runs again with the same id) and its batch is loaded again, so the
+  epoch still yields every batch, in order. Each pass starts its own worker processes and ends
+  them when it finishes, breaks, or is deleted (torch's non-persistent workers; with
+  ``persistent_workers=True`` too); a new pass also ends a previous unfinished pass of the same
+  DataLoader, whose iterator then raises ``RuntimeError``. In-memory arrays (step 4) need no Python
+  per batch, so they are gathered by native threads in either mode.
 
 Distributed: when ``torch.distributed`` is initialized and no ``sampler``/``batch_sampler`` is
 given, the default sampler becomes ``DistributedSampler(dataset, shuffle=shuffle, seed=...,
@@ -49,6 +74,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import pickle
 import threading
 import warnings
 import weakref
@@ -67,6 +93,7 @@ from torch.utils.data import (
     SequentialSampler,
     TensorDataset,
 )
+from torch.utils.data._utils import worker as _torch_worker
 from torch.utils.data._utils.collate import (
     default_collate,
     default_collate_err_msg_format,
@@ -78,7 +105,7 @@ from torch.utils.data._utils.pin_memory import pin_memory as _torch_pin_memory
 from ._errors import BatchError
 from .arrays import ArraySequence
 from .collate import stack
-from .prefetcher import Prefetcher
+from .prefetcher import _MODES, Prefetcher
 
 __all__ = ["DataLoader", "DevicePrefetcher", "SampleError", "StackFallbackWarning", "prefetch"]
 
@@ -119,6 +146,26 @@ class _SampleFailure(Exception):
         super().__init__(sample_index)
         self.sample_index = sample_index
         self.sample_indices = sample_indices
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Process mode: the failure travels pickled from the worker process, with its cause (which
+        # plain exception pickling drops), or a RuntimeError replica of a cause that cannot travel.
+        cause = self.__cause__
+        if cause is not None:
+            try:
+                pickle.loads(pickle.dumps(cause))
+            except Exception:
+                replica = RuntimeError(f"{type(cause).__qualname__}: {cause}")
+                for note in getattr(cause, "__notes__", ()):
+                    replica.add_note(note)
+                cause = replica
+        return _rebuild_failure, (self.sample_index, self.sample_indices, cause)
+
+
+def _rebuild_failure(sample_index: Any, sample_indices: Any, cause: BaseException | None) -> _SampleFailure:
+    failure = _SampleFailure(sample_index, sample_indices)
+    failure.__cause__ = cause
+    return failure
 
 
 # ---- tensors <-> slot arrays -------------------------------------------------------------------
@@ -295,6 +342,7 @@ def _as_tensors(obj: Any) -> Any:
 # ---- what the workers run ---------------------------------------------------------------------
 
 _STACK, _COLLATE, _CONVERT, _CUSTOM = "stack", "collate", "convert", "custom"
+_KINDS = {kind: kind for kind in (_STACK, _COLLATE, _CONVERT, _CUSTOM)}
 
 
 class _EpochBatches:
@@ -315,6 +363,12 @@ class _EpochBatches:
         getitems = getattr(dataset, "__getitems__", None)
         self.getitems = getitems if kind in (_STACK, _COLLATE) and getitems else None
         self.done = False
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Unpickled in a spawned worker process: ``kind`` is compared by identity, so it must be
+        # this module's constant again, not an equal string.
+        self.__dict__.update(state)
+        self.kind = _KINDS[self.kind]
 
     def on_epoch_end(self) -> None:
         """Called by the engine after the last batch of the epoch was loaded."""
@@ -384,6 +438,32 @@ class _WorkerInit:
         self.fn(worker_id)
 
 
+class _ProcessWorkerInit:
+    """Process mode: what torch's worker loop does in a new worker process, then ``worker_init_fn``.
+
+    Called by :mod:`pyloader.process` as ``worker_init(worker_id)`` in each new worker process,
+    after it seeded ``random``, numpy and torch. Picklable when ``fn`` and ``dataset`` are.
+    """
+
+    def __init__(self, fn: Callable[[int], Any] | None, num_workers: int, dataset: Any) -> None:
+        self.fn = fn
+        self.num_workers = num_workers
+        self.dataset = dataset  # the worker's copy is the one its batch Sequence holds
+
+    def __call__(self, worker_id: int) -> None:
+        torch.set_num_threads(1)
+        _torch_worker._worker_info = _torch_worker.WorkerInfo(
+            id=worker_id, num_workers=self.num_workers, seed=torch.initial_seed(), dataset=self.dataset
+        )
+        if self.fn is not None:
+            self.fn(worker_id)
+
+
+def _worker_seed(base_seed: int, epoch: int, start: int) -> int:
+    """The seed of one Prefetcher's worker processes: new for every pass (and restart) of a loader."""
+    return int(np.random.SeedSequence([base_seed, epoch, start]).generate_state(1, np.uint64)[0] >> 1)
+
+
 class _OrderedArrays(ArraySequence):
     """Rows of in-memory arrays in batches of the sampler's order, gathered by the native core."""
 
@@ -434,7 +514,7 @@ def _array_columns(dataset: Any) -> tuple[list[np.ndarray], bool] | None:
 
 
 class DataLoader(torch.utils.data.DataLoader):
-    """``torch.utils.data.DataLoader``, loaded ahead by pyloader's native threads.
+    """``torch.utils.data.DataLoader``, loaded ahead by pyloader's native threads or worker processes.
 
     A subclass of torch's DataLoader whose constructor *is* torch's: every argument has torch's
     meaning, default and checks (raised by torch's own code, so the messages are torch's), and the
@@ -450,24 +530,30 @@ class DataLoader(torch.utils.data.DataLoader):
         sampler: the order of the sample indices (opts out of automatic distributed sharding).
         batch_sampler: the batches of indices (excludes ``batch_size``, ``shuffle``, ``sampler``,
             ``drop_last``).
-        num_workers: pyloader worker threads; ``0`` means one worker thread (see the module docs).
+        num_workers: pyloader workers (threads, or processes with ``mode="process"``); ``0`` means
+            one worker thread, or one worker process with ``mode="process"`` (see the module docs).
         collate_fn: turns a list of samples into a batch; runs in the worker. ``None``: torch's
             ``default_collate`` (done natively), or ``default_convert`` when ``batch_size=None``.
         pin_memory: pin the slot buffers (``cudaHostRegister``) when an accelerator is present.
         drop_last: drop the last partial batch.
         timeout: seconds to wait for one batch (``0``: forever).
-        worker_init_fn: called as ``worker_init_fn(worker_id)`` once in each worker thread.
-        multiprocessing_context: checked as torch does; unused by threads.
+        worker_init_fn: called as ``worker_init_fn(worker_id)`` once in each worker thread, or in
+            each new worker process with ``mode="process"`` (a replaced worker's successor too).
+        multiprocessing_context: checked as torch does; with ``mode="process"``, how the worker
+            processes start (``"fork"``, ``"spawn"``, ``"forkserver"``, or a context object whose
+            ``get_start_method()`` says it; ``None``: fork where it exists). Unused by threads.
         generator: draws the shuffle (and the ``base_seed`` torch draws for its workers).
         prefetch_factor: batches loaded ahead per worker (default 2).
-        persistent_workers: checked as torch does; worker threads are cheap to start each epoch.
+        persistent_workers: checked as torch does; workers are started for each pass (threads are
+            cheap to start; worker processes are forked from a fresh zygote, like torch's
+            non-persistent workers), but the ``base_seed`` is drawn once, as torch does.
         pin_memory_device: deprecated in torch (warns as torch does).
         in_order: accepted; pyloader always delivers in order.
-        mode: pyloader's worker kind: ``"thread"`` (or ``"process"`` where the engine offers it).
+        mode: pyloader's worker kind: ``"thread"`` or ``"process"`` (see the module docs).
 
     Raises:
         ValueError, TypeError: the argument combinations torch rejects, with torch's messages;
-            ``ValueError`` for a ``mode`` the engine does not offer.
+            ``ValueError`` for a ``mode`` that is not ``"thread"`` or ``"process"``.
     """
 
     def __init__(
@@ -498,6 +584,8 @@ class DataLoader(torch.utils.data.DataLoader):
             prefetch_factor=prefetch_factor, persistent_workers=persistent_workers,
             pin_memory_device=pin_memory_device, in_order=in_order,
         )
+        if mode not in _MODES:
+            raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
         self.mode = mode
         self._auto_shard: DistributedSampler | None = None
         self._iterable = isinstance(self.dataset, IterableDataset)
@@ -508,7 +596,6 @@ class DataLoader(torch.utils.data.DataLoader):
                 stacklevel=2,
             )
             return
-        Prefetcher([], workers=1, mode=mode, pin=False).close()  # fails now for a mode the engine lacks
 
         if sampler is None and batch_sampler is None and (shard := _distributed()) is not None:
             # Automatic sharding: the default sampler becomes a DistributedSampler (torch's frozen
@@ -560,6 +647,9 @@ class DataLoader(torch.utils.data.DataLoader):
             epoch = self._sync_auto_epoch()
             plan = self._draw()
         self._epoch = epoch + 1
+        previous = self._current() if self._current is not None else None
+        if previous is not None and self.mode == "process":
+            previous._retire()  # its worker processes end before this pass starts its own
         it = _LoaderIter(self, epoch, plan)
         self._current = weakref.ref(it)
         return it
@@ -726,6 +816,10 @@ class _LoaderIter:
 
     After an error the iterator stays usable (as torch's does): the next ``next()`` continues with
     the following batch, on a new Prefetcher over the rest of the plan.
+
+    With ``mode="process"`` each Prefetcher has its own worker processes; :meth:`worker_pids`
+    lists them. A newer pass of the same DataLoader retires this one: its processes end, and
+    ``next()`` raises ``RuntimeError`` (unless the epoch was already over).
     """
 
     def __init__(self, loader: DataLoader, epoch: int, plan: _Plan) -> None:
@@ -734,12 +828,16 @@ class _LoaderIter:
         self.plan = plan
         self.yielded = plan.skipped
         self.finished = False
+        self._replaced = False
         self._kind = loader._kind
         self._pin_device = loader._pin_device()
         self._timeout = loader.timeout
         self._workers = max(1, loader.num_workers)
         self._depth = max(1, (loader.prefetch_factor or 2) * self._workers)
-        self._worker_init = _WorkerInit(loader.worker_init_fn) if loader.worker_init_fn is not None else None
+        self._process = loader.mode == "process"
+        self._worker_init = (_WorkerInit(loader.worker_init_fn)
+                             if loader.worker_init_fn is not None and not self._process else None)
+        self._base_seed = getattr(loader, "_base_seed", 0)  # not drawn when a loaded state resumes
         self._seq: Any = None
         if plan.native is not None:
             columns, self._as_tuple = plan.native
@@ -762,21 +860,71 @@ class _LoaderIter:
         self._base = base
         if base >= self._count:
             return
+        loader = self.loader
+        options: dict[str, Any] = {}
         if self._seq is not None and base == 0:
             seq: Any = self._seq
+            mode = "thread"  # a native gather runs no Python: nothing for a process to do
         else:
             batches = self._index_batches()[base:]
-            seq = _EpochBatches(self.loader.dataset, batches, self._kind if self._seq is None else _STACK,
-                                self.loader.collate_fn, self._worker_init)
-        self._prefetcher = Prefetcher(
-            seq,
-            workers=self._workers,
-            depth=self._depth,
-            pin="cuda" if self._pin_device == "cuda" and torch.cuda.is_available() else False,
-            timeout=self._timeout if self._timeout > 0 else None,
-            mode=self.loader.mode,
-        )
+            seq = _EpochBatches(loader.dataset, batches, self._kind if self._seq is None else _STACK,
+                                loader.collate_fn, self._worker_init)
+            mode = loader.mode
+        if mode == "process":
+            options = dict(
+                start_method=self._start_method(),
+                worker_init_fn=_ProcessWorkerInit(loader.worker_init_fn, self._workers, loader.dataset),
+                seed=_worker_seed(self._base_seed, self.epoch, self.plan.skipped + base),
+            )
+        try:
+            self._prefetcher = Prefetcher(
+                seq,
+                workers=self._workers,
+                depth=self._depth,
+                pin="cuda" if self._pin_device == "cuda" and torch.cuda.is_available() else False,
+                timeout=self._timeout if self._timeout > 0 else None,
+                mode=mode,
+                **options,
+            )
+        except TypeError as exc:
+            clearer = self._unpicklable(options["start_method"]) if options and str(exc).startswith(
+                "start_method=") else None
+            if clearer is not None:
+                raise clearer from exc
+            raise
         self._batches = iter(self._prefetcher)
+
+    def _start_method(self) -> str | None:
+        """The start method of ``multiprocessing_context`` (torch turns a name into a context)."""
+        ctx = self.loader.multiprocessing_context
+        if ctx is None or isinstance(ctx, str):
+            return ctx
+        return ctx.get_start_method()
+
+    def _unpicklable(self, start_method: str) -> TypeError | None:
+        """Which DataLoader argument a spawned worker process cannot receive, in torch's terms."""
+        from multiprocessing.reduction import ForkingPickler
+
+        loader = self.loader
+        for name in ("dataset", "collate_fn", "worker_init_fn"):
+            value = getattr(loader, name)
+            try:
+                ForkingPickler.dumps(value)
+            except Exception as exc:
+                return TypeError(
+                    f"multiprocessing_context={start_method!r} starts the worker processes from a fresh "
+                    f"interpreter, which receives the DataLoader's {name} pickled, and this {name} "
+                    f"({type(value).__name__}) cannot be pickled: {type(exc).__name__}: {exc}. Make it "
+                    "picklable (module-level classes and functions, no open handles or locks), or use "
+                    "multiprocessing_context='fork'"
+                )
+        return None
+
+    def worker_pids(self) -> list[int]:
+        """``mode="process"``: the process ids of this pass's current worker processes (a replaced
+        worker's successor takes its place); ``[]`` with threads or once the pass is over."""
+        p = self._prefetcher
+        return [] if p is None else p.worker_pids()
 
     def _index_batches(self) -> list[Any]:
         if self.plan.batches is not None:
@@ -800,6 +948,11 @@ class _LoaderIter:
 
     def __next__(self) -> Any:
         if self._batches is None:
+            if self._replaced and not self.finished:
+                raise RuntimeError(
+                    "this DataLoader iterator was replaced by a newer iter() of its DataLoader, which "
+                    "ended its worker processes (mode='process' runs one pass at a time)"
+                )
             self._finish()
             raise StopIteration
         try:
@@ -843,6 +996,9 @@ class _LoaderIter:
             sample_index=failure.sample_index, sample_indices=failure.sample_indices,
         )
         error.__cause__ = original
+        for note in getattr(failure, "__notes__", ()):  # process mode: the worker's traceback, as text
+            if note not in getattr(original, "__notes__", ()):
+                original.add_note(note)
         return error
 
     def _recover(self, err: BatchError) -> Any:
@@ -892,8 +1048,15 @@ class _LoaderIter:
         if p is not None:
             p.close()
 
+    def _retire(self) -> None:
+        """A newer pass of the DataLoader started: end this one's workers."""
+        if not self.finished and self._prefetcher is not None:
+            self._replaced = True
+            self._close_prefetcher()
+
     def close(self) -> None:
-        """Stops the epoch's worker threads (also done at the end of the epoch and on deletion)."""
+        """Stops the epoch's workers, threads or processes (also done at the end of the epoch and on
+        deletion)."""
         self._close_prefetcher()
 
     def __del__(self) -> None:
