@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import textwrap
 import threading
 from collections import Counter
 
@@ -17,6 +18,8 @@ import numpy as np
 import warnings
 
 import pytest
+
+from conftest import run_python
 
 keras = pytest.importorskip("keras")
 
@@ -553,3 +556,270 @@ def test_array_sequence_is_gathered_natively_every_sample_once_per_epoch(prefetc
     ordered = prefetched(pyloader.ArraySequence(x, y, batch_size=batch), workers=2)
     model.layers[-1].set_weights([np.array([[1.0], [0.0]], np.float32), np.zeros(1, np.float32)])
     np.testing.assert_array_equal(model.predict(ordered, verbose=0)[:, 0], np.arange(samples))
+
+
+# ---- process mode (use_multiprocessing=True) --------------------------------------------------------
+#
+# Each scenario runs in a fresh interpreter with a timeout (conftest.run_python): a hang or a stray
+# process fails one test, not the suite. The scripts print "OK" at the end.
+
+PROCESS_PRELUDE = '''
+import gc, os, signal, sys, time
+os.environ["KERAS_BACKEND"] = "torch"
+import numpy as np, keras, psutil, torch
+import pyloader, pyloader.keras as pk
+
+ROWS = 4
+
+def busy(iterations):
+    """Pure Python work: holds the GIL all along."""
+    s = 0
+    for k in range(iterations):
+        s += k * k
+    return s
+
+class Samples(keras.utils.PyDataset):
+    """Batch i holds the samples order[i*ROWS:(i+1)*ROWS]: x rows are [sample, pid of the process
+    that loaded it, on_epoch_end calls that copy of the Sequence saw], y = 2 * sample / 100 + 1."""
+
+    def __init__(self, n, *, spin=3000, sleep=0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.n, self.spin, self.sleep = n, spin, sleep
+        self.rng = np.random.default_rng(123)
+        self.order = np.arange(n * ROWS)
+        self.ends = 0
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        busy(self.spin)
+        if self.sleep:
+            time.sleep(self.sleep)
+        rows = self.order[i * ROWS:(i + 1) * ROWS]
+        x = np.stack([rows, np.full(ROWS, os.getpid()), np.full(ROWS, self.ends)], axis=1)
+        return x.astype(np.float32), (2 * rows / 100 + 1).astype(np.float32)[:, None]
+
+class EndShuffled(Samples):
+    """The classic Keras pattern: on_epoch_end reshuffles the samples, from a seeded RNG."""
+
+    def on_epoch_end(self):
+        self.ends += 1
+        self.rng.shuffle(self.order)
+
+class BeginShuffled(Samples):
+    """Reshuffles in on_epoch_begin instead (so epoch 0 is shuffled too)."""
+
+    def on_epoch_begin(self):
+        self.ends += 1
+        self.rng.shuffle(self.order)
+
+class Recorder(keras.layers.Layer):
+    """Records each training batch (its samples, loader pid, copy epoch); feeds sample / 100 on."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.batches = []
+
+    def call(self, x, training=None):
+        if isinstance(x, torch.Tensor) and not x.is_meta and training:
+            rows = x.detach().cpu().numpy().astype(np.int64)
+            self.batches.append((tuple(rows[:, 0].tolist()), int(rows[0, 1]), int(rows[0, 2])))
+        return x[:, 0:1] / 100
+
+    def compute_output_shape(self, shape):
+        return (shape[0], 1)
+
+def model_with_recorder(learning_rate=0.05):
+    recorder = Recorder()
+    model = keras.Sequential([keras.Input((3,)), recorder, keras.layers.Dense(1)])
+    model.compile(keras.optimizers.SGD(learning_rate), "mse")
+    return model, recorder
+
+class Steps(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.steps = []  # (epoch, batch)
+        self.epoch = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.steps.append((self.epoch, batch))
+
+def per_epoch(batches, n):
+    return [batches[k:k + n] for k in range(0, len(batches), n)]
+
+def check_every_sample_once_per_epoch(batches, n):
+    for epoch in per_epoch(batches, n):
+        assert len(epoch) == n, epoch
+        assert sorted(s for samples, _, _ in epoch for s in samples) == list(range(n * ROWS)), epoch
+'''
+
+
+def run_keras_process(body: str, *, timeout: float = 180.0) -> str:
+    r = run_python(PROCESS_PRELUDE + textwrap.dedent(body), timeout=timeout, env={"KERAS_BACKEND": "torch"})
+    assert r.returncode == 0 and "OK" in r.stdout, f"exit {r.returncode}\nstdout:\n{r.stdout}\nstderr:\n{r.stderr}"
+    return r.stdout
+
+
+process_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process mode tests use fork")
+
+
+@process_only
+def test_process_mode_fit_on_gil_holding_getitem():
+    run_keras_process("""
+    n, epochs = 12, 2
+    seq = Samples(n, spin=20000, workers=2, use_multiprocessing=True)
+    ds = pk.prefetch(seq)
+    assert (ds.loader.mode, ds.loader.workers) == ("process", 2), ds.loader
+    model, recorder = model_with_recorder()
+    steps = Steps()
+    start = time.perf_counter()
+    history = model.fit(ds, epochs=epochs, verbose=0, callbacks=[steps])
+    seconds = time.perf_counter() - start
+    assert ds.loader.mode == "process"  # still, after fit rebuilt it for its shuffled order
+    assert len(steps.steps) == n * epochs and len(recorder.batches) == n * epochs, steps.steps
+    check_every_sample_once_per_epoch(recorder.batches, n)
+    losses = history.history["loss"]
+    assert len(losses) == epochs and losses[-1] < losses[0], losses
+    # Loaded by the worker processes, not here.
+    pids = {pid for _, pid, _ in recorder.batches}
+    assert os.getpid() not in pids and pids <= set(ds.loader.worker_pids()), (pids, ds.loader.worker_pids())
+    # predict afterwards: in order (the Prefetcher is rebuilt for it), rows aligned
+    model.layers[-1].set_weights([np.array([[100.0]], np.float32), np.zeros(1, np.float32)])
+    out = model.predict(ds, verbose=0)
+    np.testing.assert_allclose(out[:, 0], np.arange(n * ROWS), rtol=1e-5)
+    ds.close()
+    print(f"fit {seconds:.2f}s, {len(pids)} worker pids, losses {losses}")
+    print("OK")
+    """)
+
+
+@process_only
+def test_process_mode_epoch_hooks_reach_the_workers_batches_equal_thread_mode():
+    out = run_keras_process("""
+    def run(cls, mode, *, shuffle=True, initial_epoch=0, epochs=3, n=6):
+        seq = cls(n, workers=2, use_multiprocessing=mode == "process")
+        ds = pk.prefetch(seq, seed=5, depth=3)
+        assert ds.loader.mode == mode
+        if initial_epoch:
+            ds.set_epoch(initial_epoch)
+        model, recorder = model_with_recorder()
+        model.fit(ds, epochs=epochs, initial_epoch=initial_epoch, shuffle=shuffle, verbose=0)
+        ds.close()
+        check_every_sample_once_per_epoch(recorder.batches, n)
+        return [(samples, ends) for samples, _, ends in recorder.batches]
+
+    for cls in (EndShuffled, BeginShuffled):
+        for options in ({}, {"shuffle": False}, {"initial_epoch": 2, "epochs": 4}):
+            thread = run(cls, "thread", **options)
+            process = run(cls, "process", **options)
+            assert process == thread, (cls.__name__, options, process, thread)
+            # The reshuffles took effect: epochs differ, and each batch was loaded by a copy of
+            # the Sequence that had seen every hook of the epochs before it.
+            epochs = per_epoch(process, 6)
+            assert len({tuple(e) for e in epochs}) == len(epochs), epochs
+            ends = [{ends for _, ends in e} for e in epochs]
+            assert all(len(e) == 1 for e in ends) and len({min(e) for e in ends}) == len(ends), ends
+            print(cls.__name__, options, "epoch hook counts", [min(e) for e in ends])
+    print("OK")
+    """)
+    assert "BeginShuffled" in out
+
+
+@process_only
+def test_process_mode_worker_killed_during_fit_loses_and_repeats_no_batch():
+    out = run_keras_process("""
+    n, epochs = 10, 3
+    KILL_AT = {(0, 3): 0, (1, 5): 1, (2, 1): 0}  # (epoch, batch) -> worker slot to SIGKILL
+
+    def run(mode):
+        seq = EndShuffled(n, spin=2000, sleep=0.01, workers=2, use_multiprocessing=mode == "process")
+        ds = pk.prefetch(seq, seed=11, depth=3)
+        killed = []
+
+        class Killer(Steps):
+            def on_train_batch_end(self, batch, logs=None):
+                super().on_train_batch_end(batch, logs)
+                slot = KILL_AT.get((self.epoch, batch))
+                if mode == "process" and slot is not None:
+                    pid = ds.loader.worker_pids()[slot]
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+
+        model, recorder = model_with_recorder()
+        steps = Killer()
+        history = model.fit(ds, epochs=epochs, verbose=0, callbacks=[steps])
+        assert len(history.history["loss"]) == epochs
+        assert len(steps.steps) == n * epochs, steps.steps
+        check_every_sample_once_per_epoch(recorder.batches, n)
+        distinct = {(k // n, samples) for k, (samples, _, _) in enumerate(recorder.batches)}
+        assert len(distinct) == n * epochs, len(distinct)
+        pids = ds.loader.worker_pids()
+        ds.close()
+        return recorder.batches, killed, pids
+
+    thread, _, _ = run("thread")
+    process, killed, pids = run("process")
+    assert len(killed) == len(KILL_AT) and not set(killed) & set(pids), (killed, pids)
+    # Replacements replayed the on_epoch_end reshuffles: the batches are thread mode's.
+    assert [(s, e) for s, _, e in process] == [(s, e) for s, _, e in thread]
+    loaders = {pid for _, pid, _ in process}
+    print("killed", killed, "loaded by", sorted(loaders))
+    assert loaders & set(killed) and loaders - set(killed), loaders  # before and after a kill
+    assert psutil.Process().children(recursive=True) == []
+    print("OK")
+    """)
+    assert "killed" in out
+
+
+@process_only
+def test_process_mode_leaves_no_child_process():
+    run_keras_process("""
+    me = psutil.Process()
+    during = []
+
+    class Count(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            during.append(len(me.children(recursive=True)))
+
+    # close(): fit with validation data, then predict (which rebuilds the Prefetcher)
+    train = pk.prefetch(EndShuffled(6, workers=2, use_multiprocessing=True))
+    val = pk.prefetch(Samples(3, workers=2, use_multiprocessing=True))
+    model, _ = model_with_recorder()
+    model.fit(train, epochs=2, verbose=0, validation_data=val, callbacks=[Count()])
+    model.predict(train, verbose=0)
+    assert set(during) == {6}, during  # each dataset: its zygote and 2 workers
+    assert len(me.children(recursive=True)) == 6
+    train.close()
+    val.close()
+    assert me.children(recursive=True) == [], me.children(recursive=True)
+
+    # no close(): the dataset is dropped (and collected) after fit
+    ds = pk.prefetch(BeginShuffled(5, workers=3, use_multiprocessing=True))
+    model.fit(ds, epochs=2, verbose=0)
+    assert len(me.children(recursive=True)) == 4
+    del ds
+    gc.collect()
+    assert me.children(recursive=True) == [], me.children(recursive=True)
+
+    # a context manager, and a fit that fails in __getitem__
+    class Bad(Samples):
+        def __getitem__(self, i):
+            if i == 2:
+                raise ValueError("bad batch 2")
+            return super().__getitem__(i)
+
+    with pk.prefetch(Bad(4, workers=2, use_multiprocessing=True), shuffle=False) as bad:
+        try:
+            model.fit(bad, epochs=1, verbose=0)
+        except pyloader.BatchError as error:
+            assert error.index == 2
+            assert "bad batch 2" in str(error) + "".join(getattr(error, "__notes__", []))
+        else:
+            raise AssertionError("fit should raise BatchError")
+    assert me.children(recursive=True) == [], me.children(recursive=True)
+    print("OK")
+    """)

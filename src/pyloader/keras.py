@@ -19,7 +19,8 @@ owns the order and ``dataset[i]`` returns the *next* batch of the current pyload
 - ``steps_per_epoch < len``: Keras keeps one generator across epochs, and so does the pass;
 - the order follows the adapter's flag: seeded shuffle (``(seed, epoch)``, see :mod:`pyloader._plan`)
   for ``fit(shuffle=True)``, exact order for ``evaluate``, ``predict`` and ``fit(shuffle=False)``
-  (switching rebuilds the Prefetcher, which only happens when one dataset serves both);
+  (switching rebuilds the Prefetcher: once at the first ``fit`` of a dataset made with
+  ``shuffle=None``, which starts in order, and whenever one dataset serves both);
 - a caller that is not Keras's adapter (your own ``dataset[i]``) gets ``seq[i]``, loaded in place.
 
 The Sequence's ``on_epoch_end`` and ``on_epoch_begin`` are not left to Keras (which calls
@@ -30,6 +31,21 @@ Each loaded epoch gets one ``on_epoch_begin`` and one ``on_epoch_end``; the epoc
 ``fit`` returns has begun (and ended too, if it was loaded completely), and a pass that
 ``steps_per_epoch`` spreads over several Keras epochs is one epoch here. Sequences that define
 neither hook (Keras's base class defines no-ops) load across epoch boundaries without waiting.
+
+Process mode (``mode="process"``, the default for a PyDataset made with
+``use_multiprocessing=True``): the workers are processes, forked (through the Prefetcher's zygote)
+from a copy of this process taken when the Prefetcher is made, that run the Sequence's
+``__getitem__`` and write the arrays into shared memory; Keras still sees one worker and no
+multiprocessing. The hooks run here as above, and every worker replays each ``on_epoch_end``
+(with the ``on_epoch_begin`` that follows it) on its own copy of the Sequence before it loads a
+batch of the next epoch, so state they change (a reshuffled index list) reaches the workers, and a
+worker that dies is replaced by one that replays them all. The hooks a pass runs when it starts
+(``on_epoch_begin`` of the first epoch, the pair a :meth:`PrefetchedDataset.set_epoch` calls) run
+before the Prefetcher is made again, so that its workers start from what they left. What
+``__getitem__`` changes on ``self`` stays in the worker that ran it. The Prefetcher, workers
+included, is made again when the order Keras asks for changes (the first ``fit`` after
+``prefetch(seq)`` with ``shuffle=None``, then any switch between ``fit`` and ``evaluate``/``predict``);
+``dataset.loader.worker_pids()`` lists the current workers.
 
 On the torch backend, numpy batches are handed over as ``torch.from_numpy`` views of pyloader's
 buffers, which Keras's ``convert_to_tensor`` passes through (it would copy a numpy array).
@@ -111,6 +127,12 @@ class _EpochHooks:
             self.current = epoch
             if self._begin is not None:
                 self._begin()
+
+    def would_call(self, epoch: int) -> bool:
+        """Whether :meth:`enter` of ``epoch`` would call a hook now."""
+        if self.current == epoch:
+            return False
+        return self._begin is not None or (self.current is not None and self._end is not None)
 
     def advance(self) -> None:
         with self._lock:
@@ -220,7 +242,7 @@ class PrefetchedDataset(keras.utils.PyDataset):
 
     Made by :func:`prefetch`; see the module docstring for how it follows Keras's passes. Keras
     sees ``workers=1``, ``use_multiprocessing=False`` (so it adds no enqueuer); pyloader's own
-    settings are on :attr:`loader`.
+    settings, its mode (``"thread"`` or ``"process"``) included, are on :attr:`loader`.
 
     Args:
         sequence: the Sequence to load (see :func:`prefetch`).
@@ -254,6 +276,9 @@ class PrefetchedDataset(keras.utils.PyDataset):
         self._options = options
         self._loader = Prefetcher(self._source, shuffle=bool(self._shuffle), **options)
         self._options["seed"] = self._loader.state_dict()["seed"]  # every rebuild keeps the order
+        # Process mode: the workers are forked (through the zygote) when the Prefetcher is made,
+        # and only the hooks the engine runs are replayed in them; see _open().
+        self._process = self._loader.mode == "process"
         self._from_numpy: Callable[[np.ndarray], Any] | None = None
         if keras.backend.backend() == "torch":
             import torch
@@ -280,7 +305,8 @@ class PrefetchedDataset(keras.utils.PyDataset):
 
     @property
     def use_multiprocessing(self) -> bool:
-        """False: Keras must not start processes of its own."""
+        """False: Keras must not start processes of its own (pyloader's are ``loader.worker_pids()``,
+        in process mode)."""
         return False
 
     @use_multiprocessing.setter
@@ -377,11 +403,37 @@ class PrefetchedDataset(keras.utils.PyDataset):
         epoch = state["epoch"] + (1 if state["batches_consumed"] else 0)
         if self._hooks.current is not None:  # an epoch loaded ahead already had its hooks run
             epoch = max(epoch, self._hooks.current)
-        self.loader.close()
-        self._loader = None
-        self._loader = Prefetcher(self._source, shuffle=shuffle, **self._options)
-        self._loader.set_epoch(epoch)
-        self._reset_stream(enter=True)
+        self._open(shuffle, epoch)
+
+    def _open(self, shuffle: bool, epoch: int) -> None:
+        """Replaces the Prefetcher with a new one whose next pass is ``epoch``.
+
+        Process mode: the new workers start from a copy of the Sequence taken now and replay only
+        the hooks their engine runs; so the hooks :meth:`_EpochHooks.enter` calls when the pass
+        starts (``on_epoch_begin`` of the first epoch, the pair of a :meth:`set_epoch`) run here,
+        before the copy is taken, or what they change would never reach the workers.
+        """
+        old, self._loader = self._loader, None
+        if old is not None:
+            old.close()
+        error: BaseException | None = None
+        entered = False
+        if self._process and self._hooks.would_call(epoch):
+            entered = True
+            try:
+                self._hooks.enter(epoch)
+            except BaseException as exc:  # raised once the dataset is usable again (as in _take)
+                error = exc
+        loader = Prefetcher(self._source, shuffle=shuffle, **self._options)
+        try:
+            loader.set_epoch(epoch)
+        except BaseException:
+            loader.close()
+            raise
+        self._loader = loader
+        self._reset_stream(enter=error is not None or not entered)  # a failed hook: retried as in _take
+        if error is not None:
+            raise error
 
     def _take(self) -> Any:
         if self._rewind:
@@ -392,8 +444,12 @@ class PrefetchedDataset(keras.utils.PyDataset):
         n = len(loader)
         if self._pass is None or self._served >= n:
             if self._needs_enter:
-                self._hooks.enter(loader.epoch)
-                self._needs_enter = False
+                if self._process and self._hooks.would_call(loader.epoch):
+                    self._open(loader.shuffle, loader.epoch)  # the hooks, then new workers
+                    loader = self.loader
+                else:
+                    self._hooks.enter(loader.epoch)
+                    self._needs_enter = False
             self._pass = iter(loader)
             self._served = 0
         try:
@@ -489,6 +545,11 @@ def prefetch(
         model.fit(ds, epochs=10, validation_data=pyloader.keras.prefetch(val))
         ds.close()
 
+    A PyDataset made with ``use_multiprocessing=True`` is loaded by ``workers`` processes::
+
+        ds = pyloader.keras.prefetch(MyPyDataset(..., workers=4, use_multiprocessing=True))
+        assert ds.loader.mode == "process"
+
     Every epoch of ``fit`` gets every batch exactly once, shuffled by pyloader when ``fit``
     shuffles (its default); ``evaluate`` and ``predict`` get them in order.
 
@@ -496,10 +557,12 @@ def prefetch(
         sequence: ``__len__`` (batches) and ``__getitem__(i)`` (batch ``i``): a Keras 3
             ``PyDataset``/``Sequence``, a tf.keras ``Sequence``, or any such object. Its
             ``on_epoch_begin``/``on_epoch_end`` run once per epoch, where loading crosses epochs.
-        workers: loading threads. Default: a PyDataset's ``workers``, else 4.
+        workers: loading threads, or worker processes in process mode. Default: a PyDataset's
+            ``workers``, else 4.
         depth: batches loaded ahead. Default: a PyDataset's ``max_queue_size``, else ``2 * workers``.
-        mode: ``"thread"`` or ``"process"``. Default: ``"process"`` for a PyDataset with
-            ``use_multiprocessing=True``, else ``"thread"``.
+        mode: ``"thread"``, or ``"process"`` for a ``__getitem__`` that holds the GIL (worker
+            processes forked with a copy of the Sequence; see the module docstring). Default:
+            ``"process"`` for a PyDataset with ``use_multiprocessing=True``, else ``"thread"``.
         shuffle: ``None`` follows the order Keras asks for; ``True``/``False`` force it.
         seed: seed of the shuffled order; default drawn from Python's ``random`` (which
             ``keras.utils.set_random_seed`` seeds), or 0 when sharded.
