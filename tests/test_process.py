@@ -470,3 +470,18 @@ def test_ctrl_c_to_the_process_group_leaves_nothing():
     finally:
         proc.kill()
         proc.communicate()
+
+
+def test_array_sequence_is_gathered_natively_in_process_mode():
+    import numpy as np
+
+    import pyloader
+
+    def first(mode: str) -> list[float]:
+        a = pyloader.ArraySequence(np.arange(24, dtype=np.float32), batch_size=4, shuffle=True, seed=1)
+        with pyloader.Prefetcher(a, mode=mode, workers=2) as p:
+            p.set_epoch(3)
+            assert p.worker_pids() == []
+            return next(iter(p)).tolist()
+
+    assert first("process") == first("thread")

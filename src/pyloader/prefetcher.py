@@ -118,6 +118,7 @@ class Prefetcher:
             ``None`` waits forever.
         mode: ``"thread"``, or ``"process"`` for a ``__getitem__`` that holds the GIL: worker
             processes write batches straight into shared memory (see :mod:`pyloader.process`).
+            An :class:`~pyloader.ArraySequence` is gathered natively on threads in either mode.
         max_pool_bytes: bound of the buffer pool; it grows past ``depth`` buffers only while you
             keep references to old batches. Default: half the physical memory.
         start_method: process mode: how the worker processes start. ``"fork"`` (the default
@@ -194,14 +195,15 @@ class Prefetcher:
         self._plan = Plan(length, self.shuffle, seed, rank, world, self.drop_last)
         self._sequence = sequence
         # An ArraySequence is gathered natively: the engine passes it the epoch, no hook needed.
-        self._native = isinstance(sequence, ArraySequence) and mode == "thread"
+        # In process mode too: it holds no GIL, so processes would add nothing but copies.
+        self._native = isinstance(sequence, ArraySequence)
         hook = None if self._native else getattr(sequence, "on_epoch_end", None)
         self._on_epoch_end = hook if callable(hook) else None
-        arena = 2 * self._max_pool_bytes + _ARENA_SLACK if mode == "process" else 0
+        arena = 2 * self._max_pool_bytes + _ARENA_SLACK if mode == "process" and not self._native else 0
         self._pool = _C.BufferPool(self._max_pool_bytes, self._pin, arena)
         self._hooks_run = 0  # epoch hooks run so far (process mode: workers replay them)
         self._proc_loader: Any = None
-        if mode == "process":
+        if mode == "process" and not self._native:
             # Now, before any thread of this Prefetcher runs: the zygote is forked from this image.
             self._workers = _process.WorkerPool(
                 sequence, workers=self.workers, pool=self._pool, start_method=start_method,
