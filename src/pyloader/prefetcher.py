@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 
 from . import _C
-from ._errors import EpochEndError, PoolExhaustedWarning, batch_error
 from . import process as _process
+from ._errors import EpochEndError, PoolExhaustedWarning, batch_error
 from ._plan import Plan, resolve_shard
 from .arrays import ArraySequence
 
