@@ -74,6 +74,11 @@ int ProcLoader::fd_of(int worker) const {
   return slots_[static_cast<std::size_t>(worker)].worker.fd;
 }
 
+int ProcLoader::pid_of(int worker) const {
+  std::lock_guard lock(mu_);
+  return slots_[static_cast<std::size_t>(worker)].worker.pid;
+}
+
 // ---- socket I/O: every wait also watches stop_fd_ ---------------------------------------------
 
 ProcLoader::Io ProcLoader::send_msg(int fd, const WireHeader& h) noexcept {
@@ -228,7 +233,7 @@ void ProcLoader::prepare(int worker, Prepared& item) noexcept {
       if (io == Io::kOk) {
         if (accept(item, h, body)) {
           auto* batch = static_cast<ProcBatch*>(item.payload.get());
-          batch->pid = workers()[static_cast<std::size_t>(worker)].pid;
+          batch->pid = pid_of(worker);
           // The conversation stays open only while the worker waits for a buffer to write.
           if (item.failed || item.bytes == 0 || !batch->data.empty()) set_busy(worker, false);
           return;
@@ -265,7 +270,7 @@ void ProcLoader::fill(int worker, Prepared& item, std::byte* dst, std::size_t ca
           again.task = item.task;
           if (accept(again, h, body)) {
             auto* fresh = static_cast<ProcBatch*>(again.payload.get());
-            fresh->pid = workers()[static_cast<std::size_t>(worker)].pid;
+            fresh->pid = pid_of(worker);
             if (again.failed || again.bytes != item.bytes) {
               if (!again.failed) {  // it waits for a buffer we will not give: discard it
                 fresh->kind = ProcBatch::kDied;

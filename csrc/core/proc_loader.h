@@ -127,6 +127,7 @@ class ProcLoader final : public Loader {
   bool accept(Prepared& item, const WireHeader& h, std::string& body);
   void set_busy(int worker, bool busy);
   int fd_of(int worker) const;
+  int pid_of(int worker) const;
   // After a death: replaces the worker; false (and the item failed) when the position is out of
   // retries or no worker could start.
   bool retry_after_death(int worker, Prepared& item, std::vector<std::string>& deaths);

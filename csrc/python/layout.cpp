@@ -295,6 +295,19 @@ void flatten_stacked(py::handle samples, Layout& out, std::int64_t index) {
   merge_samples(parts, n, out, index);
 }
 
+void flatten_returned(py::handle value, Layout& out, std::int64_t index) {
+  if (value.is_none() || PyGen_Check(value.ptr()) || PyCoro_CheckExact(value.ptr())) {
+    const std::string what = value.is_none() ? "None" : py::str(py::type::of(value).attr("__name__")).cast<std::string>();
+    throw py::type_error("__getitem__(" + std::to_string(index) + ") returned " + what +
+                         ": it must return the batch (a numpy array, a number, or a tuple/list/dict of them)");
+  }
+  if (py::isinstance<Stack>(value)) {
+    flatten_stacked(py::reinterpret_borrow<py::object>(value).cast<Stack&>().samples, out, index);
+  } else {
+    flatten(value, out, index);
+  }
+}
+
 void copy_leaves(Layout& layout, std::byte* dst, std::vector<py::object>& trash) noexcept {
   for (Leaf& leaf : layout.leaves) {
     const std::size_t each = leaf.sources.empty() ? 0 : leaf.nbytes / leaf.sources.size();

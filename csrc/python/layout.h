@@ -75,6 +75,10 @@ void flatten_stacked(py::handle samples, Layout& out, std::int64_t index);
 struct Stack {
   py::list samples;
 };
+// What __getitem__(index) returned, flattened: a Stack is collated (flatten_stacked), anything
+// else flattened. Raises TypeError naming `index` for None, a generator or a coroutine (not a
+// batch). Both loaders (threads, worker processes) go through here.
+void flatten_returned(py::handle value, Layout& out, std::int64_t index);
 // Copies every leaf into dst and moves the sources' references into `trash` (to be dropped later
 // with the GIL held). GIL not required.
 void copy_leaves(Layout& layout, std::byte* dst, std::vector<py::object>& trash) noexcept;

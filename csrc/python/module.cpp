@@ -71,30 +71,11 @@ py::dict pool_info(const BufferPool& pool) {
   throw py::error_already_set();
 }
 
-bool interpreter_finalizing() noexcept {
-#if PY_VERSION_HEX >= 0x030D0000
-  return Py_IsFinalizing() != 0;
-#else
-  return _Py_IsFinalizing() != 0;
-#endif
-}
-
 // A batch as the worker process sees it: flattened once (GIL held), written into a buffer (GIL
 // released), its layout sent as meta. The checks and messages are thread mode's (PyLoader).
 class Packed {
  public:
-  Packed(py::object value, std::int64_t index) : index_(index) {
-    if (value.is_none() || PyGen_Check(value.ptr()) || PyCoro_CheckExact(value.ptr())) {
-      const std::string what = value.is_none() ? "None" : py::str(py::type::of(value).attr("__name__")).cast<std::string>();
-      throw py::type_error("__getitem__(" + std::to_string(index) + ") returned " + what +
-                           ": it must return the batch (a numpy array, a number, or a tuple/list/dict of them)");
-    }
-    if (py::isinstance<Stack>(value)) {
-      flatten_stacked(value.cast<Stack&>().samples, layout_, index);
-    } else {
-      flatten(value, layout_, index);
-    }
-  }
+  Packed(py::object value, std::int64_t index) : index_(index) { flatten_returned(value, layout_, index); }
   std::size_t nbytes() const { return layout_.bytes; }
   py::tuple meta() const { return layout_meta(layout_); }
   // Copies the arrays to address..address+capacity (the worker's mapping of a shared buffer).
@@ -183,10 +164,7 @@ class PyProcLoader {
         try {
           refs->hook(epoch);
         } catch (py::error_already_set& e) {
-          auto batch = std::make_unique<PyBatch>();
-          batch->error = e.value();
-          if (e.trace() && !e.trace().is_none()) PyException_SetTraceback(batch->error.ptr(), e.trace().ptr());
-          return batch;
+          return error_batch(e);
         }
         return nullptr;
       };

@@ -4,7 +4,6 @@
 
 namespace pyloader::python {
 
-namespace {
 std::unique_ptr<PyBatch> error_batch(py::error_already_set& e) {
   auto batch = std::make_unique<PyBatch>();
   batch->error = e.value();
@@ -14,6 +13,15 @@ std::unique_ptr<PyBatch> error_batch(py::error_already_set& e) {
   return batch;
 }
 
+bool interpreter_finalizing() noexcept {
+#if PY_VERSION_HEX >= 0x030D0000
+  return Py_IsFinalizing() != 0;
+#else
+  return _Py_IsFinalizing() != 0;
+#endif
+}
+
+namespace {
 std::unique_ptr<PyBatch> type_error_batch(const std::string& message) {
   auto batch = std::make_unique<PyBatch>();
   batch->error = py::reinterpret_borrow<py::object>(PyExc_TypeError)(message);
@@ -37,14 +45,6 @@ PyLoader::~PyLoader() {
   }
 }
 
-bool PyLoader::finalizing() noexcept {
-#if PY_VERSION_HEX >= 0x030D0000
-  return Py_IsFinalizing() != 0;
-#else
-  return _Py_IsFinalizing() != 0;
-#endif
-}
-
 void PyLoader::thread_start(int worker) {
   WorkerState& s = states_[static_cast<std::size_t>(worker)];
   s.gil_state = PyGILState_Ensure();  // creates this thread's Python thread state
@@ -54,7 +54,7 @@ void PyLoader::thread_start(int worker) {
 void PyLoader::thread_exit(int worker) noexcept {
   WorkerState& s = states_[static_cast<std::size_t>(worker)];
   if (!s.tstate) return;
-  if (finalizing()) {  // the interpreter is going away: taking the GIL would never return
+  if (interpreter_finalizing()) {  // the interpreter is going away: taking the GIL would never return
     for (auto& obj : s.trash) obj.release();  // leak rather than touch a dying interpreter
     s.trash.clear();
     return;
@@ -66,7 +66,7 @@ void PyLoader::thread_exit(int worker) noexcept {
 }
 
 bool PyLoader::enter(int worker) {
-  if (finalizing()) return false;
+  if (interpreter_finalizing()) return false;
   WorkerState& s = states_[static_cast<std::size_t>(worker)];
   PyEval_RestoreThread(s.tstate);
   s.trash.clear();
@@ -81,26 +81,14 @@ void PyLoader::prepare(int /*worker*/, Prepared& item) noexcept {
   const std::int64_t index = item.task.index;
   try {
     py::object value = getitem_(index);
-    if (value.is_none() || PyGen_Check(value.ptr()) || PyCoro_CheckExact(value.ptr())) {
-      const std::string what = value.is_none() ? "None" : py::str(py::type::of(value).attr("__name__")).cast<std::string>();
-      item.failed = true;
-      item.payload = type_error_batch(
-          "__getitem__(" + std::to_string(index) + ") returned " + what +
-          ": it must return the batch (a numpy array, a number, or a tuple/list/dict of them)");
-      return;
-    }
     auto batch = std::make_unique<PyBatch>();
-    if (py::isinstance<Stack>(value)) {
-      flatten_stacked(value.cast<Stack&>().samples, batch->layout, index);
-    } else {
-      flatten(value, batch->layout, index);
-    }
+    flatten_returned(value, batch->layout, index);  // TypeError for a value that is no batch
     item.bytes = batch->layout.bytes;
     item.payload = std::move(batch);
   } catch (py::error_already_set& e) {
     item.failed = true;
     item.payload = error_batch(e);
-  } catch (const py::type_error& e) {  // flatten()'s own checks, which name the index
+  } catch (const py::type_error& e) {  // flatten_returned()'s own checks, which name the index
     item.failed = true;
     item.payload = type_error_batch(e.what());
   } catch (const py::value_error& e) {  // flatten_stacked()'s checks, which name the index

@@ -18,6 +18,11 @@
 
 namespace pyloader::python {
 
+// Whether the interpreter is shutting down (then taking the GIL would never return).
+bool interpreter_finalizing() noexcept;
+// A failed batch's payload: the exception being handled, with its traceback attached.
+std::unique_ptr<PyBatch> error_batch(py::error_already_set& e);
+
 class PyLoader final : public Loader {
  public:
   // `sequence`: anything with __getitem__(int). `epoch_end`: a callable(epoch) run between epochs,
@@ -40,7 +45,6 @@ class PyLoader final : public Loader {
     PyThreadState* tstate = nullptr;
     std::vector<py::object> trash;  // copied sources, dropped under the GIL
   };
-  static bool finalizing() noexcept;
 
   py::object getitem_;
   py::object epoch_end_;

@@ -123,7 +123,6 @@ class _Spec:
     seed: int
     arena_size: int
     replay_hooks: bool
-    consumer_pid: int
 
 
 class WorkerPool:
@@ -150,7 +149,7 @@ class WorkerPool:
         self._proc: Any = None
         self._ctl: socket.socket | None = None
         self.start_method = start_method
-        spec = _Spec(sequence, worker_init_fn, seed, pool.arena_size, replay_hooks, os.getpid())
+        spec = _Spec(sequence, worker_init_fn, seed, pool.arena_size, replay_hooks)
         if start_method != "fork":
             _check_picklable(spec, start_method)
         ctx = multiprocessing.get_context(start_method)
