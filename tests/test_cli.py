@@ -231,6 +231,20 @@ def test_bench_config_rejects_bad_values_showing_them() -> None:
         BenchConfig(workloads=("tiny",), loaders=("plain",), repeats=0)
 
 
+def test_memory_sampler_backs_off_when_sampling_is_slow() -> None:
+    """A sample that took 10 ms waits at least 20x that before the next one (the sampler shares
+    the CPUs with what it measures); a fast one keeps the configured period as a floor."""
+    import time
+
+    from pyloader._bench.harness import SAMPLER_DUTY, BenchConfig, _next_sample
+
+    config = BenchConfig(workloads=("tiny",), loaders=("plain",), sample_interval_s=0.05)
+    started = time.monotonic() - 0.010
+    assert _next_sample(started, config) >= started + SAMPLER_DUTY * 0.010
+    started = time.monotonic()
+    assert _next_sample(started, config) >= started + 0.05
+
+
 # -- model.fit loaders --------------------------------------------------------------------------
 
 

@@ -6,7 +6,12 @@ descendants with psutil: PSS where the platform has it (shared pages, such as a 
 by forked workers, are split among the processes that map them instead of counted once per
 process), RSS otherwise. Sampling starts when the subprocess reports that setup is done, so the
 peak is that of the loading, and the baseline (the first sample after setup) is reported next to
-it. A subprocess that exceeds the timeout is killed with its children and recorded as an error.
+it. Reading PSS is not free (the kernel walks each process's page tables: about 2 ms for a
+process that imported torch), and the sampler runs on the same CPUs as the loaders it measures: on
+a 2-CPU machine, sampling a 4-process tree every 50 ms took ~15% of one CPU and slowed the
+multi-process loaders by 10-25%. So the period stretches to :data:`SAMPLER_DUTY` times the
+duration of the last sample (at least ``sample_interval_s``), keeping the sampler under 5% of one
+CPU. A subprocess that exceeds the timeout is killed with its children and recorded as an error.
 ``--quick`` runs all workloads of a loader in one subprocess instead (``group_by_loader``): it
 saves the imports (Keras alone takes seconds), and its memory figures are only indicative.
 
@@ -35,7 +40,10 @@ from pyloader._bench import workloads as _workloads
 from pyloader._bench.machine import machine_info
 from pyloader._bench.report import SCHEMA_ID
 
-__all__ = ["BenchConfig", "run_bench"]
+__all__ = ["BenchConfig", "SAMPLER_DUTY", "run_bench"]
+
+#: The memory sampler waits at least this many times as long as its last sample took.
+SAMPLER_DUTY = 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +58,8 @@ class BenchConfig:
         quick: Use the small smoke-test workloads.
         step_ms: Simulated training step per batch in the consumer, in milliseconds.
         timeout_s: Wall-clock limit of one measurement subprocess.
-        sample_interval_s: Period of the memory sampling.
+        sample_interval_s: Shortest period of the memory sampling (stretched to keep the sampler's
+            CPU share under 1/:data:`SAMPLER_DUTY`).
         group_by_loader: Measure all workloads of a loader in one subprocess (saves the imports,
             used by ``--quick``) instead of one subprocess per measurement (honest memory).
     """
@@ -160,6 +169,12 @@ def _tree_memory(proc: Any) -> tuple[int, int, int, str]:
     return total, rss_total, count, metric
 
 
+def _next_sample(started: float, config: BenchConfig) -> float:
+    """When to sample next, after a sample that began at ``started`` and just ended."""
+    took = time.monotonic() - started
+    return started + max(config.sample_interval_s, SAMPLER_DUTY * took)
+
+
 def _kill_tree(proc: subprocess.Popen[str]) -> None:
     import psutil
 
@@ -216,29 +231,37 @@ def _run_subprocess(
         ready = False
         base = peak = peak_rss = peak_procs = 0
         metric = "pss"
+        next_sample = 0.0
         while True:
-            remaining = deadline - time.monotonic()
+            now = time.monotonic()
+            remaining = deadline - now
             if remaining <= 0:
                 _kill_tree(proc)
                 failure = f"timed out after {config.timeout_s:g} s (killed)"
                 break
+            wait = max(0.0, next_sample - now) if ready else config.sample_interval_s
             try:
-                event = events.get(timeout=min(config.sample_interval_s, remaining))
+                event = events.get(timeout=min(wait, remaining))
             except queue.Empty:
                 event = {}
             if event is None:
                 break
-            if ready:
+            kind = event.get("event")
+            # Sample when the period is up, and always once more before a workload's result.
+            if ready and (time.monotonic() >= next_sample or kind in ("result", "error", "unavailable")):
+                started = time.monotonic()
                 total, rss, count, m = _tree_memory(ps)
+                next_sample = _next_sample(started, config)
                 if count:
                     peak = max(peak, total)
                     peak_rss = max(peak_rss, rss)
                     peak_procs = max(peak_procs, count)
                     metric = m if m == "rss" else metric
-            kind = event.get("event")
             if kind == "ready":
                 ready = True
+                started = time.monotonic()
                 base, peak_rss, peak_procs, metric = _tree_memory(ps)
+                next_sample = _next_sample(started, config)
                 peak = base
             elif kind in ("result", "error", "unavailable"):
                 workload = event.get("workload")
