@@ -926,6 +926,7 @@ def test_process_mode_sample_errors_and_timeouts_are_torchs():
 
     it = iter(DataLoader(Bad(), batch_size=2, num_workers=2, mode="process"))
     assert [next(it).tolist() for _ in range(2)] == [[0, 1], [2, 3]]
+    pids = it.worker_pids()
     try:
         next(it)
     except SampleError as e:
@@ -934,6 +935,7 @@ def test_process_mode_sample_errors_and_timeouts_are_torchs():
         assert any("Traceback in worker process" in n for n in e.__cause__.__notes__)
     else:
         raise AssertionError("no SampleError")
+    assert it.worker_pids() == pids  # the same worker processes go on after a failed sample
     assert [b.tolist() for b in it] == [[6, 7], [8, 9]]  # iteration goes on after the error
 
     it = iter(DataLoader(Bad(), batch_size=2, num_workers=1, mode="process", timeout=0.3))

@@ -1002,10 +1002,13 @@ class _LoaderIter:
         return error
 
     def _recover(self, err: BatchError) -> Any:
-        """Handles a failed batch; iteration continues after it on the next ``next()``."""
+        """Handles a failed batch; iteration continues after it on the next ``next()``.
+
+        The Prefetcher goes on by itself after a failed batch, so its workers (and worker
+        processes) carry on: nothing is restarted.
+        """
         at = self.yielded - self.plan.skipped  # the plan position that failed
         cause = err.__cause__
-        self._start(at + 1)
         if isinstance(cause, _SampleFailure):
             raise self._sample_error(cause, err.position, err.worker)
         if not (self._kind is _STACK and isinstance(cause, ValueError)
