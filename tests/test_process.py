@@ -335,6 +335,58 @@ def test_restart_mid_batch_replaces_the_busy_worker():
     """)
 
 
+def test_renew_reaches_every_worker_and_replacements_in_hook_order():
+    """Prefetcher._renew (what pyloader.torch's persistent workers use) calls a method on every
+    worker's copy; a worker forked later replays the epoch hooks and the latest renewal in the
+    order the consumer ran them, so its batches are the same. A renewal that fails in a worker
+    fails that worker's batches, saying so."""
+    run_ok("""
+    consumer = os.getpid()
+
+    class Renewed:
+        def __init__(self):
+            self.offset, self.ends = 0, 0
+
+        def __len__(self):
+            return 12
+
+        def __getitem__(self, i):
+            return np.array([i + self.offset, self.ends, os.getpid()])
+
+        def set_offset(self, k):
+            if k < 0 and os.getpid() != consumer:
+                raise ValueError("not in a worker")
+            self.offset = k
+
+        def on_epoch_end(self):
+            self.ends += 1
+
+    p = pyloader.Prefetcher(Renewed(), mode="process", workers=2)
+    assert [int(b[0]) for b in p] == list(range(12))
+    pids = p.worker_pids()
+    p._renew("set_offset", 100)
+    got = list(p)
+    assert [(int(b[0]), int(b[1])) for b in got] == [(100 + i, 1) for i in range(12)], got
+    assert p.worker_pids() == pids and {int(b[2]) for b in got} <= set(pids)
+    for victim in pids:  # every worker replaced: the newcomers replay hook, renewal, hook
+        os.kill(victim, signal.SIGKILL)
+    p._renew("set_offset", 200)
+    got = list(p)
+    assert [(int(b[0]), int(b[1])) for b in got] == [(200 + i, 2) for i in range(12)], got
+    assert not set(p.worker_pids()) & set(pids)
+    p._renew("set_offset", -1)
+    it = iter(p)
+    try:
+        next(it)
+    except pyloader.BatchError as e:
+        assert "updating the worker's copy of the Sequence failed: ValueError: not in a worker" in str(e.__cause__), e
+    else:
+        raise AssertionError("a failed renewal went unnoticed")
+    p.close()
+    print("OK")
+    """)
+
+
 def test_state_dict_resume_matches_thread_mode():
     run_ok("""
     def consume(p, n):

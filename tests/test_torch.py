@@ -230,6 +230,25 @@ def test_persistent_workers_draw_torchs_base_seed_once_so_later_epochs_match_too
             assert_same(g, w)
 
 
+def test_persistent_worker_threads_load_every_pass_on_the_same_prefetcher():
+    ds = Samples(23)
+    ref = TorchLoader(ds, batch_size=4, shuffle=True, num_workers=2, persistent_workers=True,
+                      generator=torch.Generator().manual_seed(8))
+    ours = DataLoader(ds, batch_size=4, shuffle=True, num_workers=2, persistent_workers=True,
+                      generator=torch.Generator().manual_seed(8))
+    kept = None
+    for epoch in range(3):
+        for w, g in zip(list(ref), list(ours), strict=True):
+            assert_same(g, w, f"epoch {epoch}")
+        kept = kept or ours._kept[1]
+        assert ours._kept[1] is kept  # the same Prefetcher, so the same worker threads
+    it = iter(ours)
+    next(it)
+    iter(ours)  # a new pass takes the workers: the unfinished one ends with a clear error
+    with pytest.raises(RuntimeError, match="replaced by a newer iter"):
+        next(it)
+
+
 def test_it_is_a_torch_dataloader_with_torchs_attributes():
     ds = Samples(10)
     ours, ref = DataLoader(ds, batch_size=3, shuffle=True), TorchLoader(ds, batch_size=3, shuffle=True)
@@ -870,6 +889,88 @@ def test_process_mode_worker_init_fn_runs_in_each_worker_process_like_torchs(tmp
     assert seeds(3) == first  # reproducible from the generator
     assert seeds(4) != first
     assert torch.utils.data.get_worker_info() is None  # the consumer is no worker
+    print("OK")
+    """)
+
+
+@process_only
+def test_process_mode_persistent_workers_keep_their_processes_and_state_across_epochs(tmp_path):
+    run_ok(f"""
+    class Counting(Samples):
+        # Each worker process's copy counts the samples it served: a persistent copy keeps counting.
+        served = 0
+
+        def __getitem__(self, i):
+            type(self).served += 1
+            x, y = super().__getitem__(i)
+            return x, y, type(self).served
+
+    def init(worker_id):
+        open(os.path.join({str(tmp_path)!r}, f"init-{{worker_id}}-{{os.getpid()}}"), "w").close()
+
+    ds = Counting(40)
+    ref = TorchLoader(Samples(40), batch_size=4, shuffle=True, num_workers=2, persistent_workers=True,
+                      generator=torch.Generator().manual_seed(3))
+    ours = DataLoader(ds, batch_size=4, shuffle=True, num_workers=2, persistent_workers=True,
+                      worker_init_fn=init, generator=torch.Generator().manual_seed(3), mode="process")
+    me = psutil.Process()
+    pids = None
+    for epoch in range(3):
+        it = iter(ours)
+        workers = it.worker_pids()
+        got, want = list(it), list(ref)
+        assert len(got) == len(want) == 10
+        for g, w in zip(got, want):
+            assert_same(g[:2], w, f"epoch {{epoch}}")  # torch's batches, in torch's order, every epoch
+        if pids is None:
+            pids = sorted(p.pid for p in me.children(recursive=True))
+        assert sorted(p.pid for p in me.children(recursive=True)) == pids  # no new process
+        served = max(int(b[2].max()) for b in got)
+        assert served > 20 * epoch, (epoch, served)  # the copies kept counting
+    inits = glob.glob(os.path.join({str(tmp_path)!r}, "init-*"))
+    assert len(inits) == 2, inits  # worker_init_fn ran once per worker, not per epoch
+
+    # A worker killed between passes: its successor gets the current pass's batches.
+    victim = workers[0]
+    os.kill(victim, signal.SIGKILL)
+    for epoch in range(2):
+        it = iter(ours)
+        got, want = list(it), list(ref)
+        for g, w in zip(got, want, strict=True):
+            assert_same(g[:2], w, f"after the kill, epoch {{epoch}}")
+    assert victim not in iter(ours).worker_pids()
+    list(ref)  # that iter() abandoned a pass: keep torch's generator in step
+
+    # A new pass takes the workers over from an unfinished one.
+    old = iter(ours)
+    first = next(old)
+    new = iter(ours)
+    try:
+        next(old)
+    except RuntimeError as e:
+        assert "replaced by a newer iter()" in str(e), e
+    else:
+        raise AssertionError("a replaced iterator went on")
+    want = list(ref)
+    want = list(ref)  # one epoch for the abandoned pass, one for the new pass
+    got = list(new)
+    for g, w in zip(got, want, strict=True):
+        assert_same(g[:2], w, "after an abandoned pass")
+
+    # state_dict mid-epoch, resumed on persistent workers: the rest, then whole epochs again.
+    it = iter(ours)
+    head = [next(it) for _ in range(3)]
+    state = ours.state_dict()
+    rest = list(it)
+    resumed = DataLoader(Counting(40), batch_size=4, shuffle=True, num_workers=2, persistent_workers=True,
+                         generator=torch.Generator().manual_seed(0), mode="process")
+    resumed.load_state_dict(state)
+    for g, w in zip(list(resumed), rest, strict=True):
+        assert_same(g[:2], w[:2], "resumed")
+    assert len(list(resumed)) == 10
+    del ours, resumed, it, old, new, ref
+    gc.collect()
+    assert me.children(recursive=True) == [], me.children(recursive=True)
     print("OK")
     """)
 

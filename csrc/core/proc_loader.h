@@ -58,7 +58,10 @@ struct WireHeader {
 };
 static_assert(sizeof(WireHeader) == 48, "process.py packs the header as '=IIqqqqQ' (48 bytes)");
 
-enum WireKind : std::uint32_t { kLoad = 1, kSize = 2, kError = 3, kWrite = 4, kDone = 5 };
+// kUpdate is the owner's, sent while no engine uses the socket (between engines): `d` is the
+// owner's epoch-hook count and `length` bytes of a call for the worker's Sequence follow. The
+// worker answers nothing; a ProcLoader never sends or reads it.
+enum WireKind : std::uint32_t { kLoad = 1, kSize = 2, kError = 3, kWrite = 4, kDone = 5, kUpdate = 6 };
 inline constexpr std::uint32_t kInline = 1;
 
 struct ProcWorker {

@@ -529,7 +529,8 @@ PYBIND11_MODULE(_C, m) {
   m.attr("WIRE_HEADER") = py::make_tuple("=IIqqqqQ", sizeof(WireHeader));
   m.attr("WIRE_KINDS") = py::dict(py::arg("load") = static_cast<int>(kLoad), py::arg("size") = static_cast<int>(kSize),
                                   py::arg("error") = static_cast<int>(kError), py::arg("write") = static_cast<int>(kWrite),
-                                  py::arg("done") = static_cast<int>(kDone), py::arg("inline") = static_cast<int>(kInline));
+                                  py::arg("done") = static_cast<int>(kDone), py::arg("update") = static_cast<int>(kUpdate),
+                                  py::arg("inline") = static_cast<int>(kInline));
 
   py::class_<PyEngine>(m, "Engine")
       .def(py::init<py::object, py::object, const PyPool&, int, std::size_t, double, py::object, py::object>(),

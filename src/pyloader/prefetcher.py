@@ -215,6 +215,9 @@ class Prefetcher:
         # The engine's epochs: [epoch, first position, end position, batches skipped before it].
         self._segments: list[tuple[int, int, int, int]] = []
         self._token = 0  # identifies the live epoch iterator
+        # Plan (and load) the next epoch while this one ends: no bubble at the boundary. Off for an
+        # owner that renews the Sequence before every pass (pyloader.torch).
+        self._plan_ahead = True
         self._past_stats: list[dict[str, Any]] = []
         self._closed = False
         with _live_lock:
@@ -240,7 +243,8 @@ class Prefetcher:
         if engine.next_position > start:  # an unfinished pass: skip the rest of that epoch
             engine.drain_to(end)
             epoch += 1
-        self._plan_through(epoch + 1)  # keep one epoch planned ahead: no bubble at the boundary
+        if self._plan_ahead:
+            self._plan_through(epoch + 1)  # keep one epoch planned ahead: no bubble at the boundary
         _, _, end, _ = self._segment_of(epoch)
         return _EpochIterator(self, engine, epoch, end, self._token)
 
@@ -376,6 +380,24 @@ class Prefetcher:
         self.shuffle = self._plan.shuffle
         self._stop_engine()
         self._resume = (epoch + 1, 0) if consumed == p.epoch_length and consumed else (epoch, consumed)
+
+    def _renew(self, name: str, *args: Any) -> None:
+        """The Sequence's contents change: calls ``sequence.<name>(*args)``, here and in every
+        worker process, and makes the next pass a fresh epoch over ``len(sequence)`` batches.
+
+        The workers (threads or processes) stay: this is how ``pyloader.torch`` keeps persistent
+        workers across passes. A worker process started later (a replacement) gets the latest
+        call before its first batch, so the method must *set* state, not add to it.
+        """
+        self._check_open()
+        self._stop_engine()
+        getattr(self._sequence, name)(*args)
+        if self._workers is not None:
+            self._workers.update(name, args, self._hooks_run)
+        p = self._plan
+        self._plan = Plan(len(self._sequence), p.shuffle, p.seed, p.rank, p.world_size, p.drop_last)
+        epoch, consumed = self._resume
+        self._resume = (epoch + 1, 0) if consumed else (epoch, 0)
 
     def set_epoch(self, epoch: int) -> None:
         """Makes the next pass be epoch ``epoch`` from its start (like ``sampler.set_epoch``)."""

@@ -28,11 +28,13 @@ import multiprocessing
 import os
 import pickle
 import random
+import select
 import signal
 import socket
 import struct
 import sys
 import threading
+import time
 import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -47,12 +49,13 @@ __all__ = ["START_METHODS", "WorkerPool", "default_start_method", "worker_error"
 START_METHODS = ("fork", "spawn", "forkserver")
 _HEADER = struct.Struct(_C.WIRE_HEADER[0])
 assert _HEADER.size == _C.WIRE_HEADER[1], "process.py and proc_loader.h disagree on the header"
-_LOAD, _SIZE, _ERROR, _WRITE, _DONE, _INLINE = (
-    _C.WIRE_KINDS[k] for k in ("load", "size", "error", "write", "done", "inline")
+_LOAD, _SIZE, _ERROR, _WRITE, _DONE, _UPDATE, _INLINE = (
+    _C.WIRE_KINDS[k] for k in ("load", "size", "error", "write", "done", "update", "inline")
 )
 _INLINE_MAX = 64 << 10  # batches up to this size travel in the answer: one round trip, no buffer wait
 _CTL_MAX = 1 << 20
 _ZYGOTE_TIMEOUT_S = 10.0
+_UPDATE_TIMEOUT_S = 10.0
 
 # File descriptors the consumer side holds (zygote sockets, worker sockets). A process forked from
 # it (a zygote, or the user's own fork) must not keep them open, or a worker would never see its
@@ -145,6 +148,7 @@ class WorkerPool:
     ) -> None:
         self._lock = threading.Lock()
         self._slots: list[tuple[int, int]] = []  # (fd, pid) per worker
+        self._update: bytes | None = None  # the latest update message, for workers started later
         self._closed = False
         self._proc: Any = None
         self._ctl: socket.socket | None = None
@@ -213,17 +217,41 @@ class WorkerPool:
             ``(fd, pid, how the old worker ended)`` (``reason`` instead, when given).
         """
         with self._lock:
-            old_fd, old_pid = self._slots[slot]
-            _disown(old_fd)
-            try:
-                os.close(old_fd)
-            except OSError:
-                pass
-            self._slots[slot] = (-1, 0)
-            answer, fd = self._talk(("replace", slot, old_pid))
-            assert fd is not None
-            self._slots[slot] = (fd, int(answer[1]))
+            return self._replace_locked(slot, reason)
+
+    def _replace_locked(self, slot: int, reason: str) -> tuple[int, int, str]:
+        old_fd, old_pid = self._slots[slot]
+        _disown(old_fd)
+        try:
+            os.close(old_fd)
+        except OSError:
+            pass
+        self._slots[slot] = (-1, 0)
+        answer, fd = self._talk(("replace", slot, old_pid))
+        assert fd is not None
+        self._slots[slot] = (fd, int(answer[1]))
+        # The zygote's copy of the Sequence predates the updates: the newcomer gets the latest
+        # (its first read, so before any batch). A fresh worker failing this is dead: the engine
+        # finds its socket closed and replaces it again.
+        if self._update is not None:
+            _send_all(fd, self._update, _UPDATE_TIMEOUT_S)
         return fd, int(answer[1]), reason or f"process {old_pid} {answer[2]}"
+
+    def update(self, name: str, args: tuple[Any, ...], hooks: int) -> None:
+        """Calls ``sequence.<name>(*args)`` in every worker process, after the first ``hooks``
+        ``on_epoch_end`` calls (the consumer's count); a worker started later gets the latest
+        update before its first batch, so the method must *set* state, not add to it.
+
+        Only while no engine uses the workers (between engines). A worker that cannot take the
+        message (dead, or not reading for :data:`_UPDATE_TIMEOUT_S`) is replaced.
+        """
+        payload = pickle.dumps((name, args), protocol=pickle.HIGHEST_PROTOCOL)
+        message = _HEADER.pack(_UPDATE, 0, 0, 0, 0, hooks, len(payload)) + payload
+        with self._lock:
+            self._update = message
+            for slot, (fd, _) in enumerate(self._slots):
+                if fd < 0 or not _send_all(fd, message, _UPDATE_TIMEOUT_S):
+                    self._replace_locked(slot, "")
 
     def fds(self) -> list[int]:
         return [fd for fd, _ in self._slots]
@@ -273,6 +301,32 @@ class WorkerPool:
                 proc.join()
             proc.close()
             self._proc = None
+
+
+def _send_all(fd: int, data: bytes, timeout: float) -> bool:
+    """Writes ``data`` to the stream socket ``fd``; False if the peer is gone or ``timeout``
+    seconds pass. ``fd`` stays blocking (the native loader reads it): the sends don't wait, a
+    poll does."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=os.dup(fd))
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    deadline = time.monotonic() + timeout
+    view = memoryview(data)
+    try:
+        while view:
+            try:
+                sent = sock.send(view, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+            except BlockingIOError:
+                left = deadline - time.monotonic()
+                if left <= 0 or not poller.poll(int(left * 1000) + 1):
+                    return False
+                continue
+            view = view[sent:]
+        return True
+    except OSError:
+        return False
+    finally:
+        sock.close()
 
 
 def _check_picklable(spec: _Spec, start_method: str) -> None:
@@ -450,6 +504,7 @@ def _worker_main(sock: socket.socket, spec: _Spec, slot: int, address: int, zygo
     getitem = sequence.__getitem__
     hook = getattr(sequence, "on_epoch_end", None) if spec.replay_hooks else None
     hooks_done = 0
+    update_error: BaseException | None = None
     header = bytearray(_HEADER.size)
     pack, unpack = _HEADER.pack, _HEADER.unpack
 
@@ -458,25 +513,46 @@ def _worker_main(sock: socket.socket, spec: _Spec, slot: int, address: int, zygo
             return None
         return unpack(header)
 
+    def replay(hooks: int) -> None:
+        # State that on_epoch_end changes must reach this copy of the Sequence, in order.
+        nonlocal hooks_done
+        while hook is not None and hooks_done < hooks:
+            hooks_done += 1
+            try:
+                hook()
+            except Exception:
+                pass  # the consumer's own run of the hook reports its error
+
     message = None
     while True:
         if message is None:
             message = receive()
             if message is None:
                 return  # the consumer closed our socket: done
-        kind, _, position, _, index, hooks, _ = message
+        kind, _, position, _, index, hooks, length = message
         message = None
+        if kind == _UPDATE:  # a call the consumer made on its Sequence (WorkerPool.update)
+            payload = bytearray(length)
+            if length and sock.recv_into(payload, length, socket.MSG_WAITALL) != length:
+                return
+            replay(hooks)
+            try:
+                name, args = pickle.loads(payload)
+                getattr(sequence, name)(*args)
+                update_error = None
+            except BaseException as exc:  # reported with every batch until the next update
+                update_error = RuntimeError(f"updating the worker's copy of the Sequence failed: "
+                                            f"{type(exc).__name__}: {exc}")
+                update_error.__cause__ = exc
+            continue
         if kind != _LOAD:
             continue  # a write for a batch that was abandoned
         try:
             if init_error is not None:
                 raise init_error
-            while hook is not None and hooks_done < hooks:
-                hooks_done += 1
-                try:
-                    hook()  # state on_epoch_end changes must reach this copy of the Sequence
-                except Exception:
-                    pass  # the consumer's own run of the hook reports its error
+            replay(hooks)
+            if update_error is not None:
+                raise update_error
             packed = _C.Packed(getitem(index), index)
             meta = pickle.dumps(packed.meta(), protocol=pickle.HIGHEST_PROTOCOL)
         except BaseException as exc:

@@ -59,10 +59,18 @@ Workers come in two kinds, chosen with ``mode``:
   not torch's own values. A worker that dies (a crash, the out-of-memory killer) is replaced by a
   new one (``worker_init_fn`` runs again with the same id) and its batch is loaded again, so the
   epoch still yields every batch, in order. Each pass starts its own worker processes and ends
-  them when it finishes, breaks, or is deleted (torch's non-persistent workers; with
-  ``persistent_workers=True`` too); a new pass also ends a previous unfinished pass of the same
-  DataLoader, whose iterator then raises ``RuntimeError``. In-memory arrays (step 4) need no Python
-  per batch, so they are gathered by native threads in either mode.
+  them when it finishes, breaks, or is deleted, as torch's non-persistent workers do; a new pass
+  also ends a previous unfinished pass of the same DataLoader, whose iterator then raises
+  ``RuntimeError``. In-memory arrays (step 4) need no Python per batch, so they are gathered by
+  native threads in either mode.
+
+``persistent_workers=True`` (with ``num_workers > 0``), in either mode: the workers live as long
+as the DataLoader, as torch's do. Each pass sends them its index batches (a few bytes per batch,
+pickled once per pass), and they keep what they hold between passes: the worker processes'
+copies of the dataset (opened files, caches), their random generators, ``worker_init_fn`` having
+run once. No fork or thread start per epoch. A worker process that dies is replaced by one forked
+from the zygote, which then receives the current pass's batches before its first one. A new pass
+takes the workers over from an unfinished one, whose iterator then raises ``RuntimeError``.
 
 Distributed: when ``torch.distributed`` is initialized and no ``sampler``/``batch_sampler`` is
 given, the default sampler becomes ``DistributedSampler(dataset, shuffle=shuffle, seed=...,
@@ -111,7 +119,6 @@ __all__ = ["DataLoader", "DevicePrefetcher", "SampleError", "StackFallbackWarnin
 
 _STATE_VERSION = 1
 _KEY = "pyloader.torch"  # numpy dtype metadata: the array is a torch tensor's view (value: dtype name)
-_SKIPPED = 0  # what a worker returns for a position of the next epoch, which nobody will read
 
 
 class SampleError(BatchError):
@@ -346,11 +353,10 @@ _KINDS = {kind: kind for kind in (_STACK, _COLLATE, _CONVERT, _CUSTOM)}
 
 
 class _EpochBatches:
-    """Batch ``i`` of one epoch: the samples of ``plan[i]``, fetched and collated on a worker.
+    """Batch ``i`` of one pass: the samples of ``plan[i]``, fetched and collated on a worker.
 
-    It serves a single epoch, but the Prefetcher always plans the next one and starts loading it
-    once every batch of this one is loaded (right after calling ``on_epoch_end``): from then on
-    ``__getitem__`` returns a placeholder at once, which nobody reads, instead of loading.
+    Its Prefetcher does not plan ahead, so only this pass's positions load; with persistent
+    workers, :meth:`renew` gives it the next pass's plan (in every worker process too).
     """
 
     def __init__(self, dataset: Any, plan: list[Any], kind: str, collate_fn: Callable[[Any], Any] | None,
@@ -362,7 +368,6 @@ class _EpochBatches:
         self.worker_init = worker_init
         getitems = getattr(dataset, "__getitems__", None)
         self.getitems = getitems if kind in (_STACK, _COLLATE) and getitems else None
-        self.done = False
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # Unpickled in a spawned worker process: ``kind`` is compared by identity, so it must be
@@ -370,9 +375,9 @@ class _EpochBatches:
         self.__dict__.update(state)
         self.kind = _KINDS[self.kind]
 
-    def on_epoch_end(self) -> None:
-        """Called by the engine after the last batch of the epoch was loaded."""
-        self.done = True
+    def renew(self, plan: list[Any]) -> None:
+        """The next pass's index batches (persistent workers keep this object)."""
+        self.plan = plan
 
     def __len__(self) -> int:
         return len(self.plan)
@@ -400,8 +405,6 @@ class _EpochBatches:
             raise _SampleFailure(index, [index]) from exc
 
     def __getitem__(self, i: int) -> Any:
-        if self.done:
-            return _SKIPPED
         if self.worker_init is not None:
             self.worker_init()
         kind = self.kind
@@ -544,9 +547,8 @@ class DataLoader(torch.utils.data.DataLoader):
             ``get_start_method()`` says it; ``None``: fork where it exists). Unused by threads.
         generator: draws the shuffle (and the ``base_seed`` torch draws for its workers).
         prefetch_factor: batches loaded ahead per worker (default 2).
-        persistent_workers: checked as torch does; workers are started for each pass (threads are
-            cheap to start; worker processes are forked from a fresh zygote, like torch's
-            non-persistent workers), but the ``base_seed`` is drawn once, as torch does.
+        persistent_workers: keep the workers (threads or processes) from pass to pass, as torch
+            does (see the module docs); the ``base_seed`` is drawn once, as torch does.
         pin_memory_device: deprecated in torch (warns as torch does).
         in_order: accepted; pyloader always delivers in order.
         mode: pyloader's worker kind: ``"thread"`` or ``"process"`` (see the module docs).
@@ -626,6 +628,8 @@ class DataLoader(torch.utils.data.DataLoader):
         self._drew_base_seed = False
         self._pending: tuple[int, int, list[Any]] | None = None  # a loaded state: (epoch, consumed, rest)
         self._current: weakref.ref[_LoaderIter] | None = None
+        # persistent_workers: the Prefetcher whose workers every pass reuses, with its batch kind
+        self._kept: tuple[str, Prefetcher] | None = None
         self._warned_fallback = False
 
     # -- epochs ----------------------------------------------------------------------------------
@@ -648,11 +652,16 @@ class DataLoader(torch.utils.data.DataLoader):
             plan = self._draw()
         self._epoch = epoch + 1
         previous = self._current() if self._current is not None else None
-        if previous is not None and self.mode == "process":
-            previous._retire()  # its worker processes end before this pass starts its own
+        if previous is not None and (self.mode == "process" or self._kept is not None):
+            previous._retire()  # its worker processes end (or its persistent workers move on)
         it = _LoaderIter(self, epoch, plan)
         self._current = weakref.ref(it)
         return it
+
+    def _drop_kept(self) -> None:
+        kept, self._kept = self._kept, None
+        if kept is not None:
+            kept[1].close()
 
     def _sync_auto_epoch(self) -> int:
         """The epoch of the next pass; sets it on the automatic DistributedSampler."""
@@ -835,6 +844,7 @@ class _LoaderIter:
         self._workers = max(1, loader.num_workers)
         self._depth = max(1, (loader.prefetch_factor or 2) * self._workers)
         self._process = loader.mode == "process"
+        self._persistent = loader.persistent_workers and loader.num_workers > 0
         self._worker_init = (_WorkerInit(loader.worker_init_fn)
                              if loader.worker_init_fn is not None and not self._process else None)
         self._base_seed = getattr(loader, "_base_seed", 0)  # not drawn when a loaded state resumes
@@ -867,9 +877,18 @@ class _LoaderIter:
             mode = "thread"  # a native gather runs no Python: nothing for a process to do
         else:
             batches = self._index_batches()[base:]
-            seq = _EpochBatches(loader.dataset, batches, self._kind if self._seq is None else _STACK,
-                                loader.collate_fn, self._worker_init)
+            kind = self._kind if self._seq is None else _STACK
             mode = loader.mode
+            if self._persistent:
+                kept = loader._kept
+                if kept is not None and kept[0] is kind and not kept[1]._closed:
+                    # Persistent workers: the same threads or processes load this pass's plan.
+                    self._prefetcher = kept[1]
+                    self._prefetcher._renew("renew", batches)
+                    self._batches = iter(self._prefetcher)
+                    return
+                loader._drop_kept()
+            seq = _EpochBatches(loader.dataset, batches, kind, loader.collate_fn, self._worker_init)
         if mode == "process":
             options = dict(
                 start_method=self._start_method(),
@@ -892,6 +911,9 @@ class _LoaderIter:
             if clearer is not None:
                 raise clearer from exc
             raise
+        self._prefetcher._plan_ahead = False  # the next pass's plan is drawn when it starts
+        if self._persistent and isinstance(seq, _EpochBatches):
+            loader._kept = (kind, self._prefetcher)
         self._batches = iter(self._prefetcher)
 
     def _start_method(self) -> str | None:
@@ -951,7 +973,8 @@ class _LoaderIter:
             if self._replaced and not self.finished:
                 raise RuntimeError(
                     "this DataLoader iterator was replaced by a newer iter() of its DataLoader, which "
-                    "ended its worker processes (mode='process' runs one pass at a time)"
+                    "took its workers (with mode='process' or persistent_workers=True a DataLoader runs "
+                    "one pass at a time)"
                 )
             self._finish()
             raise StopIteration
@@ -1048,7 +1071,8 @@ class _LoaderIter:
 
     def _close_prefetcher(self) -> None:
         p, self._prefetcher, self._batches = self._prefetcher, None, None
-        if p is not None:
+        kept = self.loader._kept
+        if p is not None and (kept is None or p is not kept[1]):  # persistent workers stay
             p.close()
 
     def _retire(self) -> None:
