@@ -228,17 +228,20 @@ class _TorchSession:
     per-sample dataset, its ``sample_batch_size``, ``shuffle=True`` and a seeded generator (the
     same batches for every DataLoader class measured)."""
 
-    def __init__(self, seq: Any, *, workers: int, loader_class: Any = None) -> None:
+    def __init__(self, seq: Any, *, workers: int, loader_class: Any = None, persistent: bool = False) -> None:
         if loader_class is None:
             from torch.utils.data import DataLoader as loader_class
         import torch
 
         batch_size = getattr(seq, "sample_batch_size", None)
+        persistent = persistent and workers > 0
         if batch_size is None:
-            self.loader = loader_class(seq, batch_size=None, num_workers=workers)
+            self.loader = loader_class(seq, batch_size=None, num_workers=workers,
+                                       persistent_workers=persistent)
         else:
             self.loader = loader_class(seq, batch_size=batch_size, shuffle=True, num_workers=workers,
-                                       generator=torch.Generator().manual_seed(0))
+                                       generator=torch.Generator().manual_seed(0),
+                                       persistent_workers=persistent)
         self.batches_per_epoch = len(self.loader)
 
     def epoch(self) -> Iterator[Any]:
@@ -255,6 +258,10 @@ def _open_torch(seq: Any, *, workers: int) -> Session:
     return _TorchSession(seq, workers=workers)
 
 
+def _open_torch_persistent(seq: Any, *, workers: int) -> Session:
+    return _TorchSession(seq, workers=workers, persistent=True)
+
+
 def _open_pyloader_torch(seq: Any, *, workers: int) -> Session:
     try:
         from pyloader.torch import DataLoader
@@ -269,6 +276,15 @@ def _open_pyloader_torch_process(seq: Any, *, workers: int) -> Session:
     except ImportError as exc:
         raise Unavailable(f"pyloader.torch not importable: {exc}") from exc
     return _TorchSession(seq, workers=workers, loader_class=functools.partial(DataLoader, mode="process"))
+
+
+def _open_pyloader_torch_process_persistent(seq: Any, *, workers: int) -> Session:
+    try:
+        from pyloader.torch import DataLoader
+    except ImportError as exc:
+        raise Unavailable(f"pyloader.torch not importable: {exc}") from exc
+    return _TorchSession(seq, workers=workers, loader_class=functools.partial(DataLoader, mode="process"),
+                         persistent=True)
 
 
 # -- Keras 3 PyDataset ------------------------------------------------------------------------
@@ -423,9 +439,17 @@ for _spec in [
                "pyloader.torch.DataLoader(..., mode='process'), the same arguments as the torch peer",
                _open_pyloader_torch_process, requires=("pyloader", "torch"), applies=lambda workload: True,
                default=False),
+    LoaderSpec("pyloader-torch-process-persistent", "pyloader",
+               "pyloader.torch.DataLoader(..., mode='process', persistent_workers=True): worker processes "
+               "kept from epoch to epoch; compare with torch-persistent",
+               _open_pyloader_torch_process_persistent, requires=("pyloader", "torch"),
+               applies=lambda workload: True, default=False),
     LoaderSpec("torch", "peer", "torch DataLoader(seq, batch_size=None, num_workers=W); per-sample "
                "datasets: batch_size=sample_batch_size, shuffle=True, seeded generator",
                _open_torch, requires=("torch",), applies=lambda workload: True),
+    LoaderSpec("torch-persistent", "peer", "the torch peer with persistent_workers=True (workers kept from "
+               "epoch to epoch)", _open_torch_persistent, requires=("torch",), applies=lambda workload: True,
+               default=False),
     LoaderSpec("keras-threads", "peer", "Keras 3 PyDataset(workers=W), thread pool",
                _keras_opener(False), requires=("keras",)),
     LoaderSpec("keras-processes", "peer",
