@@ -262,29 +262,25 @@ def _open_torch_persistent(seq: Any, *, workers: int) -> Session:
     return _TorchSession(seq, workers=workers, persistent=True)
 
 
-def _open_pyloader_torch(seq: Any, *, workers: int) -> Session:
+def _pyloader_torch_session(seq: Any, workers: int, *, persistent: bool = False, **options: Any) -> Session:
     try:
         from pyloader.torch import DataLoader
     except ImportError as exc:
         raise Unavailable(f"pyloader.torch not importable: {exc}") from exc
-    return _TorchSession(seq, workers=workers, loader_class=DataLoader)
+    return _TorchSession(seq, workers=workers, loader_class=functools.partial(DataLoader, **options),
+                         persistent=persistent)
+
+
+def _open_pyloader_torch(seq: Any, *, workers: int) -> Session:
+    return _pyloader_torch_session(seq, workers)
 
 
 def _open_pyloader_torch_process(seq: Any, *, workers: int) -> Session:
-    try:
-        from pyloader.torch import DataLoader
-    except ImportError as exc:
-        raise Unavailable(f"pyloader.torch not importable: {exc}") from exc
-    return _TorchSession(seq, workers=workers, loader_class=functools.partial(DataLoader, mode="process"))
+    return _pyloader_torch_session(seq, workers, mode="process")
 
 
 def _open_pyloader_torch_process_persistent(seq: Any, *, workers: int) -> Session:
-    try:
-        from pyloader.torch import DataLoader
-    except ImportError as exc:
-        raise Unavailable(f"pyloader.torch not importable: {exc}") from exc
-    return _TorchSession(seq, workers=workers, loader_class=functools.partial(DataLoader, mode="process"),
-                         persistent=True)
+    return _pyloader_torch_session(seq, workers, mode="process", persistent=True)
 
 
 # -- Keras 3 PyDataset ------------------------------------------------------------------------
