@@ -464,6 +464,26 @@ def test_spawn_needs_a_picklable_sequence_and_says_so():
     """)
 
 
+def test_spawn_from_an_unguarded_main_module_reports_multiprocessings_own_error(tmp_path):
+    """A script that makes a spawn-mode Prefetcher without ``if __name__ == "__main__"``: the
+    zygote re-runs the script and cannot start a process itself. The user must see why
+    (multiprocessing's bootstrapping message), not an error from pyloader's cleanup."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(textwrap.dedent("""
+        import sys
+        sys.path.insert(0, %r)
+        import pyloader
+        from sequences import ProcSeq
+        p = pyloader.Prefetcher(ProcSeq(4), mode="process", workers=1, start_method="spawn")
+        print(len(list(p)))
+    """ % os.path.dirname(os.path.abspath(__file__))))
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0
+    assert "bootstrapping phase" in r.stderr, r.stderr
+    assert "can only join a started process" not in r.stderr, r.stderr
+    assert "pyloader's zygote process is gone" in r.stderr, r.stderr
+
+
 @pytest.mark.parametrize("method", ["spawn", "forkserver"])
 def test_spawn_and_forkserver_load_every_batch(method):
     run_ok(f"""

@@ -161,9 +161,9 @@ class WorkerPool:
         _own(ours.fileno())
         self._ctl = ours
         try:
-            self._proc = ctx.Process(target=_zygote_main, args=(theirs, spec), name="pyloader-zygote",
-                                     daemon=True)
-            self._proc.start()
+            proc = ctx.Process(target=_zygote_main, args=(theirs, spec), name="pyloader-zygote", daemon=True)
+            proc.start()
+            self._proc = proc  # only once started: close() joins it
             theirs.close()
             ours.settimeout(_ZYGOTE_TIMEOUT_S)
             socket.send_fds(ours, [b"arena"], [pool.arena_fd])
