@@ -138,6 +138,10 @@ class Workers {
     munmap(shared_, sizeof(Shared));
   }
   ProcWorker spawn() {
+    // One spawn at a time (engine threads replace workers concurrently): a child forked by another
+    // thread between this socketpair() and close(sv[1]) would hold a copy of this worker's end, so
+    // this worker's death would never read as EOF. (process.py forks from a single-threaded zygote.)
+    std::lock_guard lock(mu_);
     int sv[2];
     CHECK_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
     const pid_t pid = ::fork();
@@ -147,7 +151,6 @@ class Workers {
       child_main(sv[1], arena_, shared_, &how_);
     }
     ::close(sv[1]);
-    std::lock_guard lock(mu_);
     live_.emplace_back(sv[0], pid);
     return {sv[0], pid};
   }
