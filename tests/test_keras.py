@@ -777,6 +777,42 @@ def test_process_mode_worker_killed_during_fit_loses_and_repeats_no_batch():
 
 
 @process_only
+def test_process_mode_options_reach_the_worker_processes(tmp_path):
+    run_keras_process(f"""
+    marks = {str(tmp_path)!r}
+
+    def init(worker_id):
+        open(os.path.join(marks, f"{{worker_id}}-{{os.getpid()}}"), "w").close()
+
+    class Crashing(Samples):
+        def __getitem__(self, i):
+            if i == 1:
+                os.kill(os.getpid(), signal.SIGSEGV)
+            return super().__getitem__(i)
+
+    ds = pk.prefetch(Crashing(3, workers=2, use_multiprocessing=True), shuffle=False, start_method="fork",
+                     worker_init_fn=init, max_retries=0)
+    it = iter(ds.loader)
+    next(it)
+    try:
+        next(it)
+    except pyloader.WorkerDiedError as e:
+        assert e.index == 1 and str(e).count("SIGSEGV") == 1, e  # no retry: one death
+    else:
+        raise AssertionError("max_retries=0 should fail on the first death")
+    ds.close()
+    ids = sorted(int(name.split("-")[0]) for name in os.listdir(marks))
+    assert ids[:2] == [0, 1] and set(ids) <= {{0, 1}}, ids  # init ran in each worker (and the replacement)
+    try:
+        pk.prefetch(Samples(2, workers=2, use_multiprocessing=True), start_method="nope")
+    except ValueError as e:
+        assert "'nope'" in str(e), e
+    else:
+        raise AssertionError("a bad start_method should be refused")
+    print("OK")
+    """)
+
+
 def test_process_mode_leaves_no_child_process():
     run_keras_process("""
     me = psutil.Process()

@@ -536,6 +536,9 @@ def prefetch(
     pin: bool | str = "auto",
     timeout: float | None = None,
     max_pool_bytes: int | None = None,
+    start_method: str | None = None,
+    worker_init_fn: Any = None,
+    max_retries: int = 2,
 ) -> PrefetchedDataset:
     """Wraps a Sequence for ``model.fit``/``evaluate``/``predict``, loaded ahead by pyloader.
 
@@ -571,6 +574,12 @@ def prefetch(
         pin: buffer pinning (see :class:`~pyloader.Prefetcher`).
         timeout: seconds to wait for one batch, or None.
         max_pool_bytes: bound of the buffer pool.
+        start_method: process mode: how the worker processes start (``"fork"``, ``"spawn"`` or
+            ``"forkserver"``; default fork where it exists).
+        worker_init_fn: process mode: called as ``worker_init_fn(worker_id)`` in each new worker
+            process, a replacement's too.
+        max_retries: process mode: worker deaths tolerated per batch before it fails with
+            :class:`~pyloader.WorkerDiedError`.
 
     Returns:
         a :class:`PrefetchedDataset` (close it, or use it as a context manager, to stop workers).
@@ -600,6 +609,9 @@ def prefetch(
         pin=pin,
         timeout=timeout,
         max_pool_bytes=max_pool_bytes,
+        start_method=start_method,
+        worker_init_fn=worker_init_fn,
+        max_retries=max_retries,
     )
 
 
