@@ -802,7 +802,7 @@ def test_process_mode_options_reach_the_worker_processes(tmp_path):
         raise AssertionError("max_retries=0 should fail on the first death")
     ds.close()
     ids = sorted(int(name.split("-")[0]) for name in os.listdir(marks))
-    assert ids[:2] == [0, 1] and set(ids) <= {{0, 1}}, ids  # init ran in each worker (and the replacement)
+    assert set(ids) == {{0, 1}} and len(ids) <= 3, ids  # init ran in each worker (a replacement may add one)
     try:
         pk.prefetch(Samples(2, workers=2, use_multiprocessing=True), start_method="nope")
     except ValueError as e:
