@@ -890,7 +890,11 @@ TEST(stop_while_waiting_in_pool) {
     f.engine->append(0, shuffled_plan(seed, 0, 50, 50), false);
     f.engine->start();
     CHECK(check::eventually([&] { return f.pool->waiting_for() > 0ns; }));
-    CHECK_EQ(f.pool->info().leased, 2u);
+    // Two batches fill the bound; the worker of the position the consumer needs next may take a
+    // third past it (it could otherwise wait forever), when the other two got their buffers first.
+    const std::size_t leased = f.pool->info().leased;
+    CHECK_GE(leased, 2u);
+    CHECK_LE(leased, 3u);
     if (trial == 0) {
       std::this_thread::sleep_for(30ms);
       CHECK_GE(f.pool->waiting_for(), 20ms);
