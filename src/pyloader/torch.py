@@ -844,7 +844,7 @@ class _LoaderIter:
         self._workers = max(1, loader.num_workers)
         self._depth = max(1, (loader.prefetch_factor or 2) * self._workers)
         self._process = loader.mode == "process"
-        self._persistent = loader.persistent_workers and loader.num_workers > 0
+        self._persistent = loader.persistent_workers  # torch's checks: only with num_workers > 0
         self._worker_init = (_WorkerInit(loader.worker_init_fn)
                              if loader.worker_init_fn is not None and not self._process else None)
         self._base_seed = getattr(loader, "_base_seed", 0)  # not drawn when a loaded state resumes
