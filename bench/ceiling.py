@@ -1,21 +1,25 @@
-"""How fast can any loader go on the per-sample decode workload with W workers on this machine?
+"""What bounds a loader's speed on the per-sample decode workload, measured next to the loaders.
 
-A loader can only beat torch's DataLoader by spending less CPU per batch than torch does. This
-script measures the ceilings next to the loaders, in one run, each a median of epochs:
+Both torch's DataLoader and pyloader are CPU-bound here (W workers on as many CPUs), so a loader
+can beat torch only by spending less CPU per batch than torch does, and none can spend less than
+the dataset's own work. This script runs, in one process, epochs of:
 
-- plain:        one thread fetches and stacks every batch (no loader);
-- W threads:    W Python threads, each fetching and stacking its share of batches (no hand-off):
-                the most any thread-based loader can do with this dataset's GIL-holding share;
-- W processes:  W processes forked at the start of each epoch (as torch's and pyloader's
-                non-persistent workers are), each loading its share and handing nothing back: the
-                most any loader with per-epoch worker processes can do;
-- the loaders:  torch DataLoader, pyloader.torch.DataLoader with threads and with processes,
-                with the same arguments (batch_size=32, shuffle, seeded generator, num_workers=W);
-                then both with persistent_workers=True (to compare with each other: their workers
-                are not forked per epoch, so the per-epoch ceiling does not bound them).
+- plain:          one thread fetches and stacks every batch (no loader): the dataset's own CPU
+                  per batch, one CPU alone;
+- bare threads:   W Python threads taking batches from a shared counter, fetching and stacking,
+                  handing nothing back (no loader);
+- bare processes: W processes forked at the start of each epoch (as torch's and pyloader's
+                  non-persistent workers are) taking batches from a shared counter, handing nothing
+                  back, reaped at the end of the epoch: the dataset's work with W CPUs busy at once
+                  plus the cost of forking per epoch, with no loader around it;
+- the loaders:    torch DataLoader, pyloader.torch.DataLoader with threads and with processes,
+                  with the same arguments (batch_size=32, shuffle, seeded generator, num_workers=W);
+                  then both with persistent_workers=True.
 
-Epochs run round-robin over the rows (one of each, then again), so a busy spell of the machine
-falls on all of them alike; each row is the median of its epochs.
+Each row reports batches/s (median of its epochs), the ratio to torch, and the CPU time the whole
+process tree spent per batch (this process plus the worker processes reaped during the epoch;
+not measurable for persistent workers, which outlive their epochs). Epochs run round-robin over
+the rows (one of each, then again), so a busy spell of the machine falls on all of them alike.
 
 Run: python bench/ceiling.py [--workers 2] [--epochs 5] [--size 128] [--samples 3200]
 """
@@ -23,6 +27,8 @@ Run: python bench/ceiling.py [--workers 2] [--epochs 5] [--size 128] [--samples 
 from __future__ import annotations
 
 import argparse
+import itertools
+import multiprocessing
 import os
 import statistics
 import threading
@@ -42,8 +48,17 @@ def load(ds: SampleDecodeDataset, batches: list[list[int]]) -> None:
         np.array([y for _, y in samples])
 
 
-def shares(batches: list[list[int]], workers: int) -> list[list[list[int]]]:
-    return [batches[k::workers] for k in range(workers)]
+def load_shared(ds: SampleDecodeDataset, batches: list[list[int]], take) -> None:
+    """Loads batches in the order ``take()`` hands out their numbers, until it runs out."""
+    while (k := take()) < len(batches):
+        load(ds, [batches[k]])
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and of its reaped descendants (a reaped zygote brings the times
+    of the workers it reaped)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def main() -> None:
@@ -62,19 +77,30 @@ def main() -> None:
         load(ds, batches)
 
     def threads() -> None:
-        ts = [threading.Thread(target=load, args=(ds, share)) for share in shares(batches, w)]
+        take = itertools.count().__next__  # one C call: atomic under the GIL
+        ts = [threading.Thread(target=load_shared, args=(ds, batches, take)) for _ in range(w)]
         for t in ts:
             t.start()
         for t in ts:
             t.join()
 
+    counter = multiprocessing.RawValue("q", 0)  # shared with the forked processes
+    lock = multiprocessing.Lock()
+
+    def take_shared() -> int:
+        with lock:
+            k = counter.value
+            counter.value = k + 1
+        return k
+
     def processes() -> None:
+        counter.value = 0
         pids = []
-        for share in shares(batches, w):
+        for _ in range(w):
             pid = os.fork()
             if pid == 0:
                 try:
-                    load(ds, share)
+                    load_shared(ds, batches, take_shared)
                 finally:
                     os._exit(0)
             pids.append(pid)
@@ -94,8 +120,8 @@ def main() -> None:
     opts = dict(batch_size=32, shuffle=True, num_workers=w)
     runs = {
         "plain (1 thread, no loader)": plain,
-        f"{w} threads, no loader (ceiling for threads)": threads,
-        f"{w} processes forked per epoch, no loader (ceiling)": processes,
+        f"bare threads ({w}, no loader)": threads,
+        f"bare processes ({w} forked per epoch, no loader)": processes,
         "torch DataLoader": loader(torch.utils.data.DataLoader(ds, generator=seeded(), **opts)),
         "pyloader.torch threads": loader(pt.DataLoader(ds, generator=seeded(), **opts)),
         "pyloader.torch processes": loader(pt.DataLoader(ds, generator=seeded(), mode="process", **opts)),
@@ -106,17 +132,23 @@ def main() -> None:
     }
     # Round-robin epochs, so that the machine's noise (it is shared) falls on every row alike.
     times: dict[str, list[float]] = {name: [] for name in runs}
+    cpus: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(args.epochs):
         for name, run in runs.items():
-            t = time.perf_counter()
+            c, t = cpu_seconds(), time.perf_counter()
             run()
             times[name].append(time.perf_counter() - t)
+            cpus[name].append(cpu_seconds() - c)
     rates = {name: len(batches) / statistics.median(ts) for name, ts in times.items()}
     torch_rate = rates["torch DataLoader"]
     print(f"samples-decode ({args.samples} samples of {args.size}x{args.size}, batches of 32), "
           f"{w} workers, {os.cpu_count()} CPUs, median of {args.epochs} epochs")
     for name, rate in rates.items():
-        print(f"  {name:<52} {rate:7.1f} batches/s  {rate / torch_rate:5.2f}x torch")
+        if "persistent" in name:  # its workers' CPU time is not known until they are reaped
+            cpu = "      -"
+        else:
+            cpu = f"{statistics.median(cpus[name]) * 1000 / len(batches):7.2f}"
+        print(f"  {name:<46} {rate:7.1f} batches/s  {rate / torch_rate:5.2f}x torch  {cpu} ms CPU/batch")
 
 
 if __name__ == "__main__":
