@@ -98,6 +98,26 @@ class ProcSeq:
         return np.full(self.shape, i, dtype=np.float32), i, {"name": f"b{i}", "epoch": self.epoch}
 
 
+class CountedPickles(ProcSeq):
+    """A ProcSeq that counts how often it is pickled in this process; with ``unloadable``, its
+    unpickling fails (as a Sequence whose module the new interpreter cannot import would)."""
+
+    pickles = 0
+
+    def __init__(self, n: int, *, unloadable: bool = False) -> None:
+        super().__init__(n)
+        self.unloadable = unloadable
+
+    def __getstate__(self) -> dict:
+        type(self).pickles += 1
+        return self.__dict__
+
+    def __setstate__(self, state: dict) -> None:
+        if state["unloadable"]:
+            raise ImportError("this Sequence cannot be loaded here")
+        self.__dict__.update(state)
+
+
 def init_marker(worker_id: int) -> None:
     """A worker_init_fn: records the worker id and a draw from numpy's seeded global state."""
     import os

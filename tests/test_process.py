@@ -464,24 +464,53 @@ def test_spawn_needs_a_picklable_sequence_and_says_so():
     """)
 
 
-def test_spawn_from_an_unguarded_main_module_reports_multiprocessings_own_error(tmp_path):
+@pytest.mark.parametrize("blob", [0, 8 << 20], ids=["small", "8MB"])
+def test_spawn_from_an_unguarded_main_module_reports_multiprocessings_own_error(tmp_path, blob):
     """A script that makes a spawn-mode Prefetcher without ``if __name__ == "__main__"``: the
     zygote re-runs the script and cannot start a process itself. The user must see why
-    (multiprocessing's bootstrapping message), not an error from pyloader's cleanup."""
+    (multiprocessing's bootstrapping message), not an error from pyloader's cleanup. With a
+    Sequence larger than a pipe's buffer this hung while the Sequence went through
+    multiprocessing's pipe (its writer holds the read end until the write ends)."""
     script = tmp_path / "unguarded.py"
     script.write_text(textwrap.dedent("""
         import sys
         sys.path.insert(0, %r)
         import pyloader
         from sequences import ProcSeq
-        p = pyloader.Prefetcher(ProcSeq(4), mode="process", workers=1, start_method="spawn")
+        seq = ProcSeq(4)
+        seq.blob = bytes(%d)
+        p = pyloader.Prefetcher(seq, mode="process", workers=1, start_method="spawn")
         print(len(list(p)))
-    """ % os.path.dirname(os.path.abspath(__file__))))
+    """ % (os.path.dirname(os.path.abspath(__file__)), blob)))
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
     assert r.returncode != 0
     assert "bootstrapping phase" in r.stderr, r.stderr
     assert "can only join a started process" not in r.stderr, r.stderr
     assert "pyloader's zygote process is gone" in r.stderr, r.stderr
+
+
+def test_spawn_pickles_the_sequence_once_and_the_zygote_loads_it():
+    """spawn and forkserver send the Sequence pickled: once (by the check that it can be), not a
+    second time by multiprocessing. A Sequence that fails to load in the new interpreter ends the
+    zygote, and the Prefetcher's construction says so."""
+    run_ok("""
+    from sequences import CountedPickles
+    for method in ("spawn", "forkserver"):
+        CountedPickles.pickles = 0
+        with pyloader.Prefetcher(CountedPickles(6), mode="process", workers=2, start_method=method) as p:
+            assert [int(b[1]) for b in p] == list(range(6))
+            assert [int(b[1]) for b in p] == list(range(6))
+            assert CountedPickles.pickles == 1, (method, CountedPickles.pickles)
+    try:
+        pyloader.Prefetcher(CountedPickles(6, unloadable=True), mode="process", workers=1, start_method="spawn")
+    except RuntimeError as e:
+        assert "zygote process is gone" in str(e) and "exited with status 1" in str(e), str(e)
+    else:
+        raise AssertionError("no RuntimeError")
+    import multiprocessing
+    assert multiprocessing.active_children() == []  # every zygote joined (not counting the
+    print("OK")                                     # forkserver and resource tracker, which stay)
+    """)
 
 
 @pytest.mark.parametrize("method", ["spawn", "forkserver"])

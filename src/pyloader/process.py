@@ -33,9 +33,11 @@ import signal
 import socket
 import struct
 import sys
+import tempfile
 import threading
 import time
 import traceback
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -126,6 +128,23 @@ class _Spec:
     seed: int
     arena_size: int
     replay_hooks: bool
+    # spawn and forkserver: ``sequence`` and ``worker_init_fn`` travel apart, pickled once (by the
+    # check that they can be) into a memory file whose descriptor the zygote receives on its
+    # control socket; they are None here until :meth:`load`.
+    pickled: bool = False
+
+    def load(self, fd: int) -> None:
+        """In the zygote: unpickles the Sequence and worker_init_fn from :func:`_pickled`'s file."""
+        with mmap.mmap(fd, os.fstat(fd).st_size, prot=mmap.PROT_READ) as m:
+            view = memoryview(m)
+            try:
+                n_seq, n_init = _BLOB_HEADER.unpack_from(view)
+                start = _BLOB_HEADER.size
+                self.sequence = pickle.loads(view[start:start + n_seq])
+                self.worker_init_fn = pickle.loads(view[start + n_seq:start + n_seq + n_init])
+            finally:
+                view.release()
+        self.pickled = False
 
 
 class WorkerPool:
@@ -154,8 +173,11 @@ class WorkerPool:
         self._ctl: socket.socket | None = None
         self.start_method = start_method
         spec = _Spec(sequence, worker_init_fn, seed, pool.arena_size, replay_hooks)
+        blob_fd = None
         if start_method != "fork":
-            _check_picklable(spec, start_method)
+            # Not through multiprocessing's pipe: its writer holds the pipe's read end until the
+            # write ends, so a zygote that dies before reading a large Sequence would hang us.
+            spec, blob_fd = _pickled(spec, start_method)
         ctx = multiprocessing.get_context(start_method)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         _own(ours.fileno())
@@ -166,13 +188,21 @@ class WorkerPool:
             self._proc = proc  # only once started: close() joins it
             theirs.close()
             ours.settimeout(_ZYGOTE_TIMEOUT_S)
-            socket.send_fds(ours, [b"arena"], [pool.arena_fd])
+            try:
+                socket.send_fds(ours, [b"arena"], [pool.arena_fd])
+                if blob_fd is not None:
+                    socket.send_fds(ours, [b"spec"], [blob_fd])
+            except OSError as exc:
+                raise RuntimeError(f"pyloader's zygote process is gone ({self._zygote_end()}): {exc}") from None
             for slot in range(workers):
                 self._slots.append(self._spawn(slot))
         except BaseException:
             theirs.close()
             self.close()
             raise
+        finally:
+            if blob_fd is not None:
+                os.close(blob_fd)  # the zygote has its own copy of the descriptor
 
     def _talk(self, message: tuple[Any, ...]) -> tuple[Any, int | None]:
         """Sends a command to the zygote; returns its answer and the fd it passed (if any)."""
@@ -329,12 +359,19 @@ def _send_all(fd: int, data: bytes, timeout: float) -> bool:
         sock.close()
 
 
-def _check_picklable(spec: _Spec, start_method: str) -> None:
+_BLOB_HEADER = struct.Struct("=QQ")  # sizes of the pickled Sequence and worker_init_fn
+
+
+def _pickled(spec: _Spec, start_method: str) -> tuple[_Spec, int]:
+    """``spec`` without its Sequence and worker_init_fn, and a descriptor of a memory file holding
+    them pickled (see :meth:`_Spec.load`); or a TypeError that says which of them cannot be
+    pickled and what to do."""
     from multiprocessing.reduction import ForkingPickler
 
+    blobs = []
     for what, value in (("Sequence", spec.sequence), ("worker_init_fn", spec.worker_init_fn)):
         try:
-            ForkingPickler.dumps(value)
+            blobs.append(ForkingPickler.dumps(value))
         except Exception as exc:
             raise TypeError(
                 f"start_method={start_method!r} starts worker processes from a fresh interpreter, "
@@ -344,6 +381,19 @@ def _check_picklable(spec: _Spec, start_method: str) -> None:
                 f"locks), or use start_method='fork'"
                 + (" (the default on this system)" if default_start_method() == "fork" else "")
             ) from exc
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("pyloader-sequence", os.MFD_CLOEXEC)
+    else:
+        fd = os.dup(tempfile.TemporaryFile().fileno())  # the file object closes its own descriptor
+    try:
+        with open(fd, "wb", closefd=False) as f:
+            f.write(_BLOB_HEADER.pack(len(blobs[0]), len(blobs[1])))
+            for blob in blobs:
+                f.write(blob)
+    except BaseException:
+        os.close(fd)
+        raise
+    return dataclasses.replace(spec, sequence=None, worker_init_fn=None, pickled=True), fd
 
 
 def worker_error(kind: str, blob: bytes, index: int, epoch: int, position: int, worker: int,
@@ -378,6 +428,12 @@ def _zygote_main(ctl: socket.socket, spec: _Spec) -> None:
     _, fds, _, _ = socket.recv_fds(ctl, 64, 1)
     arena = mmap.mmap(fds[0], spec.arena_size)  # shared: workers inherit this mapping
     os.close(fds[0])
+    if spec.pickled:
+        _, fds, _, _ = socket.recv_fds(ctl, 64, 1)
+        try:
+            spec.load(fds[0])
+        finally:
+            os.close(fds[0])
     address = ctypes.addressof(ctypes.c_char.from_buffer(arena))
     children: dict[int, int] = {}  # pid -> slot
     quitting = False
