@@ -23,6 +23,7 @@ design (DESIGN.md, "Process mode"):
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import mmap
 import multiprocessing
 import os
@@ -37,7 +38,6 @@ import tempfile
 import threading
 import time
 import traceback
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -121,7 +121,8 @@ def describe_status(status: int) -> str:
 
 @dataclass
 class _Spec:
-    """What a zygote needs to make workers (pickled for spawn and forkserver)."""
+    """What a zygote needs to make workers (the argument of its Process: pickled for spawn and
+    forkserver, which get the Sequence apart, see ``pickled``)."""
 
     sequence: Any
     worker_init_fn: Callable[[int], Any] | None
