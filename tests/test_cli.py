@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from typing import Any
@@ -229,6 +230,77 @@ def test_bench_config_rejects_bad_values_showing_them() -> None:
         BenchConfig(workloads=("nope",), loaders=("plain",))
     with pytest.raises(ValueError, match="repeats must be >= 1, got 0"):
         BenchConfig(workloads=("tiny",), loaders=("plain",), repeats=0)
+
+
+def test_rounds_pool_every_rounds_epochs_in_alternating_order(tmp_path: Any) -> None:
+    """--rounds 2 runs the plan twice, and each row holds the epochs of both rounds, tagged with
+    their round."""
+    proc = run_cli(["bench", "--quick", "--workload", "tiny", "--loaders", "plain,pyloader",
+                    "--workers", "2", "--repeats", "2", "--rounds", "2", "--json", "out.json"],
+                   str(tmp_path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with open(tmp_path / "out.json", encoding="utf-8") as f:
+        doc = json.load(f)
+    validate(doc)
+    assert doc["config"]["rounds"] == 2
+    for row in doc["results"]:
+        assert row["status"] == "ok", row
+        assert [e["round"] for e in row["epochs"]] == [0, 0, 1, 1], row["epochs"]
+        assert row["batches_per_s"] > 0 and row["memory"]["peak_mb"] > 0
+    assert "in 2 rounds of the whole run" in proc.stdout
+    with pytest.raises(ValueError, match="rounds must be >= 1, got 0"):
+        from pyloader._bench.harness import BenchConfig
+
+        BenchConfig(workloads=("tiny",), loaders=("plain",), rounds=0)
+
+
+def test_rounds_alternate_the_order_and_stop_measuring_what_failed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The order of the subprocesses, recorded in place of running them (the run itself is
+    covered above): the plan, then reversed, then the plan; a measurement that failed in round 1
+    is not run again, and its row is the failure."""
+    from pyloader._bench import harness
+
+    ran = []
+
+    def fake_run(request: dict[str, Any], config: Any, done: Any) -> None:
+        (workload,) = request["workloads"]
+        ran.append((workload, request["loader"]))
+        if (workload, request["loader"]) == ("latency", "plain"):
+            done(workload, {"event": "error", "error": "boom", "stderr_tail": ""})
+            return
+        epochs = [{"batches": 4, "wall_s": 1.0, "first_batch_s": 0.1, "wait_s": 1.0, "stall_fraction": 1.0}]
+        done(workload, {"event": "result", "epochs": epochs, "startup_s": 0.0, "close_s": 0.0, "memory": None})
+
+    monkeypatch.setattr(harness, "_run_subprocess", fake_run)
+    config = harness.BenchConfig(workloads=("tiny", "latency"), loaders=("plain", "pyloader"), rounds=3)
+    doc = harness.run_bench(config, progress=False)
+    one = [("tiny", "plain"), ("tiny", "pyloader"), ("latency", "plain"), ("latency", "pyloader")]
+    again = [pair for pair in one if pair != ("latency", "plain")]
+    assert ran == one + again[::-1] + again, ran
+    rows = {(r["workload"], r["loader"]): r for r in doc["results"]}
+    assert rows[("latency", "plain")]["status"] == "error"
+    assert len(rows[("tiny", "pyloader")]["epochs"]) == 3
+
+
+def test_pooled_rounds_take_medians_and_the_peak_round_and_a_failure_decides() -> None:
+    from pyloader._bench.harness import _summarize
+
+    def result(walls: list[float], startup: float, peak: float) -> dict[str, Any]:
+        epochs = [{"batches": 10, "wall_s": w, "first_batch_s": 0.01, "wait_s": w, "stall_fraction": 1.0}
+                  for w in walls]
+        return {"event": "result", "epochs": epochs, "startup_s": startup, "close_s": 0.0,
+                "memory": {"metric": "pss", "base_mb": 100.0, "peak_mb": peak, "peak_rss_mb": peak,
+                           "peak_processes": 1},
+                "self_rss_hwm_mb": peak, "children_rss_hwm_mb": 0.0}
+
+    row = _summarize("tiny", "plain", None, [result([1.0, 2.0], 0.5, 120.0), result([4.0, 5.0], 0.1, 150.0)])
+    assert row["status"] == "ok"
+    assert row["batches_per_s"] == pytest.approx(statistics.median([10, 5, 2.5, 2]))
+    assert row["cold_first_batch_s"] == pytest.approx(statistics.median([0.51, 0.11]))
+    assert row["memory"]["peak_mb"] == 150.0 and row["self_rss_hwm_mb"] == 150.0
+    failed = {"event": "error", "error": "killed", "stderr_tail": ""}
+    row = _summarize("tiny", "plain", None, [result([1.0], 0.5, 120.0), failed])
+    assert row["status"] == "error" and row["note"] == "killed"
 
 
 def test_memory_sampler_backs_off_when_sampling_is_slow() -> None:

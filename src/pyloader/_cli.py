@@ -120,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=_positive_int, default=None,
                        help="epochs per measurement, reported as medians (default: 3, "
                             "1 with --quick)")
+    bench.add_argument("--rounds", type=_positive_int, default=1,
+                       help="runs of the whole measurement plan, every other one in reverse "
+                            "order; each row pools its rounds' epochs, so that a busy spell of a "
+                            "shared machine falls on every loader alike (default: 1)")
     bench.add_argument("--quick", action="store_true",
                        help="small workloads and one repeat: a smoke run of a few seconds "
                             "(asserts nothing about speed)")
@@ -185,6 +189,7 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             loaders=tuple(loaders),
             workers=tuple(workers),
             repeats=args.repeats or (1 if args.quick else 3),
+            rounds=args.rounds,
             quick=args.quick,
             step_ms=args.step_ms,
             timeout_s=args.timeout or (120.0 if args.quick else 600.0),

@@ -15,6 +15,10 @@ CPU. A subprocess that exceeds the timeout is killed with its children and recor
 ``--quick`` runs all workloads of a loader in one subprocess instead (``group_by_loader``): it
 saves the imports (Keras alone takes seconds), and its memory figures are only indicative.
 
+The machine may be shared, and a busy spell falls on whichever loader runs then. ``rounds`` > 1
+runs the whole plan that many times, in reverse order every other round, and pools each row's
+epochs over its rounds: the noise then falls on every loader alike.
+
 Loaders that cannot run are found out cheaply in this process (:func:`loaders.probe`) or by the
 first subprocess that tries them, and skipped afterwards with the same note. The result is the
 report document described in :mod:`pyloader._bench.report`.
@@ -55,6 +59,8 @@ class BenchConfig:
         loaders: Loader names (keys of ``loaders.LOADERS``).
         workers: Worker counts to measure each loader with.
         repeats: Epochs per measurement; results are medians over them.
+        rounds: Runs of the whole plan (every other one in reverse order); each row pools the
+            epochs of its rounds, its memory is that of its round with the highest peak.
         quick: Use the small smoke-test workloads.
         step_ms: Simulated training step per batch in the consumer, in milliseconds.
         timeout_s: Wall-clock limit of one measurement subprocess.
@@ -68,6 +74,7 @@ class BenchConfig:
     loaders: tuple[str, ...]
     workers: tuple[int, ...] = (4,)
     repeats: int = 3
+    rounds: int = 1
     quick: bool = False
     step_ms: float = 0.0
     timeout_s: float = 600.0
@@ -93,6 +100,8 @@ class BenchConfig:
             raise ValueError(f"workers must be a non-empty list of ints >= 1, got {self.workers!r}")
         if self.repeats < 1:
             raise ValueError(f"repeats must be >= 1, got {self.repeats!r}")
+        if self.rounds < 1:
+            raise ValueError(f"rounds must be >= 1, got {self.rounds!r}")
         if self.step_ms < 0:
             raise ValueError(f"step_ms must be >= 0, got {self.step_ms!r}")
         if self.timeout_s <= 0:
@@ -305,9 +314,13 @@ def _median(values: Sequence[float | None]) -> float | None:
 
 
 def _summarize(
-    workload: str, loader: str, workers: int | None, event: dict[str, Any]
+    workload: str, loader: str, workers: int | None, events: list[dict[str, Any]]
 ) -> dict[str, Any]:
-    """Turn a subprocess event into one entry of the report's ``results``."""
+    """Turn the subprocess events of one measurement (one per round) into one entry of the
+    report's ``results``: the first that is not a result decides, else the rounds are pooled."""
+    event = next((e for e in events if e["event"] != "result"), None)
+    if event is None:
+        event = _pool_rounds(events)
     row: dict[str, Any] = {
         "workload": workload,
         "loader": loader,
@@ -338,7 +351,7 @@ def _summarize(
         batches=epochs[0]["batches"],
         batches_per_s=_median([e["batches"] / e["wall_s"] for e in epochs]),
         first_batch_s=_median([e["first_batch_s"] for e in epochs]),
-        cold_first_batch_s=event["startup_s"] + epochs[0]["first_batch_s"],
+        cold_first_batch_s=event["cold_first_batch_s"],
         stall_fraction=_median([e["stall_fraction"] for e in epochs]),
         engine_stall_fraction=_median(
             [(e.get("engine_stats") or {}).get("stall_fraction") for e in epochs]),
@@ -349,6 +362,24 @@ def _summarize(
         children_rss_hwm_mb=event.get("children_rss_hwm_mb"),
     )
     return row
+
+
+def _pool_rounds(events: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result event from the results of several rounds: their epochs in order (each tagged
+    with its round), medians of the per-round figures, the memory of the round that peaked."""
+    epochs = [dict(e, round=r) for r, event in enumerate(events) for e in event["epochs"]]
+    with_memory = [e for e in events if e.get("memory")]
+    hwm = {key: [e[key] for e in events if e.get(key) is not None]
+           for key in ("self_rss_hwm_mb", "children_rss_hwm_mb")}
+    return {
+        "event": "result",
+        "epochs": epochs,
+        "startup_s": _median([e["startup_s"] for e in events]),
+        "close_s": _median([e["close_s"] for e in events]),
+        "cold_first_batch_s": _median([e["startup_s"] + e["epochs"][0]["first_batch_s"] for e in events]),
+        "memory": max(with_memory, key=lambda e: e["memory"]["peak_mb"])["memory"] if with_memory else None,
+        **{key: (max(values) if values else None) for key, values in hwm.items()},
+    }
 
 
 def _add_ratios(results: list[dict[str, Any]]) -> None:
@@ -394,36 +425,51 @@ def run_bench(
     try:
         from tqdm import tqdm
 
-        bar: Any = tqdm(total=sum(len(p.workloads) for p in plan), unit="run", file=sys.stderr,
-                        disable=None if progress else True, dynamic_ncols=True)
+        bar: Any = tqdm(total=config.rounds * sum(len(p.workloads) for p in plan), unit="run",
+                        file=sys.stderr, disable=None if progress else True, dynamic_ncols=True)
     except ImportError:
         bar = None
     results: list[dict[str, Any]] = []
+    events: dict[tuple[str, str, int | None], list[dict[str, Any]]] = {}
     started = time.time()
     try:
-        for planned in plan:
-            label = planned.loader + (f" w{planned.workers}" if planned.workers else "")
-            if bar is not None:
-                bar.set_description_str(f"{label} on {','.join(planned.workloads)}")
-
-            def done(workload: str, event: dict[str, Any], planned: _Planned = planned) -> None:
-                row = _summarize(workload, planned.loader, planned.workers, event)
-                results.append(row)
-                if on_result is not None:
-                    on_result(row)
+        for round_ in range(config.rounds):
+            last = round_ == config.rounds - 1
+            for planned in plan if round_ % 2 == 0 else plan[::-1]:
+                label = planned.loader + (f" w{planned.workers}" if planned.workers else "")
                 if bar is not None:
-                    bar.update(1)
+                    bar.set_description_str(f"{label} on {','.join(planned.workloads)}"
+                                            + (f", round {round_ + 1}/{config.rounds}" if config.rounds > 1 else ""))
 
-            if planned.loader in skipped:
-                for workload in planned.workloads:
-                    done(workload, {"event": "unavailable", "note": skipped[planned.loader]})
-                continue
-            request = {"loader": planned.loader, "workloads": list(planned.workloads),
-                       "workers": planned.workers, "repeats": config.repeats,
-                       "quick": config.quick, "step_ms": config.step_ms}
-            note = _run_subprocess(request, config, done)
-            if note is not None:
-                skipped[planned.loader] = note
+                def done(workload: str, event: dict[str, Any], planned: _Planned = planned,
+                         last: bool = last) -> None:
+                    key = (workload, planned.loader, planned.workers)
+                    events.setdefault(key, []).append(event)
+                    if bar is not None:
+                        bar.update(1)
+                    if last or event["event"] != "result":  # its row is complete
+                        row = _summarize(workload, planned.loader, planned.workers, events.pop(key))
+                        results.append(row)
+                        if on_result is not None:
+                            on_result(row)
+
+                todo = [w for w in planned.workloads
+                        if not any(r["workload"] == w and r["loader"] == planned.loader
+                                   and r["workers"] == planned.workers for r in results)]
+                if bar is not None and len(todo) < len(planned.workloads):
+                    bar.update(len(planned.workloads) - len(todo))  # failed in an earlier round
+                if not todo:
+                    continue
+                if planned.loader in skipped:
+                    for workload in todo:
+                        done(workload, {"event": "unavailable", "note": skipped[planned.loader]})
+                    continue
+                request = {"loader": planned.loader, "workloads": todo,
+                           "workers": planned.workers, "repeats": config.repeats,
+                           "quick": config.quick, "step_ms": config.step_ms}
+                note = _run_subprocess(request, config, done)
+                if note is not None:
+                    skipped[planned.loader] = note
     finally:
         if bar is not None:
             bar.close()
@@ -449,6 +495,7 @@ def run_bench(
             "loaders": list(config.loaders),
             "workers": list(config.workers),
             "repeats": config.repeats,
+            "rounds": config.rounds,
             "quick": config.quick,
             "step_ms": config.step_ms,
             "timeout_s": config.timeout_s,

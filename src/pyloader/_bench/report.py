@@ -15,6 +15,7 @@ The report document (what ``--json FILE`` writes) is one JSON object::
         "load_average": [1.2, 0.9, 0.7] | null   # os.getloadavg() when the run started
       },
       "config": {"workloads": [...], "loaders": [...], "workers": [4], "repeats": 3,
+                 "rounds": 1,                  # absent in documents from before --rounds
                  "quick": false, "step_ms": 0.0, "timeout_s": 600.0, "sample_interval_s": 0.05,
                  "group_by_loader": false},   # true with --quick: one subprocess per loader
       "workloads": {"latency": "description", ...},
@@ -27,7 +28,8 @@ The report document (what ``--json FILE`` writes) is one JSON object::
           "workers": 4 | null,          # null for loaders without workers (plain)
           "status": "ok" | "unavailable" | "error",
           "note": null | "why it was skipped / the error",
-          # the rest is null (or empty) unless status == "ok"; medians over the repeats:
+          # the rest is null (or empty) unless status == "ok"; medians over the repeats (of
+          # every round; per-round figures such as startup_s: medians over the rounds):
           "batches": 1000,              # batches per epoch
           "batches_per_s": 812.5,
           "first_batch_s": 0.004,       # time from starting an epoch to its first batch
@@ -36,14 +38,16 @@ The report document (what ``--json FILE`` writes) is one JSON object::
           "engine_stall_fraction": 0.95 | null,  # stats()["stall_fraction"] (pyloader only)
           "startup_s": 0.01, "close_s": 0.002,   # opening and closing the loader (once)
           "memory": {                   # process tree of the measurement, sampled after setup
+                                        # (with rounds > 1: the round with the highest peak)
             "metric": "pss" | "rss", "base_mb": 520.1, "peak_mb": 561.0,
             "peak_rss_mb": 700.2, "peak_processes": 5
           } | null,
           "ratios": {"plain": 3.1, "torch": 1.4, ...},  # batches_per_s / the peer's, same
                                                          # workload and workers, peers that ran
-          "epochs": [                   # one per repeat, in order
+          "epochs": [                   # one per repeat, in order, round after round
             {"batches": 1000, "wall_s": 1.23, "first_batch_s": 0.004, "wait_s": 1.19,
-             "stall_fraction": 0.97, "engine_stats": {...}}   # engine_stats: pyloader only
+             "stall_fraction": 0.97, "engine_stats": {...},   # engine_stats: pyloader only
+             "round": 0}                                      # round: with rounds > 1 only
           ],
           "self_rss_hwm_mb": 600.0, "children_rss_hwm_mb": 0.0  # getrusage high-water marks
         }
@@ -115,6 +119,9 @@ def validate(doc: Any) -> None:
         problems.append(f"report.schema: expected {SCHEMA_ID!r}, got {doc['schema']!r}")
     _check(doc["machine"], _MACHINE, "machine", problems)
     _check(doc["config"], _CONFIG, "config", problems)
+    rounds = doc["config"].get("rounds", 1) if isinstance(doc["config"], dict) else 1
+    if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1:
+        problems.append(f"config.rounds: expected an int >= 1, got {rounds!r}")
     for i, row in enumerate(doc["results"]):
         where = f"results[{i}]"
         _check(row, _RESULT, where, problems)
@@ -219,8 +226,12 @@ def _rows(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 def _legend(doc: dict[str, Any]) -> list[str]:
     mem_metric = next((r["memory"]["metric"] for r in doc["results"] if r.get("memory")), "pss")
     cfg = doc["config"]
+    rounds = cfg.get("rounds", 1)
+    epochs = (f"{cfg['repeats']} epoch(s) on one loader" if rounds == 1 else
+              f"{rounds} x {cfg['repeats']} epochs on one loader, in {rounds} rounds of the whole "
+              f"run (every other one in reverse order)")
     lines = [
-        f"batches/s: median of {cfg['repeats']} epoch(s) on one loader, spread: half their range "
+        f"batches/s: median of {epochs}, spread: half their range "
         "over the median; vs X: batches/s over X's, "
         "same workload and W; 1st batch: median time from starting an epoch to its first batch, "
         "cold 1st: from opening the loader to its first batch;",
