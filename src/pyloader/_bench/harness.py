@@ -430,16 +430,18 @@ def run_bench(
     except ImportError:
         bar = None
     results: list[dict[str, Any]] = []
-    events: dict[tuple[str, str, int | None], list[dict[str, Any]]] = {}
+    events: dict[tuple[str, str, int | None], list[dict[str, Any]]] = {}  # by row, one per round
+    finished: set[tuple[str, str, int | None]] = set()  # rows in results (all rounds, or failed)
     started = time.time()
     try:
         for round_ in range(config.rounds):
             last = round_ == config.rounds - 1
             for planned in plan if round_ % 2 == 0 else plan[::-1]:
                 label = planned.loader + (f" w{planned.workers}" if planned.workers else "")
+                if config.rounds > 1:
+                    label += f", round {round_ + 1}/{config.rounds}"
                 if bar is not None:
-                    bar.set_description_str(f"{label} on {','.join(planned.workloads)}"
-                                            + (f", round {round_ + 1}/{config.rounds}" if config.rounds > 1 else ""))
+                    bar.set_description_str(f"{label} on {','.join(planned.workloads)}")
 
                 def done(workload: str, event: dict[str, Any], planned: _Planned = planned,
                          last: bool = last) -> None:
@@ -450,12 +452,11 @@ def run_bench(
                     if last or event["event"] != "result":  # its row is complete
                         row = _summarize(workload, planned.loader, planned.workers, events.pop(key))
                         results.append(row)
+                        finished.add(key)
                         if on_result is not None:
                             on_result(row)
 
-                todo = [w for w in planned.workloads
-                        if not any(r["workload"] == w and r["loader"] == planned.loader
-                                   and r["workers"] == planned.workers for r in results)]
+                todo = [w for w in planned.workloads if (w, planned.loader, planned.workers) not in finished]
                 if bar is not None and len(todo) < len(planned.workloads):
                     bar.update(len(planned.workloads) - len(todo))  # failed in an earlier round
                 if not todo:
