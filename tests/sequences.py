@@ -136,3 +136,46 @@ class WorkerFacts:
 
         time.sleep(0.02)  # so that both workers get some
         return i, os.getpid(), os.environ.get("PYLOADER_TEST_WORKER", ""), int(np.random.randint(1 << 30))
+
+
+class Points:
+    """512 random 8-d points labelled by a random hyperplane: ``(x[i], y[i])`` per sample, in
+    Python (holding the GIL, as worker processes are for). Needs torch."""
+
+    def __init__(self) -> None:
+        import torch
+
+        self.gen = torch.Generator().manual_seed(0)  # drawn from: then the loader's shuffle
+        self.x = torch.randn(512, 8, generator=self.gen)
+        self.y = (self.x @ torch.randn(8, generator=self.gen) > 0).long()
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        return self.x[i], self.y[i]
+
+
+def sgd_losses(loader_class, epochs: int = 6, **options) -> list[float]:
+    """Trains a small MLP with SGD over :class:`Points` through ``loader_class(dataset,
+    batch_size=32, shuffle=True, num_workers=2, generator=<the data's>, **options)``; returns the
+    mean loss of each epoch."""
+    import torch
+
+    data = Points()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.3)
+    loader = loader_class(data, batch_size=32, shuffle=True, num_workers=2,
+                          generator=data.gen, **options)
+    losses = []
+    for _ in range(epochs):
+        total = 0.0
+        for xb, yb in loader:
+            loss = torch.nn.functional.cross_entropy(model(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(xb)
+        losses.append(total / len(data))
+    return losses

@@ -267,31 +267,9 @@ def one_torch_thread():
 
 
 def test_a_training_loop_with_sgd_reduces_the_loss(one_torch_thread):
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(512, 8, generator=gen)
-    y = (x @ torch.randn(8, generator=gen) > 0).long()
+    from sequences import sgd_losses
 
-    class Points(Dataset):
-        def __len__(self):
-            return len(x)
-
-        def __getitem__(self, i):
-            return x[i], y[i]
-
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
-    opt = torch.optim.SGD(model.parameters(), lr=0.3)
-    loader = DataLoader(Points(), batch_size=32, shuffle=True, num_workers=2, generator=gen)
-    losses = []
-    for _ in range(6):
-        total = 0.0
-        for xb, yb in loader:
-            loss = torch.nn.functional.cross_entropy(model(xb), yb)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(xb)
-        losses.append(total / len(x))
+    losses = sgd_losses(DataLoader)
     assert losses[-1] < 0.5 * losses[0], losses
 
 
@@ -759,32 +737,9 @@ def test_process_mode_multiprocessing_context_picks_how_workers_start():
 @process_only
 def test_process_mode_training_loop_with_sgd_reduces_the_loss():
     run_ok("""
+    from sequences import sgd_losses
     torch.set_num_threads(1)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(512, 8, generator=gen)
-    y = (x @ torch.randn(8, generator=gen) > 0).long()
-
-    class Points(Dataset):  # Python per sample, holding the GIL: what worker processes are for
-        def __len__(self):
-            return len(x)
-
-        def __getitem__(self, i):
-            return x[i], y[i]
-
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
-    opt = torch.optim.SGD(model.parameters(), lr=0.3)
-    loader = DataLoader(Points(), batch_size=32, shuffle=True, num_workers=2, generator=gen, mode="process")
-    losses = []
-    for _ in range(6):
-        total = 0.0
-        for xb, yb in loader:
-            loss = torch.nn.functional.cross_entropy(model(xb), yb)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(xb)
-        losses.append(total / len(x))
+    losses = sgd_losses(DataLoader, mode="process")
     assert losses[-1] < 0.5 * losses[0], losses
     print("OK")
     """)
