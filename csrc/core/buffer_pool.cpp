@@ -17,7 +17,6 @@ std::size_t round_to_pages(std::size_t bytes) {
   const std::size_t page = page_size();
   return std::max<std::size_t>(page, (bytes + page - 1) / page * page);
 }
-constexpr auto kWaitSlice = std::chrono::milliseconds(100);
 constexpr std::size_t kHugePage = std::size_t{2} << 20;
 
 // Anonymous memory for one buffer. A large one starts on a 2 MiB boundary and asks for
@@ -102,12 +101,14 @@ BufferLease BufferPool::acquire(std::size_t bytes, const std::atomic<bool>& canc
   std::unique_lock lock(mu_);
   bool queued = false;
   for (;;) {
+    // B2: loaded before the check below, so that a change after the check stops the sleep.
+    const std::uint32_t seen = changed_.load(std::memory_order_seq_cst);
     // While anyone waits, an earlier priority goes first.
     if (waiting_.empty() || *waiting_.begin() >= priority) {
       const std::int32_t found = take_free_locked(need);
       if (found >= 0 || can_grow_locked(need, may_exceed && (*may_exceed)())) {
         if (queued) leave_queue_locked(priority);
-        if (!waiting_.empty()) returned_.notify_all();  // the next in line may go now
+        if (!waiting_.empty()) notify();  // the next in line may go now (or use what we dropped)
         return found >= 0 ? lease_locked(found) : allocate_unlocked(lock, need);
       }
     }
@@ -116,14 +117,18 @@ BufferLease BufferPool::acquire(std::size_t bytes, const std::atomic<bool>& canc
       queued = true;
       if (waiting_.empty()) wait_started_ = std::chrono::steady_clock::now();
       waiting_.insert(priority);
-      n_waiting_.store(waiting_.size(), std::memory_order_relaxed);
+      n_waiting_.store(waiting_.size(), std::memory_order_seq_cst);  // B2: registered, then...
+      continue;  // ... load changed_ again and re-check: only then may this thread sleep
     }
     if (cancel.load(std::memory_order_acquire)) break;
-    returned_.wait_for(lock, kWaitSlice);
+    if (before_sleep_) before_sleep_(priority);
+    lock.unlock();
+    wait_for_change(changed_, seen, std::chrono::nanoseconds(-1));  // B2: returns if changed_ moved
+    lock.lock();
     if (cancel.load(std::memory_order_acquire)) break;
   }
   if (queued) leave_queue_locked(priority);
-  if (!waiting_.empty()) returned_.notify_all();
+  if (!waiting_.empty()) notify();
   return {};
 }
 
@@ -133,7 +138,9 @@ BufferLease BufferPool::try_acquire(std::size_t bytes, std::int64_t priority) {
   if (!waiting_.empty() && *waiting_.begin() < priority) return {};
   const std::int32_t found = take_free_locked(need);
   if (found >= 0) return lease_locked(found);
-  if (!can_grow_locked(need, false)) return {};
+  const bool grow = can_grow_locked(need, false);
+  if (!waiting_.empty()) notify();  // can_grow_locked may have dropped free buffers
+  if (!grow) return {};
   try {
     return allocate_unlocked(lock, need);
   } catch (const std::bad_alloc&) {
@@ -168,13 +175,14 @@ bool BufferPool::can_grow_locked(std::size_t need, bool urgent) {
 
 void BufferPool::leave_queue_locked(std::int64_t priority) {
   waiting_.erase(waiting_.find(priority));
-  n_waiting_.store(waiting_.size(), std::memory_order_relaxed);
+  n_waiting_.store(waiting_.size(), std::memory_order_seq_cst);  // as the registration (B2)
   if (waiting_.empty()) wait_started_ = {};
 }
 
-void BufferPool::wake_all() {
-  { std::lock_guard lock(mu_); }  // a waiter between its cancel check and its wait holds mu_
-  returned_.notify_all();
+// B1: the change that the caller made before this call is seen by every waiter's next check.
+void BufferPool::notify() noexcept {
+  changed_.fetch_add(1, std::memory_order_seq_cst);                                   // B1
+  if (n_waiting_.load(std::memory_order_seq_cst) != 0) pyloader::wake_all(changed_);  // B1
 }
 
 void BufferPool::release(std::int32_t id) noexcept {
@@ -185,9 +193,10 @@ void BufferPool::release(std::int32_t id) noexcept {
     --leased_;
     free_.push_back(id);
     publish_counts_locked();
+    // A waiter that registers after this sees the free buffer in its check, under mu_.
     if (waiting_.empty()) return;
   }
-  returned_.notify_all();
+  notify();
 }
 
 BufferLease BufferPool::lease_locked(std::int32_t id) {
@@ -216,6 +225,7 @@ BufferLease BufferPool::allocate_unlocked(std::unique_lock<std::mutex>& lock, st
   --leased_;
   if (p == nullptr) {
     publish_counts_locked();
+    if (!waiting_.empty()) notify();  // the reservation is undone: room for a waiter, maybe
     throw std::bad_alloc();
   }
   ++allocations_;
@@ -245,6 +255,7 @@ BufferLease BufferPool::allocate_unlocked(std::unique_lock<std::mutex>& lock, st
       if (pinned) pinned_bytes_ -= bytes;
       bytes_ -= bytes;
       --live_;
+      if (!waiting_.empty()) notify();
       throw;
     }
     id = static_cast<std::int32_t>(buffers_.size() - 1);

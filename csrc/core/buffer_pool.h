@@ -23,13 +23,33 @@
 // the hot path holds it for a short scan of the free list. The pool outlives its users: leases
 // hold a shared_ptr to it.
 //
+// Waiting. A waiter's condition has inputs under mu_ (free buffers, bytes, the queue of waiters)
+// and inputs outside it (the caller's cancel flag and whatever may_exceed reads, e.g. the
+// engine's consumer position). A waiter sleeps on the pool's wake word changed_ (wait.h), with
+// no timeout, in three steps:
+//   1. it registers in n_waiting_ and then loads changed_ (B2), and only then checks its
+//      condition, under mu_ (a buffer that fits, room to grow, its turn, cancel, may_exceed);
+//   2. if it must wait, it releases mu_ and sleeps while changed_ still holds what it loaded;
+//   3. whoever changes an input of the condition afterwards bumps changed_ and then wakes the
+//      sleepers if n_waiting_ says there may be any (B1, notify()): the pool itself whenever a
+//      call leaves a change under mu_ while someone waits (a release, a waiter leaving the
+//      queue, growth or drops, an allocation undone); the owner, through wake_all(), after
+//      setting a cancel flag or changing what a may_exceed reads.
+// B1 pairs with B2: all four operations are seq_cst, so in their single total order either the
+// waiter's load of changed_ follows the bump (then, the bump being a release, the waiter's check
+// sees the change), or the notifier's read of n_waiting_ follows the registration (then it wakes
+// the word, and a sleep that begins after the bump returns at once, as the kernel compares the
+// word first). No change is missed, so nothing needs a timeout: a lost wake-up would show as a
+// hang, which tests catch, instead of the silent 100 ms stall that a re-check timer would make.
+// (changed_ wraps after 2^32 bumps; a waiter would have to sleep through exactly that many
+// between its load and its sleep to miss one.)
+//
 // Shutdown: acquire() takes a cancel flag; after setting it, call wake_all() and every waiter
 // returns an empty lease at once.
 #pragma once
 
 #include <atomic>
 #include <chrono>
-#include <condition_variable>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
@@ -41,7 +61,9 @@
 #include <vector>
 
 #include "arena.h"
+#include "config.h"
 #include "pin.h"
+#include "wait.h"
 
 namespace pyloader {
 
@@ -101,15 +123,18 @@ class BufferPool : public std::enable_shared_from_this<BufferPool> {
   // passes the position). When `may_exceed` is given and returns true (asked under the pool's
   // lock, again after every wake-up), the caller grows the pool past its bound instead of
   // waiting: the engine says so for the position the consumer needs next while later positions
-  // hold buffers, which they could only release after it (waiting would deadlock).
+  // hold buffers, which they could only release after it (waiting would deadlock). Whoever
+  // changes what may_exceed reads must then call wake_all() (see Waiting above).
   BufferLease acquire(std::size_t bytes, const std::atomic<bool>& cancel,
                       std::int64_t priority = std::numeric_limits<std::int64_t>::max(),
                       const std::function<bool()>* may_exceed = nullptr);
   // A buffer now, or an empty lease if getting one would mean waiting (or the OS refuses memory).
   BufferLease try_acquire(std::size_t bytes,
                           std::int64_t priority = std::numeric_limits<std::int64_t>::max());
-  // Wakes every acquire() so that it re-checks its cancel flag.
-  void wake_all();
+  // Makes every waiting acquire() re-check its condition (B1). Call it after setting a cancel
+  // flag, and after changing anything that a may_exceed reads. Lock-free; makes no syscall when
+  // nobody waits.
+  void wake_all() noexcept { notify(); }
   PoolInfo info() const;
   // The shared arena, or null for a pool of private buffers.
   Arena* arena() const noexcept { return arena_.get(); }
@@ -118,8 +143,14 @@ class BufferPool : public std::enable_shared_from_this<BufferPool> {
   // Cheap counters for per-batch statistics (relaxed reads of values written under the mutex).
   std::size_t buffers_now() const noexcept { return n_buffers_.load(std::memory_order_relaxed); }
   std::size_t bytes_now() const noexcept { return n_bytes_.load(std::memory_order_relaxed); }
-  // Whether any acquire() is waiting now (a cheap hint, for deciding to call wake_all()).
-  bool has_waiters() const noexcept { return n_waiting_.load(std::memory_order_relaxed) != 0; }
+  // For tests: `hook(priority)` runs in every acquire() that is about to sleep, right after the
+  // check that made it wait, before mu_ is released and the thread sleeps: the window in which a
+  // change would be lost if the protocol (Waiting, above) were wrong. It runs under mu_: it may
+  // change a cancel flag or what may_exceed reads and call wake_all(), but must not wait for
+  // anything that takes the pool's lock (a release). Set it before the pool is shared.
+  void set_before_sleep_hook(std::function<void(std::int64_t)> hook) {
+    before_sleep_ = std::move(hook);
+  }
 
  private:
   BufferPool(std::size_t max_bytes, PinRequest pin, std::size_t arena_bytes);
@@ -139,24 +170,29 @@ class BufferPool : public std::enable_shared_from_this<BufferPool> {
   BufferLease allocate_unlocked(std::unique_lock<std::mutex>& lock, std::size_t bytes);
   // All under mu_.
   BufferLease lease_locked(std::int32_t id);
-  std::int32_t take_free_locked(std::size_t need);  // a free buffer that fits, or -1
+  std::int32_t take_free_locked(std::size_t need);      // a free buffer that fits, or -1
   bool can_grow_locked(std::size_t need, bool urgent);  // may a new buffer of `need` bytes be made?
   void leave_queue_locked(std::int64_t priority);
-  void drop_locked(std::int32_t id) noexcept;       // unmaps a free buffer
+  void drop_locked(std::int32_t id) noexcept;  // unmaps a free buffer
   void publish_counts_locked() noexcept;
+  void notify() noexcept;  // B1: bumps changed_, wakes its sleepers if any waiter is registered
 
   const std::size_t max_bytes_;
   std::unique_ptr<Arena> arena_;
   mutable std::mutex mu_;
-  std::condition_variable returned_;
   Pinner pinner_;
-  std::vector<Buffer> buffers_;        // index = buffer id; dropped entries have data == nullptr
-  std::vector<std::int32_t> free_;     // ids of allocated, unleased buffers (most recent last)
+  std::vector<Buffer> buffers_;     // index = buffer id; dropped entries have data == nullptr
+  std::vector<std::int32_t> free_;  // ids of allocated, unleased buffers (most recent last)
   std::size_t live_ = 0, bytes_ = 0, peak_bytes_ = 0, leased_ = 0, pinned_bytes_ = 0;
   std::size_t pin_failures_ = 0, allocations_ = 0;
   std::chrono::steady_clock::time_point wait_started_{};
-  std::multiset<std::int64_t> waiting_;  // priorities of the acquire() calls waiting now
-  std::atomic<std::size_t> n_buffers_{0}, n_bytes_{0}, n_waiting_{0};
+  std::multiset<std::int64_t> waiting_;             // priorities of the acquire() calls waiting now
+  std::function<void(std::int64_t)> before_sleep_;  // tests only
+  std::atomic<std::size_t> n_buffers_{0}, n_bytes_{0};
+  // The wake word and the waiter count (B1 / B2). n_waiting_ is written under mu_ (as
+  // waiting_.size()), read by notify() without it.
+  alignas(kCacheLine) std::atomic<std::uint32_t> changed_{0};
+  std::atomic<std::size_t> n_waiting_{0};
 };
 
 }  // namespace pyloader

@@ -35,6 +35,14 @@ class RoleGuard {
 #else
 #define PYLOADER_CONSUMER_ROLE() (void)0
 #endif
+
+// Counts a buffer leased by a worker for a position the consumer has not taken yet. The first
+// one (0 -> 1) can turn may_exceed of the position the consumer needs next true (it asks for
+// in_flight > 0), so a worker waiting for that position must re-check: the pool's wake_all()
+// orders the increment before its re-check (B1 pairs with B2 in buffer_pool.h).
+void count_in_flight_buffer(std::atomic<std::int64_t>& in_flight, BufferPool& pool) noexcept {
+  if (in_flight.fetch_add(1, std::memory_order_acq_rel) == 0) pool.wake_all();
+}
 }  // namespace
 
 std::shared_ptr<Engine> Engine::create(const EngineOptions& options,
@@ -201,7 +209,7 @@ bool Engine::publish_early(int worker, Job& job, std::vector<std::pair<Delivery,
   if (needs_buffer) {
     buffer = pool_->try_acquire(job.prep.bytes, job.prep.task.position);
     if (!buffer) return false;
-    in_flight_buffers_.fetch_add(1, std::memory_order_acq_rel);
+    count_in_flight_buffer(in_flight_buffers_, *pool_);
   }
   Delivery d = fill_delivery(worker, job, std::move(buffer));
   if (count_finished(job.segment)) {
@@ -225,7 +233,7 @@ bool Engine::deliver(int worker, Job& job) {
     try {
       buffer = pool_->acquire(job.prep.bytes, stopping_, position, &may_exceed);
       if (!buffer) return false;  // stopped while waiting for a buffer
-      in_flight_buffers_.fetch_add(1, std::memory_order_acq_rel);
+      count_in_flight_buffer(in_flight_buffers_, *pool_);
     } catch (const std::bad_alloc&) {
       job.prep.error = "out of memory: the buffer pool could not allocate " +
                        std::to_string(job.prep.bytes) + " bytes";
@@ -302,7 +310,11 @@ Delivery Engine::take() noexcept {
   Delivery d = ring_.take(next_++);
   if (d.buffer) in_flight_buffers_.fetch_sub(1, std::memory_order_acq_rel);
   consumer_next_.store(next_, std::memory_order_release);  // U1: pairs with may_exceed's load
-  if (pool_->has_waiters()) pool_->wake_all();  // the new next position may now grow the pool
+  // The new next position may now grow the pool: a worker waiting for it must re-check
+  // may_exceed. wake_all() bumps the pool's wake word (and makes a syscall only when a waiter is
+  // registered); a waiter registers and loads the word before its check, so one that checked
+  // before the store above cannot sleep through it (B1 pairs with B2 in buffer_pool.h).
+  pool_->wake_all();
   if (!d.skipped) {
     std::lock_guard lock(stats_mu_);
     if (stats_.empty() || stats_.back().epoch != d.task.epoch) {

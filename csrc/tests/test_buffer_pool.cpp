@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <random>
@@ -217,7 +218,7 @@ TEST(growth_to_bound_then_acquire_blocks) {
     held[2] = std::move(got);
   }
   std::printf("  best resume after a release: %.2f ms\n", best * 1e3);
-  // The pool re-checks every 100 ms on its own; a release must wake the waiter sooner.
+  // A release wakes the waiter at once (the pool has no re-check timer to fall back on).
   CHECK_LT(best, 0.06);
   // The other leases were never handed out twice.
   CHECK(has_pattern(held[0], 1));
@@ -332,12 +333,161 @@ TEST(cancel_and_wake_all_unblock_waiter) {
     CHECK_EQ(pool->waiting_for().count(), 0);
   }
   std::printf("  best wake-up after cancel: %.2f ms\n", best * 1e3);
-  // The pool also re-checks every 100 ms on its own; a prompt wake-up is much faster than that.
+  // wake_all() wakes the waiter at once (the pool has no re-check timer to fall back on).
   CHECK_LT(best, 0.08);
   // A flag that is already set returns at once when the pool would have to wait.
   std::atomic<bool> cancelled{true};
   CHECK(!pool->acquire(kPage, cancelled));
   CHECK_EQ(pool->info().leased, 2u);
+}
+
+// A change made after a waiter's last check and before its sleep is never lost (buffer_pool.h,
+// Waiting: B1 pairs with B2). The pool's test hook runs in exactly that window and makes the
+// change there: the owner's may_exceed turns true (then wake_all()), or the cancel flag is set
+// (then wake_all()); or it has a lease come back (which needs the pool's lock, so it lands once
+// the waiter lets go of it, before or after it sleeps). The waiter has no timer to fall back on:
+// a lost change would leave it asleep, which the test sees as a waiter that never returns.
+TEST(change_between_check_and_sleep_is_never_lost) {
+  check::test_seed();
+  enum class Change { kMayExceed, kCancel, kRelease };
+  for (Change change : {Change::kMayExceed, Change::kCancel, Change::kRelease}) {
+    auto pool = BufferPool::create(kPage, PinRequest::kOff);
+    BufferLease held = pool->acquire(kPage, kNoCancel);  // at the bound, with a buffer leased
+    const std::int32_t held_id = held.id();
+    // Relaxed on purpose: only the pool's own ordering (B1/B2) may make the change visible.
+    std::atomic<bool> cancel{false}, exceed{false};
+    const std::function<bool()> may_exceed = [&] { return exceed.load(std::memory_order_relaxed); };
+    std::atomic<int> sleeps{0};
+    std::thread other;
+    pool->set_before_sleep_hook([&](std::int64_t) {
+      if (sleeps.fetch_add(1, std::memory_order_relaxed) != 0) return;
+      other = std::thread([&] {  // the change, made by another thread
+        switch (change) {
+          case Change::kMayExceed:
+            exceed.store(true, std::memory_order_relaxed);
+            pool->wake_all();
+            break;
+          case Change::kCancel:
+            cancel.store(true, std::memory_order_relaxed);
+            pool->wake_all();
+            break;
+          case Change::kRelease:
+            held.reset();  // waits for the pool's lock: lands after the hook returns
+            break;
+        }
+      });
+      if (change != Change::kRelease) other.join();  // inside the window
+    });
+    BufferLease got;
+    Async waiter([&] { got = pool->acquire(kPage, cancel, 0, &may_exceed); });
+    const bool returned = check::eventually([&] { return waiter.finished(); }, 30.0);
+    if (!returned) {  // unblock it (a new change, announced) before failing
+      cancel.store(true, std::memory_order_relaxed);
+      pool->wake_all();
+    }
+    waiter.join();
+    if (other.joinable()) other.join();
+    CHECK_MSG(returned, "change " << static_cast<int>(change)
+                                  << " made before the waiter slept was lost: it slept on");
+    // One sleep: the change was there at the next check, so the waiter never slept again. (A
+    // release lands only after the hook: a spurious wake-up before it may add a sleep.)
+    if (change == Change::kRelease) {
+      CHECK_GE(sleeps.load(), 1);
+    } else {
+      CHECK_EQ(sleeps.load(), 1);
+    }
+    switch (change) {
+      case Change::kMayExceed:  // grown past the bound, as may_exceed allowed
+        CHECK(got);
+        CHECK_EQ(pool->info().bytes, 2 * kPage);
+        break;
+      case Change::kCancel:
+        CHECK(!got);
+        CHECK_EQ(pool->info().leased, 1u);
+        break;
+      case Change::kRelease:  // the returned buffer, reused
+        CHECK(got);
+        CHECK_EQ(got.id(), held_id);
+        CHECK_EQ(pool->info().allocations, 1u);
+        break;
+    }
+    CHECK_EQ(pool->waiting_for().count(), 0);
+  }
+}
+
+// Waiters at a tight bound, with releases, may_exceed grants announced through wake_all(), and a
+// hook that widens the window between check and sleep: every acquire() returns (no timer
+// backstop: a lost wake-up hangs its thread, and the test fails), each exactly once.
+TEST(stress_waiters_never_miss_a_wake_up) {
+  const std::uint64_t seed = check::test_seed();
+  auto pool = BufferPool::create(2 * kPage, PinRequest::kOff);
+  const int kThreads = 4;
+  const std::int64_t iters = check::scaled(check::kSanitized ? 300 : 1500);
+  std::atomic<std::int64_t> granted{0};  // requests with a ticket below this may exceed the bound
+  std::atomic<std::int64_t> tickets{0};
+  std::atomic<bool> cancel{false};
+  std::atomic<bool> done{false};
+  std::atomic<std::int64_t> sleeps{0};
+  pool->set_before_sleep_hook([&](std::int64_t priority) {
+    const std::uint64_t h =
+        check::mix(seed, static_cast<std::uint64_t>(priority),
+                   static_cast<std::uint64_t>(sleeps.fetch_add(1, std::memory_order_relaxed)));
+    if (h % 3 == 0) std::this_thread::yield();
+    if (h % 7 == 0) std::this_thread::sleep_for(std::chrono::microseconds(h % 50));
+  });
+  std::vector<std::atomic<int>> served(static_cast<std::size_t>(kThreads * iters));
+  for (auto& c : served) c.store(0, std::memory_order_relaxed);
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      std::mt19937_64 rng(check::mix(seed, static_cast<std::uint64_t>(t)));
+      for (std::int64_t i = 0; i < iters; ++i) {
+        const std::int64_t ticket = tickets.fetch_add(1, std::memory_order_relaxed);
+        const std::function<bool()> may_exceed = [&] {
+          return ticket < granted.load(std::memory_order_relaxed);
+        };
+        const auto prio = static_cast<std::int64_t>(rng() % 8);
+        // One lease at a time, always given back: whoever waits, someone else will release.
+        BufferLease l =
+            pool->acquire(1 + rng() % (2 * kPage), cancel, prio, rng() % 2 ? &may_exceed : nullptr);
+        if (!l) return;  // cancelled: the test has failed already
+        CHECK_EQ(
+            served[static_cast<std::size_t>(t * iters + i)].fetch_add(1, std::memory_order_relaxed),
+            0);
+        if (rng() % 4 == 0) std::this_thread::yield();  // hold it a little: others wait
+        if (rng() % 16 == 0) std::this_thread::sleep_for(std::chrono::microseconds(rng() % 100));
+      }
+    });
+  }
+  std::thread granter([&] {
+    std::mt19937_64 rng(check::mix(seed, 999));
+    while (!done.load(std::memory_order_relaxed)) {
+      granted.fetch_add(static_cast<std::int64_t>(rng() % 3), std::memory_order_relaxed);
+      pool->wake_all();  // may_exceed of some waiters turned true
+      std::this_thread::sleep_for(std::chrono::microseconds(rng() % 200));
+    }
+  });
+  const bool finished = check::eventually(
+      [&] {
+        std::int64_t n = 0;
+        for (auto& c : served) n += c.load(std::memory_order_relaxed);
+        return n == kThreads * iters;
+      },
+      60.0);
+  if (!finished) {
+    cancel.store(true, std::memory_order_release);
+    pool->wake_all();
+  }
+  for (auto& t : threads) t.join();
+  done.store(true, std::memory_order_relaxed);
+  granter.join();
+  const auto info = pool->info();
+  std::printf("  served=%lld sleeps=%lld granted=%lld buffers=%zu peak=%zu\n",
+              static_cast<long long>(kThreads * iters), static_cast<long long>(sleeps.load()),
+              static_cast<long long>(granted.load()), info.buffers, info.peak_bytes);
+  CHECK_MSG(finished, "an acquire() never returned: a wake-up was lost");
+  CHECK_EQ(info.leased, 0u);
+  CHECK_EQ(pool->waiting_for().count(), 0);
 }
 
 // With nothing leased, acquire() succeeds even past the bound: waiting could never end.

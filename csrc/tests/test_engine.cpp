@@ -77,6 +77,8 @@ struct LoaderConfig {
   int error_permille = 0;                // positions whose prepare() reports a plain-words error
   std::int64_t slow_position = -1;       // this position's prepare() sleeps slow_delay
   std::chrono::milliseconds slow_delay{0};
+  std::int64_t gated_position = -1;  // this position's prepare() waits for *gate_open
+  const std::atomic<bool>* gate_open = nullptr;
   std::size_t max_run = static_cast<std::size_t>(-1);         // Loader::max_run()
   std::size_t engine_max_run = static_cast<std::size_t>(-1);  // EngineOptions::max_run, to check
 };
@@ -191,6 +193,9 @@ class TestLoader final : public pyloader::Loader {
     maybe_sleep(t.position, 1);
     if (cfg_.prepare_delay.count() > 0) std::this_thread::sleep_for(cfg_.prepare_delay);
     if (t.position == cfg_.slow_position) std::this_thread::sleep_for(cfg_.slow_delay);
+    if (t.position == cfg_.gated_position) {
+      while (!cfg_.gate_open->load(kRelaxed)) std::this_thread::sleep_for(1ms);
+    }
     item.failed = fails(t.epoch, t.index);
     item.bytes = bytes_for(t.index);
     item.payload = std::make_unique<TestPayload>(t.index, t.epoch, item.failed);
@@ -900,13 +905,13 @@ TEST(stop_while_waiting_in_pool) {
       CHECK_GE(f.pool->waiting_for(), 20ms);
       f.stop_promptly();
     } else {
-      // Stopped just after a worker started to wait: its own 100 ms re-check is far off.
+      // Stopped just after a worker started to wait: only stop()'s wake-up can end its sleep.
       best = std::min(best, f.stop_promptly());
     }
     CHECK_EQ(f.pool->waiting_for().count(), 0);
     f.destroy_and_check_nothing_leaks();
   }
-  // The pool also re-checks its cancel flag every 100 ms on its own; stop() must wake it sooner.
+  // stop() wakes the waiters at once (the pool has no re-check timer to fall back on).
   CHECK_LT(best, 0.06);
 }
 
@@ -1046,6 +1051,70 @@ TEST(pool_bound_below_depth_never_deadlocks) {
   }
   engine->stop();
   engine->join();
+}
+
+// The consumer's advance is a change that a worker waiting in the pool must see: the worker of
+// the next position checks may_exceed (false: the consumer has not taken the position before it)
+// and, before it sleeps, the consumer takes that position. take() must wake it (buffer_pool.h,
+// B1 pairs with B2): nothing else would, since the consumer keeps the batch it took and then
+// waits for this very position. The pool's test hook holds the worker in the window until the
+// take has returned.
+TEST(take_wakes_a_worker_that_checked_before_it) {
+  const std::uint64_t seed = check::test_seed();
+  std::atomic<bool> gate{false};
+  LoaderConfig cfg;
+  cfg.seed = seed;
+  cfg.fixed_bytes = kPage;
+  cfg.gated_position = 1;  // positions 0 and 2 take both buffers first
+  cfg.gate_open = &gate;
+  cfg.engine_max_run = 1;
+  EngineOptions opt;
+  opt.workers = 2;
+  opt.depth = 4;
+  opt.max_run = 1;  // no early publish: every buffer comes from acquire()
+  auto loader = std::make_shared<TestLoader>(cfg, opt.workers);
+  auto pool = BufferPool::create(2 * kPage, PinRequest::kOff);  // room for two batches
+  // The test's handshake is relaxed: only the engine and the pool may order the take before the
+  // worker's re-check.
+  std::atomic<int> in_window{0};
+  std::atomic<bool> taken{false};
+  pool->set_before_sleep_hook([&](std::int64_t priority) {
+    if (priority != 1 || in_window.fetch_add(1, kRelaxed) != 0) return;
+    // Between the check that made position 1 wait and its sleep: let the consumer take 0.
+    check::eventually([&] { return taken.load(kRelaxed); }, 30.0);
+  });
+  auto engine = Engine::create(opt, pool, loader);
+  const auto plan = shuffled_plan(seed, 0, 3, 3);
+  engine->append(0, plan, false);
+  engine->start();
+  CHECK(check::eventually([&] {
+    return loader->fill_seq[0].load(kRelaxed) >= 0 && loader->fill_seq[2].load(kRelaxed) >= 0;
+  }));
+  CHECK_EQ(pool->info().leased, 2u);
+  gate.store(true, kRelaxed);  // position 1 is prepared and waits at the bound
+  CHECK(check::eventually([&] { return in_window.load(kRelaxed) == 1; }, 30.0));
+  CHECK(engine->wait_ready(30s));
+  Delivery first = engine->take();  // kept: its buffer does not come back
+  verify_loaded(*loader, first, {0, 0, plan[0]}, opt.workers);
+  taken.store(true, kRelaxed);
+  const bool woken = engine->wait_ready(30s);
+  if (!woken) {
+    engine->stop();
+    engine->join();
+  }
+  CHECK_MSG(woken, "position 1 never came: its worker slept through the consumer's advance");
+  verify_loaded(*loader, engine->take(), {1, 0, plan[1]}, opt.workers);
+  // It grew the pool past its bound (position 2 held the other buffer): it had no other way.
+  CHECK_EQ(pool->info().bytes, 3 * kPage);
+  CHECK_EQ(in_window.load(kRelaxed), 1);  // it slept at most once, and never again
+  CHECK(engine->wait_ready(30s));
+  verify_loaded(*loader, engine->take(), {2, 0, plan[2]}, opt.workers);
+  engine->stop();
+  engine->join();
+  first = Delivery{};
+  engine.reset();
+  CHECK_EQ(pool->info().leased, 0u);
+  CHECK_EQ(TestPayload::live(), 0);
 }
 
 // Engine options are validated.
