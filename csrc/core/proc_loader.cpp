@@ -234,6 +234,7 @@ void ProcLoader::prepare(int worker, Prepared& item) noexcept {
         if (accept(item, h, body)) {
           auto* batch = static_cast<ProcBatch*>(item.payload.get());
           batch->pid = pid_of(worker);
+          batch->deaths = std::move(deaths);  // fill() counts on from these
           // The conversation stays open only while the worker waits for a buffer to write.
           if (item.failed || item.bytes == 0 || !batch->data.empty()) set_busy(worker, false);
           return;
@@ -257,7 +258,7 @@ void ProcLoader::fill(int worker, Prepared& item, std::byte* dst, std::size_t ca
     return;
   }
   try {
-    std::vector<std::string> deaths;
+    std::vector<std::string> deaths = std::move(batch->deaths);  // prepare()'s: one budget
     bool reload = false;  // the worker that answered died: ask a new one from the start
     for (;;) {
       WireHeader h;

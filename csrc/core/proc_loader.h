@@ -23,8 +23,10 @@
 //
 // Death: a worker process that dies closes its end of the socket, so the thread's read returns
 // at once (EOF) - whatever the worker was doing. The thread then has the replace callback start a
-// new worker and re-issues the position from its start (kLoad). A position that has seen
-// max_retries + 1 workers die fails with ProcBatch::kDied, whose message lists how each died.
+// new worker and re-issues the position from its start (kLoad). A position has one retry budget,
+// whichever phase its workers die in: the deaths seen by prepare() travel to fill() with the
+// batch (ProcBatch::deaths), so a position fails, with ProcBatch::kDied, at its
+// (max_retries + 1)-th death in total, and the message lists how each of them died, in order.
 //
 // Shutdown: interrupt() (Engine::stop) wakes every thread blocked on a socket (an eventfd polled
 // beside it). A worker interrupted mid-conversation is left in an unknown state: dirty() names
@@ -79,6 +81,9 @@ class ProcBatch final : public Payload {
   std::string data;     // the batch's bytes, for an inline batch
   std::string message;  // kRaised: the pickled exception; kDied: plain words
   std::int32_t pid = 0;  // the worker process that produced it
+  // How the workers that died loading this position so far ended: prepare() hands them on to
+  // fill(), which counts on from there (one retry budget per position).
+  std::vector<std::string> deaths;
 };
 
 class ProcLoader final : public Loader {

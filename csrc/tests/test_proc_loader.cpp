@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include <cstring>
+#include <map>
 #include <mutex>
 #include <set>
 
@@ -33,7 +34,16 @@ struct Shared {
 
 struct Behaviour {
   std::set<int> die_in_load_once, die_in_write_once, always_die, hang;
+  // Per index, the fate of each attempt in turn: 'L' dies in its load, 'W' dies writing, '.'
+  // lives; attempts past the end live.
+  std::map<int, std::string> fates;
 };
+
+char fate(const Behaviour& how, int index, int attempt) {
+  const auto it = how.fates.find(index);
+  if (it == how.fates.end() || attempt >= static_cast<int>(it->second.size())) return '.';
+  return it->second[static_cast<std::size_t>(attempt)];
+}
 
 std::size_t batch_bytes(std::int64_t index) { return index % 3 == 0 ? 300'000 + 64 * index : 17 * (index + 1); }
 
@@ -78,7 +88,10 @@ void write_all(int fd, const void* src, std::size_t n) {
     const auto index = static_cast<int>(h.c);
     const std::int64_t position = h.a;
     const int attempt = shared->attempts[index].fetch_add(1);
-    if (how->always_die.count(index) || (how->die_in_load_once.count(index) && attempt == 0)) die();
+    if (how->always_die.count(index) || (how->die_in_load_once.count(index) && attempt == 0) ||
+        fate(*how, index, attempt) == 'L') {
+      die();
+    }
     while (how->hang.count(index)) pause();
     char meta[32];
     const int meta_len = std::snprintf(meta, sizeof meta, "m%d", index);
@@ -108,7 +121,8 @@ void write_all(int fd, const void* src, std::size_t n) {
     CHECK_EQ(h.kind, kWrite);
     CHECK_EQ(h.c, position);
     CHECK_GE(static_cast<std::size_t>(h.b), bytes);
-    if (how->die_in_write_once.count(index) && attempt == 0) {
+    if ((how->die_in_write_once.count(index) && attempt == 0) ||
+        fate(*how, index, attempt) == 'W') {
       std::memset(arena + h.a, 0xEE, bytes / 2);  // half written, then killed
       shared->deaths_in_write.fetch_add(1);
       die();
@@ -311,6 +325,67 @@ TEST(poison_position_fails_after_max_retries) {
   }
   CHECK_EQ(s.loader->deaths(), 3);
   CHECK_EQ(s.workers->shared().attempts[7].load(), 3);
+}
+
+namespace {
+std::size_t count_of(const std::string& text, const std::string& what) {
+  std::size_t n = 0;
+  for (std::size_t at = text.find(what); at != std::string::npos; at = text.find(what, at + 1)) ++n;
+  return n;
+}
+}  // namespace
+
+// One retry budget per position, whichever phase its workers die in: deaths in the load
+// (prepare()) and in the write (fill()) add up, and the position fails at its
+// (max_retries + 1)-th death, never later, with a message that lists every one of them. A
+// position with fewer deaths loads. (Large batches only: an inline batch has no write phase.)
+TEST(one_retry_budget_across_load_and_write) {
+  const std::uint64_t seed = check::test_seed();
+  const int kMaxRetries = 2;
+  Behaviour how;
+  // Index -> the fate of each attempt. Failing ones die max_retries + 1 times in all.
+  how.fates = {
+      {0, "LWL"},   // dies in the load, then writing, then loading: fails at the third death
+      {3, "WLW"},   // writing first
+      {9, "LLW"},   // two in the load, the third writing
+      {15, "WWW"},  // writing only
+      {6, "LW"},    // two deaths: the third attempt loads it
+      {12, "WL"},   // likewise
+      {18, "L"},    // one
+  };
+  const std::set<int> fails = {0, 3, 9, 15};
+  Setup s(how, 2, kMaxRetries);
+  std::vector<std::int64_t> indices(24);
+  for (int i = 0; i < 24; ++i) indices[static_cast<std::size_t>(i)] = i;
+  std::mt19937_64 rng(seed);
+  std::shuffle(indices.begin(), indices.end(), rng);
+  s.engine->append(0, indices, false);
+  s.engine->start();
+  std::int64_t expected_deaths = 0;
+  for (std::int64_t index : indices) {
+    Delivery d = take(*s.engine);
+    const auto i = static_cast<int>(index);
+    const int deaths = how.fates.count(i) ? static_cast<int>(how.fates[i].size()) : 0;
+    expected_deaths += deaths;
+    // No attempt after the last death of a failing position; one more (the good one) otherwise.
+    const int want_attempts = fails.count(i) ? deaths : deaths + 1;
+    CHECK_EQ(s.workers->shared().attempts[index].load(), want_attempts);
+    if (!fails.count(i)) {
+      verify_batch(d, index);
+      continue;
+    }
+    CHECK_EQ(deaths, kMaxRetries + 1);
+    CHECK(d.failed);
+    const auto* b = dynamic_cast<const ProcBatch*>(d.payload.get());
+    CHECK(b != nullptr);
+    CHECK_EQ(b->kind, ProcBatch::kDied);
+    std::printf("  index %d (%s): %s\n", i, how.fates[i].c_str(), b->message.c_str());
+    CHECK_MSG(b->message.find("3 worker processes died loading it (") == 0, b->message);
+    CHECK_MSG(count_of(b->message, "killed by signal 9") == 3, b->message);  // every death listed
+    CHECK_MSG(b->message.find("attempt 3: ") != std::string::npos, b->message);
+    CHECK_MSG(b->message.find("attempt 4") == std::string::npos, b->message);
+  }
+  CHECK_EQ(s.loader->deaths(), expected_deaths);
 }
 
 // stop() returns promptly although a worker hangs in its load; its slot is reported dirty.
