@@ -196,3 +196,28 @@ def test_a_sample_order_out_of_range_is_refused_before_any_row_is_read():
     ds = BadOrder(np.arange(10), batch_size=4, shuffle=True)
     with pytest.raises(IndexError, match=r"index 1099511627776 at position 3, outside \[0, 10\)"):
         list(pyloader.Prefetcher(ds, workers=1))
+
+
+@pytest.mark.xfail(
+    raises=RuntimeError,
+    strict=True,
+    reason="NOTE [ Gather prunes sample orders two epochs behind the plan ] holds per Prefetcher, "
+    "but every Prefetcher over one ArraySequence shares its native source (native_source() is "
+    "cached): a second one planning epoch 6 drops the first one's epoch 0 order",
+)
+def test_two_prefetchers_over_one_array_sequence_keep_each_others_sample_orders():
+    x, y = make()
+    ds = pyloader.ArraySequence(x, y, batch_size=10, shuffle=True, seed=3)
+    expected = {frozenset(ds.batch_indices(i, 0).tolist()) for i in range(len(ds))}
+    # depth=1, one worker: `a` cannot prepare its third batch before its second is taken.
+    with pyloader.Prefetcher(ds, workers=1, depth=1) as a, pyloader.Prefetcher(ds, workers=1, depth=1) as b:
+        it = iter(a)
+        got = [next(it)]
+        b.set_epoch(5)
+        for _ in b:  # plans epochs 5 and 6; registering 6 drops the orders of epochs before 4
+            pass
+        got += list(it)  # the rest of `a`'s epoch 0
+    assert len(got) == len(ds)
+    assert {frozenset(ys.tolist()) for _, ys in got} == expected
+    for xs, ys in got:
+        np.testing.assert_array_equal(xs, x[ys])

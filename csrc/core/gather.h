@@ -20,6 +20,8 @@
 //
 // Thread safety: set_order() may run concurrently with workers (one mutex guards the order map;
 // a worker takes a shared_ptr to its epoch's order, so pruning old epochs is safe).
+//
+// Which orders are kept: see NOTE [ Gather prunes sample orders two epochs behind the plan ].
 #pragma once
 
 #include <cstddef>
@@ -75,8 +77,29 @@ class GatherLoader final : public Loader {
   GatherLoader(const GatherLoader&) = delete;
   GatherLoader& operator=(const GatherLoader&) = delete;
 
+  // NOTE [ Gather prunes sample orders two epochs behind the plan ]
+  //
+  // set_order(N) drops the orders of the epochs before N - kKeepEpochs (N - 2), so that a long
+  // run keeps three orders, not one per epoch; and prepare() fails a position whose epoch's order
+  // is missing ("no sample order was registered for epoch e"). That is safe because of how the
+  // owner plans (src/pyloader/prefetcher.py, which cites this note), engine by engine:
+  //   1. it registers an epoch's order before it appends the epoch to the engine;
+  //   2. it registers epoch N only when every position of the engine still to be prepared
+  //      belongs to epoch N - 1 or later. The plan runs at most one epoch ahead of the consumer:
+  //      it appends epoch N while the consumer is in epoch N - 1 (having first drained an
+  //      unfinished pass) or once the consumer has taken every position planned so far; a
+  //      position below the consumer's has been taken, hence published, hence prepared (the
+  //      order is looked up in prepare(), and kept by the batch from then on). A new engine
+  //      starts only after the owner's previous one was stopped and joined.
+  // So only the orders of N - 1 and N can still be needed; N - 2 is kept as a margin.
+  // The argument is per owner: the orders live in this loader, and two owners that share one
+  // (two Prefetchers over one ArraySequence, whose native_source() is cached) each prune the
+  // other's. A Prefetcher at epoch 0 then fails once another one plans epoch 3: a known issue,
+  // reproduced by tests/test_arrays.py::
+  // test_two_prefetchers_over_one_array_sequence_keep_each_others_sample_orders.
+
   // The sample order of `epoch` (a permutation of [0, samples)), or null for the identity.
-  // Orders of epochs older than epoch - kKeepEpochs are dropped.
+  // Orders of epochs older than epoch - kKeepEpochs are dropped (see the note above).
   void set_order(std::int64_t epoch, std::shared_ptr<const std::vector<std::int64_t>> order) {
     std::lock_guard lock(mu_);
     orders_[epoch] = std::move(order);
@@ -115,6 +138,7 @@ class GatherLoader final : public Loader {
     batch->rows = std::min(batch_size_, samples_ - start);
     {
       std::lock_guard lock(mu_);
+      // Present: see NOTE [ Gather prunes sample orders two epochs behind the plan ].
       auto it = orders_.find(item.task.epoch);
       if (it == orders_.end()) {
         item.error = "no sample order was registered for epoch " + std::to_string(item.task.epoch);
@@ -184,6 +208,7 @@ class GatherLoader final : public Loader {
   std::unique_ptr<Payload> epoch_end(int, std::int64_t) noexcept override { return nullptr; }
 
  private:
+  // NOTE [ Gather prunes sample orders two epochs behind the plan ]: the plan needs one.
   static constexpr std::int64_t kKeepEpochs = 2;
   const std::vector<GatherColumn> columns_;
   const std::int64_t samples_;

@@ -170,7 +170,15 @@ class ArraySequence:
         self.epoch += 1
 
     def native_source(self) -> _C.ArraySource:
-        """The core's view of these arrays (used by the Prefetcher)."""
+        """The core's view of these arrays (used by the Prefetcher).
+
+        One per ArraySequence, shared by every Prefetcher over it, and so is the source's store of
+        per-epoch sample orders: see NOTE [ Gather prunes sample orders two epochs behind the plan ]
+        in ``csrc/core/gather.h``. Each Prefetcher registers an epoch's order before the epoch loads
+        and plans at most one epoch ahead, which is what the note relies on; two Prefetchers over
+        one ArraySequence more than two epochs apart drop each other's orders (a known issue,
+        reproduced in ``tests/test_arrays.py``).
+        """
         if self._source is None:
             self._source = _C.ArraySource(self._arrays, self._keys, self.batch_size, self.split_threads)
         return self._source

@@ -243,6 +243,7 @@ class Prefetcher:
         if engine.next_position > start:  # an unfinished pass: skip the rest of that epoch
             engine.drain_to(end)
             epoch += 1
+        # At most one ahead: NOTE [ Gather prunes sample orders two epochs behind the plan ] (gather.h)
         if self._plan_ahead:
             self._plan_through(epoch + 1)  # keep one epoch planned ahead: no bubble at the boundary
         _, _, end, _ = self._segment_of(epoch)
