@@ -27,20 +27,23 @@
 // and inputs outside it (the caller's cancel flag and whatever may_exceed reads, e.g. the
 // engine's consumer position). A waiter sleeps on the pool's wake word changed_ (wait.h), with
 // no timeout, in three steps:
-//   1. it registers in n_waiting_ and then loads changed_ (B2), and only then checks its
-//      condition, under mu_ (a buffer that fits, room to grow, its turn, cancel, may_exceed);
+//   1. it registers in n_waiting_, then loads changed_ (B2), and only then checks its condition,
+//      under mu_ (a buffer that fits, room to grow, its turn, cancel, may_exceed). (The first
+//      failed check registers and goes round again: the load before a sleep follows the
+//      registration.)
 //   2. if it must wait, it releases mu_ and sleeps while changed_ still holds what it loaded;
 //   3. whoever changes an input of the condition afterwards bumps changed_ and then wakes the
 //      sleepers if n_waiting_ says there may be any (B1, notify()): the pool itself whenever a
 //      call leaves a change under mu_ while someone waits (a release, a waiter leaving the
 //      queue, growth or drops, an allocation undone); the owner, through wake_all(), after
 //      setting a cancel flag or changing what a may_exceed reads.
-// B1 pairs with B2: all four operations are seq_cst, so in their single total order either the
-// waiter's load of changed_ follows the bump (then, the bump being a release, the waiter's check
-// sees the change), or the notifier's read of n_waiting_ follows the registration (then it wakes
-// the word, and a sleep that begins after the bump returns at once, as the kernel compares the
-// word first). No change is missed, so nothing needs a timeout: a lost wake-up would show as a
-// hang, which tests catch, instead of the silent 100 ms stall that a re-check timer would make.
+// B1 pairs with B2: all four operations are seq_cst, so in their single total order the two
+// sides cannot both miss each other. Either the waiter's load of changed_ follows the bump (then,
+// the bump being a release, the waiter's check sees the change), or the notifier's read of
+// n_waiting_ follows the registration (then it wakes the word; a waiter asleep wakes, and one not
+// yet asleep returns at once from its sleep, as the kernel compares the word with the value
+// loaded before the check). No change is missed, so nothing needs a timeout: a lost wake-up
+// would show as a hang, which tests catch, not as the silent 100 ms stall of a re-check timer.
 // (changed_ wraps after 2^32 bumps; a waiter would have to sleep through exactly that many
 // between its load and its sleep to miss one.)
 //
