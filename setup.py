@@ -11,7 +11,7 @@ from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import setup
 
 CORE = ["csrc/core/arena.cpp", "csrc/core/buffer_pool.cpp", "csrc/core/pin.cpp", "csrc/core/engine.cpp",
-        "csrc/core/proc_loader.cpp"]
+        "csrc/core/proc_loader.cpp", "csrc/core/consumer.cpp"]
 BINDINGS = ["csrc/python/module.cpp", "csrc/python/layout.cpp", "csrc/python/py_loader.cpp"]
 
 extra_compile_args = ["-O3", "-fvisibility=hidden", "-Wall", "-Wextra"]
