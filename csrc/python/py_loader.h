@@ -13,13 +13,12 @@
 #include <memory>
 #include <vector>
 
-#include "../core/engine.h"
+#include "../core/loader.h"
+#include "gil.h"
 #include "layout.h"
 
 namespace pyloader::python {
 
-// Whether the interpreter is shutting down (then taking the GIL would never return).
-bool interpreter_finalizing() noexcept;
 // A failed batch's payload: the exception being handled, with its traceback attached.
 std::unique_ptr<PyBatch> error_batch(py::error_already_set& e);
 
