@@ -5,6 +5,15 @@ from typing import Any
 
 import numpy as np
 
+class BatchLayoutError(TypeError):
+    """``__getitem__(i)`` returned a value that is not a batch (the message names the index)."""
+
+class StackError(ValueError):
+    """``pyloader.stack`` cannot collate a batch's samples (the message names batch and sample)."""
+
+class ConcurrentConsumerError(RuntimeError):
+    """Two threads iterate one loader at once."""
+
 class BufferPool:
     def __init__(self, max_bytes: int, pin: str, arena_bytes: int = 0) -> None: ...
     def info(self) -> dict[str, Any]: ...
@@ -20,7 +29,10 @@ class Lease:
     @property
     def buffer_id(self) -> int: ...
 
-class ArraySource:
+class Source:
+    """A native source an :class:`Engine` loads from (made by pyloader only)."""
+
+class ArraySource(Source):
     def __init__(
         self, arrays: list[np.ndarray], keys: tuple[Any, ...] | None, batch_size: int, split_threads: int
     ) -> None: ...
@@ -40,7 +52,7 @@ class Packed:
     def write(self, address: int, capacity: int) -> None: ...
     def tobytes(self) -> bytes: ...
 
-class ProcLoader:
+class ProcLoader(Source):
     def __init__(
         self,
         fds: list[int],
@@ -76,6 +88,7 @@ class Engine:
     ) -> None: ...
     def start(self) -> None: ...
     def append(self, epoch: int, indices: np.ndarray, gated: bool) -> None: ...
+    def segments(self) -> list[tuple[int, int, int]]: ...
     @property
     def next_position(self) -> int: ...
     def next_batch(self, timeout: float | None = None) -> Any: ...
