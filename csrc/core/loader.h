@@ -13,6 +13,13 @@
 // they are recorded in the Prepared (as a payload describing the error, or in plain words) and
 // reach the consumer as values at their position.
 //
+// Thread exit: a host may end a worker thread from inside enter(), prepare(), epoch_end() or
+// thread_exit() by unwinding its stack (CPython, during finalization, ends a thread that asks for
+// the GIL with pthread_exit, a forced unwind). So these are not declared noexcept (an
+// implementation may be), and the engine's frames between them and the thread's start are not
+// either: a noexcept frame would turn that unwind into std::terminate. The unwind destroys what
+// the frames hold, as a stop does.
+//
 // Lifetime: a Payload may be destroyed on any thread (a worker dropping leftovers after a stop,
 // the last worker to end destroying the engine), so one that needs a lock to die (the GIL) takes
 // it itself. interrupt() may be called from any thread (Engine::stop()).
@@ -70,14 +77,15 @@ class Loader {
  public:
   virtual ~Loader() = default;
   virtual void thread_start(int worker) = 0;
-  virtual void thread_exit(int worker) noexcept = 0;
-  // thread_start/enter/leave must not throw (an exception would end the process). enter()
+  virtual void thread_exit(int worker) = 0;  // not noexcept: see "Thread exit" above
+  // thread_start/enter/leave/thread_exit must not throw (an exception would end the process). enter()
   // returns false when the worker must end instead (the host is shutting down); positions it had
   // claimed are then never published, so the consumer waits until stop().
   virtual bool enter(int worker) = 0;
   virtual void leave(int worker) = 0;
-  // Between enter() and leave(). Records failures in the Prepared; never throws.
-  virtual void prepare(int worker, Prepared& item) noexcept = 0;
+  // Between enter() and leave(). Records failures in the Prepared; never throws (not declared
+  // noexcept, on purpose: see "Thread exit" above).
+  virtual void prepare(int worker, Prepared& item) = 0;
   // Writes the batch into dst (capacity >= item.bytes). Called for failed items too (with dst
   // null, to release what they hold); dst is null whenever item.bytes is 0. Runs outside
   // enter()/leave(), except for a batch of at most kEarlyPublishBytes published inside a run.
@@ -86,7 +94,7 @@ class Loader {
   // At most this many positions are prepared per enter()/leave() (see run_budget).
   virtual std::size_t max_run() const noexcept { return static_cast<std::size_t>(-1); }
   // Outside enter()/leave(). Returns the error the hook raised, or null.
-  virtual std::unique_ptr<Payload> epoch_end(int worker, std::int64_t epoch) noexcept = 0;
+  virtual std::unique_ptr<Payload> epoch_end(int worker, std::int64_t epoch) = 0;
   // Called by Engine::stop(), from any thread: a prepare()/fill() blocked on something outside
   // the process (a worker process) must return promptly.
   virtual void interrupt() noexcept {}

@@ -85,9 +85,13 @@ class PyEngine {
 
   std::int64_t next_position() { return live()->engine().next_position(); }
 
-  py::object next_batch(std::optional<double> timeout) {
+  // The next batch; StopIteration once the position reaches `end` (checked in the same turn as
+  // the take, so that of two threads racing for the last batch of an epoch, one gets it and the
+  // other StopIteration or ConcurrentConsumerError: never the first batch of the next epoch).
+  py::object next_batch(std::optional<double> timeout, std::optional<std::int64_t> end) {
     const std::shared_ptr<Consumer> consumer = live();  // alive until we return, even if closed meanwhile
     Consumer::Turn turn = consumer->turn();
+    if (end && turn.next_position() >= *end) throw py::stop_iteration();
     if (!turn.ready()) wait(*consumer, turn, timeout);
     Delivery d = turn.take();
     if (!d.error.empty()) {
@@ -210,7 +214,7 @@ void register_engine(py::module_& m) {
       .def("append", &PyEngine::append, py::arg("epoch"), py::arg("indices"), py::arg("gated"))
       .def("segments", &PyEngine::segments)
       .def_property_readonly("next_position", &PyEngine::next_position)
-      .def("next_batch", &PyEngine::next_batch, py::arg("timeout") = py::none())
+      .def("next_batch", &PyEngine::next_batch, py::arg("timeout") = py::none(), py::arg("end") = py::none())
       .def("drain_to", &PyEngine::drain_to, py::arg("position"))
       .def("epoch_error", &PyEngine::epoch_error, py::arg("epoch"))
       .def("stats", &PyEngine::stats)

@@ -3,19 +3,21 @@
 // A holder of Python objects whose destructor can run on a native thread (a payload dropped by an
 // engine worker after a stop, a loader destroyed by the last worker of a detached engine, a
 // callback's captures) releases them through drop_with_gil(), which decides once for all of them:
-//   1. the interpreter is finalizing: the references are leaked. Taking the GIL then never
-//      returns (CPython ends a thread that asks for it), and the objects may already be gone;
-//      the process is exiting anyway.
-//   2. this thread holds the GIL: they are released here.
-//   3. otherwise the GIL is taken (pybind11 makes a thread state for a native thread) around the
-//      release.
-// The check in 1 cannot be atomic with 3: finalization that begins between them ends the thread
-// inside the acquire. Shutdown therefore closes every live loader in an atexit hook (prefetcher.py),
-// before finalization begins, so that no worker is left to get there.
+//   1. this thread holds the GIL: they are released here and now.
+//   2. the interpreter is finalizing: they are leaked (the process is exiting anyway, and the
+//      objects may already be gone).
+//   3. otherwise they are handed to the graveyard: a list that the main thread empties, with the
+//      GIL, at its next chance to run Python (Py_AddPendingCall).
+// Rule 3 never waits for the GIL, on purpose: a thread that waits for it when finalization begins
+// is ended by CPython (pthread_exit, a forced unwind), and in a destructor (noexcept) that unwind
+// ends the process with std::terminate. Functions that do wait for the GIL on engine threads
+// (PyLoader's enter, prepare, epoch_end, thread_exit) are kept out of noexcept for the same
+// reason: see loader.h, "Thread exit".
 #pragma once
 
 #include <pybind11/pybind11.h>
 
+#include <memory>
 #include <tuple>
 #include <utility>
 
@@ -32,20 +34,30 @@ inline bool interpreter_finalizing() noexcept {
 #endif
 }
 
+// Python references waiting in the graveyard (rule 3).
+class Grave {
+ public:
+  virtual ~Grave() = default;
+};
+// Hands `grave` to the main thread, which destroys it with the GIL. Never waits for the GIL.
+void bury(std::unique_ptr<Grave> grave) noexcept;
+
 // Moves `values` out (leaving them empty) and destroys them as the rules above say.
 template <class... T>
 void drop_with_gil(T&... values) noexcept {
-  using Dropped = std::tuple<T...>;
-  if (interpreter_finalizing()) {
-    new Dropped(std::move(values)...);  // leaked on purpose (rule 1)
-    return;
-  }
+  struct Held final : Grave {
+    explicit Held(T&... v) : values(std::move(v)...) {}
+    std::tuple<T...> values;
+  };
   if (PyGILState_Check()) {
-    Dropped dropped(std::move(values)...);
+    Held dropped(values...);
     return;
   }
-  py::gil_scoped_acquire gil;
-  Dropped dropped(std::move(values)...);  // destroyed before the GIL is released
+  if (interpreter_finalizing()) {
+    new Held(values...);  // leaked on purpose (rule 2)
+    return;
+  }
+  bury(std::make_unique<Held>(values...));
 }
 
 }  // namespace pyloader::python

@@ -39,7 +39,7 @@ void PyLoader::thread_start(int worker) {
   s.tstate = PyEval_SaveThread();     // and releases the GIL at once
 }
 
-void PyLoader::thread_exit(int worker) noexcept {
+void PyLoader::thread_exit(int worker) {
   WorkerState& s = states_[static_cast<std::size_t>(worker)];
   if (!s.tstate) return;
   if (interpreter_finalizing()) {  // the interpreter is going away: taking the GIL would never return
@@ -64,7 +64,7 @@ void PyLoader::leave(int worker) {
   states_[static_cast<std::size_t>(worker)].tstate = PyEval_SaveThread();
 }
 
-void PyLoader::prepare(int /*worker*/, Prepared& item) noexcept {
+void PyLoader::prepare(int /*worker*/, Prepared& item) {
   const std::int64_t index = item.task.index;
   try {
     py::object value = getitem_(index);
@@ -87,7 +87,7 @@ void PyLoader::fill(int worker, Prepared& item, std::byte* dst, std::size_t /*ca
   copy_leaves(batch->layout, dst, states_[static_cast<std::size_t>(worker)].trash);
 }
 
-std::unique_ptr<Payload> PyLoader::epoch_end(int worker, std::int64_t epoch) noexcept {
+std::unique_ptr<Payload> PyLoader::epoch_end(int worker, std::int64_t epoch) {
   if (!enter(worker)) return nullptr;
   std::unique_ptr<Payload> error;
   try {

@@ -30,13 +30,13 @@ class PyLoader final : public Loader {
   ~PyLoader() override;
 
   void thread_start(int worker) override;
-  void thread_exit(int worker) noexcept override;
+  void thread_exit(int worker) override;
   bool enter(int worker) override;
   void leave(int worker) override;
-  void prepare(int worker, Prepared& item) noexcept override;
+  void prepare(int worker, Prepared& item) override;  // not noexcept: see loader.h, "Thread exit"
   void fill(int worker, Prepared& item, std::byte* dst, std::size_t capacity) noexcept override;
   bool has_epoch_end() const noexcept override { return has_epoch_end_; }
-  std::unique_ptr<Payload> epoch_end(int worker, std::int64_t epoch) noexcept override;
+  std::unique_ptr<Payload> epoch_end(int worker, std::int64_t epoch) override;
 
  private:
   struct WorkerState {

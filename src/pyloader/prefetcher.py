@@ -479,9 +479,10 @@ class Prefetcher:
         engine = self._engine
         if engine is not None:
             self._resume = self._position()  # where the next engine starts
-            self._past_stats += [self._summarize(s) for s in engine.stats()]
+            raw = engine.stats()
             self._engine = None
-            engine.close()
+            engine.close()  # first: a summary that fails (numpy gone at exit) must not skip it
+            self._past_stats += [self._summarize(s) for s in raw]
         loader, self._proc_loader = self._proc_loader, None
         if loader is not None and self._workers is not None:
             self._hooks_run = loader.hooks
@@ -551,8 +552,13 @@ class _EpochIterator:
         if self._loader._token != self._token:
             raise RuntimeError("this epoch iterator was replaced by a newer iter() of its Prefetcher")
         engine = self._engine
-        if engine.next_position < self._end:
-            return engine.next_batch(self._timeout)
+        try:
+            # The end is checked in the engine, in the same turn as the take: two threads racing
+            # for the epoch's last batch cannot take one of the next epoch (one of them is refused
+            # with pyloader._C.ConcurrentConsumerError, a RuntimeError).
+            return engine.next_batch(self._timeout, self._end)
+        except StopIteration:
+            pass
         if not self._ended:
             self._ended = True
             error = engine.epoch_error(self._epoch)
