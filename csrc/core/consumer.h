@@ -119,8 +119,8 @@ class Consumer {
   std::shared_ptr<Engine> engine_;
   std::shared_ptr<BufferPool> pool_;
   const ConsumerOptions options_;
-  bool warned_ = false;           // consumer-only: kPoolStarved was reported
-  std::int64_t starved_ns_ = 0;   // consumer-only: how long workers had waited then
+  bool warned_ = false;          // consumer-only: kPoolStarved was reported
+  std::int64_t starved_ns_ = 0;  // consumer-only: how long workers had waited then
   alignas(kCacheLine) std::atomic<bool> busy_{false};  // G1 / G2
 };
 

@@ -60,11 +60,11 @@ struct Prepared {
 struct Delivery {
   Task task;
   std::unique_ptr<Payload> payload;
-  BufferLease buffer;      // empty when the batch needs no buffer memory
-  std::string error;       // a failure described in plain words; payload is then empty
+  BufferLease buffer;          // empty when the batch needs no buffer memory
+  std::string error;           // a failure described in plain words; payload is then empty
   bool out_of_memory = false;  // ... because the pool could not allocate
-  bool failed = false;     // the payload describes an error raised while loading
-  bool skipped = false;    // not loaded: the position was below skip_to()
+  bool failed = false;         // the payload describes an error raised while loading
+  bool skipped = false;        // not loaded: the position was below skip_to()
   std::int32_t worker = -1;
   std::int64_t load_ns = 0;
 };
@@ -78,9 +78,9 @@ class Loader {
   virtual ~Loader() = default;
   virtual void thread_start(int worker) = 0;
   virtual void thread_exit(int worker) = 0;  // not noexcept: see "Thread exit" above
-  // thread_start/enter/leave/thread_exit must not throw (an exception would end the process). enter()
-  // returns false when the worker must end instead (the host is shutting down); positions it had
-  // claimed are then never published, so the consumer waits until stop().
+  // thread_start/enter/leave/thread_exit must not throw (an exception would end the process).
+  // enter() returns false when the worker must end instead (the host is shutting down); positions
+  // it had claimed are then never published, so the consumer waits until stop().
   virtual bool enter(int worker) = 0;
   virtual void leave(int worker) = 0;
   // Between enter() and leave(). Records failures in the Prepared; never throws (not declared

@@ -35,7 +35,8 @@ class PyArraySource final : public PySource {
         row_shape.push_back(arr.shape(d));
         col.row_bytes *= static_cast<std::size_t>(arr.shape(d));
       }
-      if (samples >= 0 && arr.shape(0) != samples) throw py::value_error("ArraySequence arrays differ in length");
+      if (samples >= 0 && arr.shape(0) != samples)
+        throw py::value_error("ArraySequence arrays differ in length");
       samples = arr.shape(0);
       columns.push_back(col);
       dtypes_.push_back(arr.dtype());
@@ -43,7 +44,8 @@ class PyArraySource final : public PySource {
       arrays_.push_back(std::move(arr));  // keeps the memory (and any mmap) alive
     }
     samples_ = samples;
-    loader_ = std::make_shared<GatherLoader>(std::move(columns), samples, batch_size, split_threads);
+    loader_ =
+        std::make_shared<GatherLoader>(std::move(columns), samples, batch_size, split_threads);
   }
 
   // The order is checked here, once per epoch: the workers index memory with it unchecked.
@@ -54,14 +56,16 @@ class PyArraySource final : public PySource {
       if (!a) throw py::error_already_set();
       if (a.ndim() != 1 || a.size() != samples_) {
         throw py::value_error("the sample order of epoch " + std::to_string(epoch) + " must hold " +
-                              std::to_string(samples_) + " indices, got " + std::to_string(a.size()));
+                              std::to_string(samples_) + " indices, got " +
+                              std::to_string(a.size()));
       }
       const std::int64_t* data = a.data();
       for (py::ssize_t k = 0; k < a.size(); ++k) {
         if (data[k] < 0 || data[k] >= samples_) {
-          throw py::index_error("the sample order of epoch " + std::to_string(epoch) + " has index " +
-                                std::to_string(data[k]) + " at position " + std::to_string(k) +
-                                ", outside [0, " + std::to_string(samples_) + ")");
+          throw py::index_error("the sample order of epoch " + std::to_string(epoch) +
+                                " has index " + std::to_string(data[k]) + " at position " +
+                                std::to_string(k) + ", outside [0, " + std::to_string(samples_) +
+                                ")");
         }
       }
       v = std::make_shared<const std::vector<std::int64_t>>(data, data + a.size());
@@ -79,8 +83,8 @@ class PyArraySource final : public PySource {
     for (std::size_t c = 0; c < dtypes_.size(); ++c) {
       std::vector<py::ssize_t> shape{static_cast<py::ssize_t>(batch.rows)};
       shape.insert(shape.end(), row_shapes_[c].begin(), row_shapes_[c].end());
-      out.append(view_array(dtypes_[c], std::move(shape), memory.base == nullptr ? nullptr : memory.base + at[c],
-                            memory.lease));
+      out.append(view_array(dtypes_[c], std::move(shape),
+                            memory.base == nullptr ? nullptr : memory.base + at[c], memory.lease));
     }
     if (keys_.is_none()) return out.size() == 1 ? py::object(out[0]) : py::object(py::tuple(out));
     py::dict dict;

@@ -39,7 +39,9 @@ class SequenceSource final : public PySource {
 
   py::object deliver(Delivery d) override {
     auto* batch = static_cast<PyBatch*>(d.payload.get());
-    if (d.failed) raise_object(error_factory_(batch->error, d.task.index, d.task.epoch, d.task.position, d.worker));
+    if (d.failed)
+      raise_object(
+          error_factory_(batch->error, d.task.index, d.task.epoch, d.task.position, d.worker));
     const BatchMemory memory = hand_over(std::move(d.buffer));
     return build(batch->layout, memory.base, memory.lease);
   }
@@ -65,13 +67,15 @@ class PyEngine {
       source_ = std::make_shared<SequenceSource>(std::move(sequence), std::move(epoch_end), workers,
                                                  std::move(error_factory));
     }
-    consumer_ = std::make_shared<Consumer>(Engine::create(options, pool.pool, source_->loader()), pool.pool);
+    consumer_ = std::make_shared<Consumer>(Engine::create(options, pool.pool, source_->loader()),
+                                           pool.pool);
   }
   ~PyEngine() { close(); }
 
   void start() { live()->engine().start(); }
 
-  void append(std::int64_t epoch, py::array_t<std::int64_t, py::array::c_style | py::array::forcecast> indices,
+  void append(std::int64_t epoch,
+              py::array_t<std::int64_t, py::array::c_style | py::array::forcecast> indices,
               bool gated) {
     std::vector<std::int64_t> v(indices.data(), indices.data() + indices.size());
     live()->engine().append(epoch, std::move(v), gated);
@@ -79,7 +83,8 @@ class PyEngine {
 
   py::list segments() {
     py::list out;
-    for (const SegmentSpan& s : live()->engine().segments()) out.append(py::make_tuple(s.epoch, s.start, s.end));
+    for (const SegmentSpan& s : live()->engine().segments())
+      out.append(py::make_tuple(s.epoch, s.start, s.end));
     return out;
   }
 
@@ -89,7 +94,8 @@ class PyEngine {
   // the take, so that of two threads racing for the last batch of an epoch, one gets it and the
   // other StopIteration or ConcurrentConsumerError: never the first batch of the next epoch).
   py::object next_batch(std::optional<double> timeout, std::optional<std::int64_t> end) {
-    const std::shared_ptr<Consumer> consumer = live();  // alive until we return, even if closed meanwhile
+    const std::shared_ptr<Consumer> consumer =
+        live();  // alive until we return, even if closed meanwhile
     Consumer::Turn turn = consumer->turn();
     if (end && turn.next_position() >= *end) throw py::stop_iteration();
     if (!turn.ready()) wait(*consumer, turn, timeout);
@@ -126,7 +132,8 @@ class PyEngine {
       py::dict d;
       d["epoch"] = s.epoch;
       d["batches"] = s.batches;
-      d["load_us"] = py::array_t<std::uint32_t>(static_cast<py::ssize_t>(s.load_us.size()), s.load_us.data());
+      d["load_us"] =
+          py::array_t<std::uint32_t>(static_cast<py::ssize_t>(s.load_us.size()), s.load_us.data());
       d["wait_ns"] = s.wait_ns;
       d["wall_ns"] = s.last_ns - s.first_ns;
       d["busy_ns"] = s.busy_last_ns - s.busy_first_ns;
@@ -162,7 +169,9 @@ class PyEngine {
 
   void wait(const Consumer& consumer, Consumer::Turn& turn, std::optional<double> timeout) {
     std::optional<std::chrono::nanoseconds> limit;
-    if (timeout) limit = std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::duration<double>(*timeout));
+    if (timeout)
+      limit = std::chrono::duration_cast<std::chrono::nanoseconds>(
+          std::chrono::duration<double>(*timeout));
     for (;;) {
       WaitOutcome outcome;
       {
@@ -179,11 +188,13 @@ class PyEngine {
         case WaitOutcome::kTimedOut: {
           const Task t = turn.pending();
           raise(PyExc_TimeoutError, "pyloader: batch " + std::to_string(t.index) + " (epoch " +
-                                        std::to_string(t.epoch) + ") was not loaded within timeout=" +
+                                        std::to_string(t.epoch) +
+                                        ") was not loaded within timeout=" +
                                         py::str(py::float_(*timeout)).cast<std::string>() + " s");
         }
         case WaitOutcome::kPoolStarved:
-          if (PyErr_WarnEx(warning_category_.ptr(), consumer.starvation_message().c_str(), 1) != 0) {
+          if (PyErr_WarnEx(warning_category_.ptr(), consumer.starvation_message().c_str(), 1) !=
+              0) {
             throw py::error_already_set();
           }
           break;
@@ -202,11 +213,12 @@ class PyEngine {
 }  // namespace
 
 void register_engine(py::module_& m) {
-  py::class_<PySource, std::shared_ptr<PySource>>(m, "Source",
-                                                  "A native source an Engine loads from (made by pyloader only).");
+  py::class_<PySource, std::shared_ptr<PySource>>(
+      m, "Source", "A native source an Engine loads from (made by pyloader only).");
 
   py::class_<PyEngine>(m, "Engine")
-      .def(py::init<py::object, py::object, const PyPool&, int, std::size_t, double, py::object, py::object>(),
+      .def(py::init<py::object, py::object, const PyPool&, int, std::size_t, double, py::object,
+                    py::object>(),
            py::arg("sequence"), py::arg("epoch_end"), py::arg("pool"), py::arg("workers"),
            py::arg("depth"), py::arg("run_budget_us"), py::arg("error_factory"),
            py::arg("warning_category"))
@@ -214,7 +226,8 @@ void register_engine(py::module_& m) {
       .def("append", &PyEngine::append, py::arg("epoch"), py::arg("indices"), py::arg("gated"))
       .def("segments", &PyEngine::segments)
       .def_property_readonly("next_position", &PyEngine::next_position)
-      .def("next_batch", &PyEngine::next_batch, py::arg("timeout") = py::none(), py::arg("end") = py::none())
+      .def("next_batch", &PyEngine::next_batch, py::arg("timeout") = py::none(),
+           py::arg("end") = py::none())
       .def("drain_to", &PyEngine::drain_to, py::arg("position"))
       .def("epoch_error", &PyEngine::epoch_error, py::arg("epoch"))
       .def("stats", &PyEngine::stats)

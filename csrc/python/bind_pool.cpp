@@ -54,13 +54,17 @@ void register_pool(py::module_& m) {
              try {
                return PyPool{BufferPool::create(max_bytes, parse_pin(pin), arena_bytes)};
              } catch (const std::system_error& e) {
-               raise(PyExc_OSError, std::string("pyloader: cannot make the shared-memory arena: ") + e.what());
+               raise(PyExc_OSError,
+                     std::string("pyloader: cannot make the shared-memory arena: ") + e.what());
              }
            }),
            py::arg("max_bytes"), py::arg("pin"), py::arg("arena_bytes") = 0)
       .def("info", [](const PyPool& p) { return pool_info(*p.pool); })
-      .def_property_readonly("arena_fd", [](const PyPool& p) { return p.pool->arena() ? p.pool->arena()->fd() : -1; })
-      .def_property_readonly("arena_size", [](const PyPool& p) { return p.pool->arena() ? p.pool->arena()->size() : 0; })
+      .def_property_readonly(
+          "arena_fd", [](const PyPool& p) { return p.pool->arena() ? p.pool->arena()->fd() : -1; })
+      .def_property_readonly(
+          "arena_size",
+          [](const PyPool& p) { return p.pool->arena() ? p.pool->arena()->size() : 0; })
       .def("close_arena_fd", [](const PyPool& p) {
         if (p.pool->arena()) p.pool->arena()->close_fd();
       });

@@ -28,15 +28,18 @@ namespace {
 // released), its layout sent as meta. The checks and messages are thread mode's (PyLoader).
 class Packed {
  public:
-  Packed(py::object value, std::int64_t index) : index_(index) { flatten_returned(value, layout_, index); }
+  Packed(py::object value, std::int64_t index) : index_(index) {
+    flatten_returned(value, layout_, index);
+  }
   std::size_t nbytes() const { return layout_.bytes; }
   py::tuple meta() const { return layout_meta(layout_); }
   // Copies the arrays to address..address+capacity (the worker's mapping of a shared buffer).
   void write(std::uintptr_t address, std::size_t capacity) {
     if (written_) raise(PyExc_RuntimeError, "this batch was written already");
     if (capacity < layout_.bytes) {
-      raise(PyExc_ValueError, "batch " + std::to_string(index_) + " needs " + std::to_string(layout_.bytes) +
-                                  " bytes, the buffer holds " + std::to_string(capacity));
+      raise(PyExc_ValueError, "batch " + std::to_string(index_) + " needs " +
+                                  std::to_string(layout_.bytes) + " bytes, the buffer holds " +
+                                  std::to_string(capacity));
     }
     std::vector<py::object> trash;
     {
@@ -74,7 +77,8 @@ class PyProcLoader final : public PySource {
                py::object hook, py::object errors, int max_retries, std::int64_t hooks_before) {
     Arena* arena = pool.pool->arena();
     if (!arena) throw py::value_error("process mode needs a BufferPool made with arena_bytes");
-    if (fds.size() != pids.size() || fds.empty()) throw py::value_error("one fd and one pid per worker");
+    if (fds.size() != pids.size() || fds.empty())
+      throw py::value_error("one fd and one pid per worker");
     static py::handle loads = py::object(py::module_::import("pickle").attr("loads")).release();
     loads_ = py::reinterpret_borrow<py::object>(loads);
     refs_ = std::make_shared<PyRefs>();
@@ -112,8 +116,9 @@ class PyProcLoader final : public PySource {
         return nullptr;
       };
     }
-    loader_ = std::make_shared<ProcLoader>(std::move(workers), arena->base(), arena->size(), std::move(on_death),
-                                           std::move(on_epoch), max_retries, hooks_before);
+    loader_ = std::make_shared<ProcLoader>(std::move(workers), arena->base(), arena->size(),
+                                           std::move(on_death), std::move(on_epoch), max_retries,
+                                           hooks_before);
   }
 
   std::shared_ptr<Loader> loader() const override { return loader_; }
@@ -123,11 +128,11 @@ class PyProcLoader final : public PySource {
     auto* batch = static_cast<ProcBatch*>(d.payload.get());
     if (d.failed) {
       const char* kind = batch->kind == ProcBatch::kRaised ? "raised" : "died";
-      raise_object(refs_->errors(kind, py::bytes(batch->message), d.task.index, d.task.epoch, d.task.position,
-                                 d.worker, batch->pid));
+      raise_object(refs_->errors(kind, py::bytes(batch->message), d.task.index, d.task.epoch,
+                                 d.task.position, d.worker, batch->pid));
     }
-    py::object meta =
-        loads_(py::memoryview::from_memory(batch->meta.data(), static_cast<py::ssize_t>(batch->meta.size())));
+    py::object meta = loads_(py::memoryview::from_memory(
+        batch->meta.data(), static_cast<py::ssize_t>(batch->meta.size())));
     const BatchMemory memory = hand_over(std::move(d.buffer));
     return build_meta(meta, memory.base, memory.capacity, memory.lease);
   }
@@ -155,8 +160,8 @@ void register_process(py::module_& m) {
       .def("tobytes", &Packed::tobytes);
 
   py::class_<PyProcLoader, PySource, std::shared_ptr<PyProcLoader>>(m, "ProcLoader")
-      .def(py::init<std::vector<int>, std::vector<int>, const PyPool&, py::object, py::object, py::object, int,
-                    std::int64_t>(),
+      .def(py::init<std::vector<int>, std::vector<int>, const PyPool&, py::object, py::object,
+                    py::object, int, std::int64_t>(),
            py::arg("fds"), py::arg("pids"), py::arg("pool"), py::arg("replace"), py::arg("hook"),
            py::arg("errors"), py::arg("max_retries"), py::arg("hooks_before"))
       .def("workers", &PyProcLoader::workers)
@@ -165,10 +170,11 @@ void register_process(py::module_& m) {
       .def_property_readonly("deaths", [](const PyProcLoader& l) { return l.core().deaths(); });
 
   m.attr("WIRE_HEADER") = py::make_tuple("=IIqqqqQ", sizeof(WireHeader));
-  m.attr("WIRE_KINDS") = py::dict(py::arg("load") = static_cast<int>(kLoad), py::arg("size") = static_cast<int>(kSize),
-                                  py::arg("error") = static_cast<int>(kError), py::arg("write") = static_cast<int>(kWrite),
-                                  py::arg("done") = static_cast<int>(kDone), py::arg("update") = static_cast<int>(kUpdate),
-                                  py::arg("inline") = static_cast<int>(kInline));
+  m.attr("WIRE_KINDS") = py::dict(
+      py::arg("load") = static_cast<int>(kLoad), py::arg("size") = static_cast<int>(kSize),
+      py::arg("error") = static_cast<int>(kError), py::arg("write") = static_cast<int>(kWrite),
+      py::arg("done") = static_cast<int>(kDone), py::arg("update") = static_cast<int>(kUpdate),
+      py::arg("inline") = static_cast<int>(kInline));
 }
 
 }  // namespace pyloader::python

@@ -9,7 +9,8 @@ namespace pyloader::python {
 
 void register_stack(py::module_& m) {
   py::class_<Stack>(m, "Stack")
-      .def(py::init([](py::iterable samples) { return Stack{py::list(samples)}; }), py::arg("samples"))
+      .def(py::init([](py::iterable samples) { return Stack{py::list(samples)}; }),
+           py::arg("samples"))
       .def_property_readonly("samples", [](const Stack& s) { return s.samples; })
       .def("__len__", [](const Stack& s) { return s.samples.size(); })
       .def("__repr__", [](const Stack& s) {

@@ -28,12 +28,13 @@ void register_errors(py::module_& m) {
       m, "BatchLayoutError", PyExc_TypeError,
       "__getitem__(i) returned a value that is not a batch (None, a generator, a structure nested "
       "too deep). The message names the index.");
-  g_stack_error = add_type(m, "StackError", PyExc_ValueError,
-                           "pyloader.stack cannot collate a batch's samples (structures, shapes or "
-                           "dtypes differ, or there are none). The message names the batch and sample.");
-  g_concurrent_consumer_error = add_type(
-      m, "ConcurrentConsumerError", PyExc_RuntimeError,
-      "Two threads iterate one pyloader loader at once: iterate it from one thread.");
+  g_stack_error =
+      add_type(m, "StackError", PyExc_ValueError,
+               "pyloader.stack cannot collate a batch's samples (structures, shapes or "
+               "dtypes differ, or there are none). The message names the batch and sample.");
+  g_concurrent_consumer_error =
+      add_type(m, "ConcurrentConsumerError", PyExc_RuntimeError,
+               "Two threads iterate one pyloader loader at once: iterate it from one thread.");
   py::register_exception_translator([](std::exception_ptr p) {
     try {
       if (p) std::rethrow_exception(p);

@@ -19,7 +19,6 @@ namespace pyloader::python {
 
 namespace py = pybind11;
 
-
 // The registered types (valid after register_errors()).
 PyObject* batch_layout_error() noexcept;
 PyObject* stack_error() noexcept;

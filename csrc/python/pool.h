@@ -34,5 +34,4 @@ struct BatchMemory {
 // Moves `buffer` into a new Lease (GIL required).
 BatchMemory hand_over(BufferLease buffer);
 
-
 }  // namespace pyloader::python

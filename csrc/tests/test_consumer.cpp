@@ -66,8 +66,8 @@ struct Rig {
   std::shared_ptr<Engine> engine;
   std::unique_ptr<Consumer> consumer;
 
-  Rig(int workers, std::size_t depth, std::size_t bytes, bool open, std::size_t pool_bytes = 1 << 20,
-      ConsumerOptions options = {}) {
+  Rig(int workers, std::size_t depth, std::size_t bytes, bool open,
+      std::size_t pool_bytes = 1 << 20, ConsumerOptions options = {}) {
     loader = std::make_shared<GateLoader>(bytes, open);
     pool = BufferPool::create(pool_bytes, PinRequest::kOff);
     EngineOptions eo;
@@ -239,7 +239,8 @@ TEST(racing_threads_take_every_position_exactly_once) {
   }
   for (auto& t : threads) t.join();
   CHECK_EQ(done.load(kRelaxed), n);
-  for (std::int64_t p = 0; p < n; ++p) CHECK_EQ(taken[static_cast<std::size_t>(p)].load(kRelaxed), 1);
+  for (std::int64_t p = 0; p < n; ++p)
+    CHECK_EQ(taken[static_cast<std::size_t>(p)].load(kRelaxed), 1);
   std::printf("  %lld refusals\n", static_cast<long long>(refusals.load(kRelaxed)));
 }
 
