@@ -199,6 +199,29 @@ def test_two_threads_iterating_one_loader_get_an_error_never_a_crash(python_subp
     assert r.stdout.startswith("ok"), r.stdout
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_closing_from_another_thread_ends_a_waiting_next_with_an_error(python_subprocess, mode):
+    # The waiting call keeps the consumer (and its engine) alive until it has seen the stop.
+    r = python_subprocess(
+        """
+        import sys, threading
+        sys.path.insert(0, %r)
+        import pyloader
+        from sequences import Counting
+        loader = pyloader.Prefetcher(Counting(10, sleep=2.0), workers=1, mode=%r)
+        it = iter(loader)
+        threading.Timer(0.3, loader.close).start()
+        try:
+            next(it)
+        except RuntimeError as exc:
+            print("raised:", exc)
+        """ % (os.path.dirname(__file__), mode),
+        timeout=60,
+    )
+    assert r.returncode == 0, (r.returncode, r.stderr)
+    assert "raised: this pyloader engine was closed while waiting for a batch" in r.stdout, r.stdout
+
+
 def assert_clean_exit(r) -> None:
     assert r.returncode == 0, (r.returncode, r.stderr)
     assert "leaving" in r.stdout, r.stdout
