@@ -35,8 +35,9 @@ class PyArraySource final : public PySource {
         row_shape.push_back(arr.shape(d));
         col.row_bytes *= static_cast<std::size_t>(arr.shape(d));
       }
-      if (samples >= 0 && arr.shape(0) != samples)
+      if (samples >= 0 && arr.shape(0) != samples) {
         throw py::value_error("ArraySequence arrays differ in length");
+      }
       samples = arr.shape(0);
       columns.push_back(col);
       dtypes_.push_back(arr.dtype());

@@ -39,9 +39,10 @@ class SequenceSource final : public PySource {
 
   py::object deliver(Delivery d) override {
     auto* batch = static_cast<PyBatch*>(d.payload.get());
-    if (d.failed)
+    if (d.failed) {
       raise_object(
           error_factory_(batch->error, d.task.index, d.task.epoch, d.task.position, d.worker));
+    }
     const BatchMemory memory = hand_over(std::move(d.buffer));
     return build(batch->layout, memory.base, memory.lease);
   }
@@ -169,9 +170,10 @@ class PyEngine {
 
   void wait(const Consumer& consumer, Consumer::Turn& turn, std::optional<double> timeout) {
     std::optional<std::chrono::nanoseconds> limit;
-    if (timeout)
+    if (timeout) {
       limit = std::chrono::duration_cast<std::chrono::nanoseconds>(
           std::chrono::duration<double>(*timeout));
+    }
     for (;;) {
       WaitOutcome outcome;
       {

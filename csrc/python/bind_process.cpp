@@ -77,8 +77,9 @@ class PyProcLoader final : public PySource {
                py::object hook, py::object errors, int max_retries, std::int64_t hooks_before) {
     Arena* arena = pool.pool->arena();
     if (!arena) throw py::value_error("process mode needs a BufferPool made with arena_bytes");
-    if (fds.size() != pids.size() || fds.empty())
+    if (fds.size() != pids.size() || fds.empty()) {
       throw py::value_error("one fd and one pid per worker");
+    }
     static py::handle loads = py::object(py::module_::import("pickle").attr("loads")).release();
     loads_ = py::reinterpret_borrow<py::object>(loads);
     refs_ = std::make_shared<PyRefs>();
