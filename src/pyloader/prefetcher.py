@@ -479,10 +479,11 @@ class Prefetcher:
         engine = self._engine
         if engine is not None:
             self._resume = self._position()  # where the next engine starts
-            raw = engine.stats()
-            self._engine = None
-            engine.close()  # first: a summary that fails (numpy gone at exit) must not skip it
-            self._past_stats += [self._summarize(s) for s in raw]
+            try:
+                self._past_stats += [self._summarize(s) for s in engine.stats()]
+            finally:  # a summary that fails (numpy gone at exit) must not leave the engine running
+                self._engine = None
+                engine.close()
         loader, self._proc_loader = self._proc_loader, None
         if loader is not None and self._workers is not None:
             self._hooks_run = loader.hooks
