@@ -11,8 +11,10 @@ from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import setup
 
 CORE = ["csrc/core/arena.cpp", "csrc/core/buffer_pool.cpp", "csrc/core/pin.cpp", "csrc/core/engine.cpp",
-        "csrc/core/proc_loader.cpp"]
-BINDINGS = ["csrc/python/module.cpp", "csrc/python/layout.cpp", "csrc/python/py_loader.cpp"]
+        "csrc/core/proc_loader.cpp", "csrc/core/consumer.cpp"]
+BINDINGS = ["csrc/python/module.cpp", "csrc/python/layout.cpp", "csrc/python/py_loader.cpp",
+            "csrc/python/errors.cpp", "csrc/python/gil.cpp", "csrc/python/bind_pool.cpp", "csrc/python/bind_stack.cpp",
+            "csrc/python/bind_engine.cpp", "csrc/python/bind_array_source.cpp", "csrc/python/bind_process.cpp"]
 
 extra_compile_args = ["-O3", "-fvisibility=hidden", "-Wall", "-Wextra"]
 if os.environ.get("PYLOADER_WERROR"):

@@ -402,3 +402,50 @@ def test_public_api_is_sorted_and_complete():
     assert pyloader.__all__ == sorted(pyloader.__all__)
     for name in pyloader.__all__:
         assert hasattr(pyloader, name)
+
+
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_errors_from_the_native_core_have_registered_types_that_keep_their_base_types(python_subprocess, mode):
+    # Python tells pyloader's own errors apart by type, never by message: a returned None is a
+    # _C.BatchLayoutError (a TypeError, raised as it is), a refused stack a _C.StackError (a
+    # ValueError, the cause of a BatchError). In process mode both cross the process boundary.
+    r = python_subprocess(
+        """
+        import numpy as np
+        import pyloader
+        from pyloader import _C
+
+        class Bad:
+            def __len__(self):
+                return 3
+
+            def __getitem__(self, i):
+                if i == 1:
+                    return None
+                if i == 2:
+                    return pyloader.stack([np.zeros(2), np.zeros(3)])
+                return np.zeros(2)
+
+        with pyloader.Prefetcher(Bad(), workers=1, mode=%r) as loader:
+            it = iter(loader)
+            next(it)
+            try:
+                next(it)
+            except _C.BatchLayoutError as e:
+                assert isinstance(e, TypeError) and str(e).startswith("__getitem__(1) returned None"), e
+            else:
+                raise AssertionError("no BatchLayoutError")
+            try:
+                next(it)
+            except pyloader.BatchError as e:
+                cause = e.__cause__
+                assert isinstance(cause, _C.StackError) and isinstance(cause, ValueError), repr(cause)
+                assert str(cause).startswith("pyloader.stack: batch 2: sample 1"), cause
+            else:
+                raise AssertionError("no BatchError")
+        print("ok")
+        """ % mode,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("ok"), r.stdout

@@ -102,6 +102,14 @@ Task Engine::task_at(std::int64_t position) const {
   return {position, seg->epoch, seg->indices[static_cast<std::size_t>(position - seg->start)]};
 }
 
+std::vector<SegmentSpan> Engine::segments() const {
+  std::lock_guard lock(plan_mu_);
+  std::vector<SegmentSpan> out;
+  out.reserve(segments_.size());
+  for (const auto& seg : segments_) out.push_back({seg->epoch, seg->start, seg->end()});
+  return out;
+}
+
 Engine::Segment* Engine::segment_of(std::int64_t position, Segment* cached) const {
   if (cached && position >= cached->start && position < cached->end()) return cached;
   std::lock_guard lock(plan_mu_);

@@ -7,17 +7,17 @@
 //   workers:   `workers` native threads. Each claims the next position from the ring, waits until
 //              it is loadable (planned, its epoch gate open, its ring slot free), has the Loader
 //              load it, fills a leased buffer and publishes it (ring.h).
-//   consumer:  one thread at a time (checked in debug builds) calls ready/wait_ready/take, which
-//              deliver positions strictly in order.
+//   consumer:  one thread at a time calls ready/wait_ready/take, which deliver positions strictly
+//              in order. Consumer (consumer.h) guards that role in every build; the Engine checks
+//              it again in debug builds.
 //
-// The Loader does the loading in two phases: prepare() runs between enter() and leave() (for
-// Python: with the GIL held, calling user code); fill() copies into the buffer outside them (for
-// Python: with the GIL released). A worker that has entered keeps preparing further positions
-// that are ready to load, while each takes less than `run_budget` in total, so that cheap batches
-// pay for one enter/leave (one GIL hand-off) together. A prepared batch that is cheap to hand
-// over (at most kEarlyPublishBytes, a buffer free at once) is published right away, inside the run, so
-// that it never waits for the load of the next position, which may be slow. (Its fill then runs
-// between enter() and leave(); the copy is small.)
+// Runs: the Loader (loader.h) loads in two phases, prepare() between enter() and leave() and
+// fill() outside them. A worker that has entered keeps preparing further positions that are ready
+// to load, while each takes less than `run_budget` in total, so that cheap batches pay for one
+// enter/leave (one GIL hand-off) together. A prepared batch that is cheap to hand over (at most
+// kEarlyPublishBytes, a buffer free at once) is published right away, inside the run, so that it
+// never waits for the load of the next position, which may be slow. (Its fill then runs between
+// enter() and leave(); the copy is small.)
 //
 // Epoch gates: when the Loader has an epoch_end() hook, the positions of epoch e+1 become
 // loadable only once every position of epoch e has been loaded and the hook has run. The hook
@@ -55,81 +55,24 @@
 
 #include "buffer_pool.h"
 #include "config.h"
+#include "loader.h"
 #include "ring.h"
 #include "thread_pool.h"
 
 namespace pyloader {
-
-// What a Loader produces for one position (e.g. Python objects). Opaque to the core. A payload
-// may be destroyed on any thread; one that needs a lock to die (the GIL) takes it itself.
-class Payload {
- public:
-  virtual ~Payload() = default;
-};
-
-struct Task {
-  std::int64_t position = -1;
-  std::int64_t epoch = -1;
-  std::int64_t index = -1;  // the Sequence index the position loads
-};
-
-// A position being loaded: prepare() sets bytes (buffer space needed) and payload.
-struct Prepared {
-  Task task;
-  std::size_t bytes = 0;
-  std::unique_ptr<Payload> payload;
-  bool failed = false;  // the payload describes an error raised while loading
-  std::string error;    // or: a failure described in plain words (no payload)
-};
-
-// What the consumer receives for a position.
-struct Delivery {
-  Task task;
-  std::unique_ptr<Payload> payload;
-  BufferLease buffer;      // empty when the batch needs no buffer memory
-  std::string error;       // a failure described in plain words; payload is then empty
-  bool out_of_memory = false;  // ... because the pool could not allocate
-  bool failed = false;     // the payload describes an error raised while loading
-  bool skipped = false;    // not loaded: the position was below skip_to()
-  std::int32_t worker = -1;
-  std::int64_t load_ns = 0;
-};
-
-// A prepared batch of at most this many bytes may be filled and published inside its worker's
-// run (between enter() and leave()), so that it never waits for the next position's load.
-inline constexpr std::size_t kEarlyPublishBytes = std::size_t{64} << 10;
-
-class Loader {
- public:
-  virtual ~Loader() = default;
-  virtual void thread_start(int worker) = 0;
-  virtual void thread_exit(int worker) noexcept = 0;
-  // thread_start/enter/leave must not throw (an exception would end the process). enter()
-  // returns false when the worker must end instead (the host is shutting down); positions it had
-  // claimed are then never published, so the consumer waits until stop().
-  virtual bool enter(int worker) = 0;
-  virtual void leave(int worker) = 0;
-  // Between enter() and leave(). Records failures in the Prepared; never throws.
-  virtual void prepare(int worker, Prepared& item) noexcept = 0;
-  // Writes the batch into dst (capacity >= item.bytes). Called for failed items too (with dst
-  // null, to release what they hold); dst is null whenever item.bytes is 0. Runs outside
-  // enter()/leave(), except for a batch of at most kEarlyPublishBytes published inside a run.
-  virtual void fill(int worker, Prepared& item, std::byte* dst, std::size_t capacity) noexcept = 0;
-  virtual bool has_epoch_end() const noexcept = 0;
-  // At most this many positions are prepared per enter()/leave() (see run_budget).
-  virtual std::size_t max_run() const noexcept { return static_cast<std::size_t>(-1); }
-  // Outside enter()/leave(). Returns the error the hook raised, or null.
-  virtual std::unique_ptr<Payload> epoch_end(int worker, std::int64_t epoch) noexcept = 0;
-  // Called by Engine::stop(), from any thread: a prepare()/fill() blocked on something outside
-  // the process (a worker process) must return promptly.
-  virtual void interrupt() noexcept {}
-};
 
 struct EngineOptions {
   int workers = 1;
   std::size_t depth = 2;
   std::chrono::nanoseconds run_budget{std::chrono::microseconds(200)};
   std::size_t max_run = 64;
+};
+
+// An appended epoch segment: positions [start, end) load epoch `epoch`.
+struct SegmentSpan {
+  std::int64_t epoch = -1;
+  std::int64_t start = 0;
+  std::int64_t end = 0;
 };
 
 // Per-epoch figures, kept by the consumer's calls.
@@ -166,6 +109,7 @@ class Engine : public std::enable_shared_from_this<Engine> {
   void append(std::int64_t epoch, std::vector<std::int64_t> indices, bool gated);
   std::int64_t planned_end() const;
   Task task_at(std::int64_t position) const;  // position -1 when not planned
+  std::vector<SegmentSpan> segments() const;  // every appended segment, in position order
 
   // ---- consumer ----
   std::int64_t next_position() const noexcept { return next_; }

@@ -3,6 +3,8 @@
 #include <string>
 
 #include "../core/copy.h"
+#include "errors.h"
+#include "gil.h"
 
 namespace pyloader::python {
 
@@ -20,54 +22,68 @@ bool is_copyable_array(py::handle h) {
   return true;
 }
 
-void flatten_into(py::handle value, Layout& out, std::int64_t index, int depth) {
-  if (depth > kMaxNesting) {
-    throw py::type_error("__getitem__(" + std::to_string(index) + ") returned a structure nested more than " +
-                         std::to_string(kMaxNesting) +
-                         " levels deep (does a list or dict contain itself?)");
-  }
+// The one walker over the containers a batch may nest (tuple, list, dict, namedtuple; exact
+// types, so that a subclass or another mapping passes through as an object): open_container()
+// recognises one and lists its children in order; close_container() makes it again from them.
+// flatten_into() walks a returned value with the first, build_from() a layout with the second;
+// merge_samples() and build_meta() follow the same preorder through Node::container().
+bool open_container(py::handle value, Node& node, std::vector<py::object>& children) {
   PyObject* p = value.ptr();
-  Node node;
-  if (PyTuple_CheckExact(p) || PyList_CheckExact(p)) {
-    const bool is_tuple = PyTuple_CheckExact(p);
-    const Py_ssize_t n = is_tuple ? PyTuple_GET_SIZE(p) : PyList_GET_SIZE(p);
-    node.kind = is_tuple ? Node::kTuple : Node::kList;
-    node.count = static_cast<std::uint32_t>(n);
-    out.nodes.push_back(std::move(node));
+  if (PyTuple_CheckExact(p) || PyList_CheckExact(p) || (PyTuple_Check(p) && py::hasattr(value, "_fields"))) {
+    const bool is_list = PyList_CheckExact(p);
+    const Py_ssize_t n = is_list ? PyList_GET_SIZE(p) : PyTuple_GET_SIZE(p);
+    node.kind = is_list ? Node::kList : PyTuple_CheckExact(p) ? Node::kTuple : Node::kNamedTuple;
+    if (node.kind == Node::kNamedTuple) node.obj = py::reinterpret_borrow<py::object>(reinterpret_cast<PyObject*>(Py_TYPE(p)));
+    children.reserve(static_cast<std::size_t>(n));
     for (Py_ssize_t i = 0; i < n; ++i) {
-      // A list's items are borrowed: keep this one alive while we look at it.
-      py::object item = py::reinterpret_borrow<py::object>(is_tuple ? PyTuple_GET_ITEM(p, i)
-                                                                     : PyList_GET_ITEM(p, i));
-      flatten_into(item, out, index, depth + 1);
+      // A list's items are borrowed: hold each while the walk looks at it.
+      children.push_back(py::reinterpret_borrow<py::object>(is_list ? PyList_GET_ITEM(p, i) : PyTuple_GET_ITEM(p, i)));
     }
-    return;
-  }
-  if (PyDict_CheckExact(p)) {
-    py::dict d = py::reinterpret_borrow<py::dict>(value);
+  } else if (PyDict_CheckExact(p)) {
+    auto d = py::reinterpret_borrow<py::dict>(value);
     py::tuple keys(static_cast<Py_ssize_t>(d.size()));
-    std::vector<py::object> values;
-    values.reserve(d.size());
     Py_ssize_t i = 0;
     for (auto kv : d) {
       keys[static_cast<std::size_t>(i++)] = kv.first;
-      values.push_back(py::reinterpret_borrow<py::object>(kv.second));
+      children.push_back(py::reinterpret_borrow<py::object>(kv.second));
     }
     node.kind = Node::kDict;
-    node.count = static_cast<std::uint32_t>(values.size());
     node.obj = std::move(keys);
-    out.nodes.push_back(std::move(node));
-    for (auto& v : values) flatten_into(v, out, index, depth + 1);
-    return;
+  } else {
+    return false;
   }
-  if (PyTuple_Check(p) && py::hasattr(value, "_fields")) {  // a namedtuple
-    const Py_ssize_t n = PyTuple_GET_SIZE(p);
-    node.kind = Node::kNamedTuple;
-    node.count = static_cast<std::uint32_t>(n);
-    node.obj = py::reinterpret_borrow<py::object>(reinterpret_cast<PyObject*>(Py_TYPE(p)));
+  node.count = static_cast<std::uint32_t>(children.size());
+  return true;
+}
+
+py::object close_container(const Node& node, std::vector<py::object>& children) {
+  const auto n = static_cast<Py_ssize_t>(children.size());
+  if (node.kind == Node::kList) {
+    py::list list(n);
+    for (Py_ssize_t k = 0; k < n; ++k) PyList_SET_ITEM(list.ptr(), k, children[static_cast<std::size_t>(k)].release().ptr());
+    return list;
+  }
+  if (node.kind == Node::kDict) {
+    py::dict d;
+    auto keys = py::reinterpret_borrow<py::tuple>(node.obj);
+    for (Py_ssize_t k = 0; k < n; ++k) d[keys[static_cast<std::size_t>(k)]] = children[static_cast<std::size_t>(k)];
+    return d;
+  }
+  py::tuple tuple(n);
+  for (Py_ssize_t k = 0; k < n; ++k) PyTuple_SET_ITEM(tuple.ptr(), k, children[static_cast<std::size_t>(k)].release().ptr());
+  return node.kind == Node::kNamedTuple ? node.obj(*tuple) : py::object(std::move(tuple));
+}
+
+void flatten_into(py::handle value, Layout& out, std::int64_t index, int depth) {
+  if (depth > kMaxNesting) {
+    raise(batch_layout_error(), "__getitem__(" + std::to_string(index) + ") returned a structure nested more than " +
+                                    std::to_string(kMaxNesting) + " levels deep (does a list or dict contain itself?)");
+  }
+  Node node;
+  std::vector<py::object> children;
+  if (open_container(value, node, children)) {
     out.nodes.push_back(std::move(node));
-    for (Py_ssize_t i = 0; i < n; ++i) {
-      flatten_into(py::reinterpret_borrow<py::object>(PyTuple_GET_ITEM(p, i)), out, index, depth + 1);
-    }
+    for (const py::object& child : children) flatten_into(child, out, index, depth + 1);
     return;
   }
   if (is_copyable_array(value)) {
@@ -105,51 +121,22 @@ void flatten_into(py::handle value, Layout& out, std::int64_t index, int depth) 
 
 py::object build_from(const Layout& layout, std::size_t& i, std::byte* base, py::handle lease) {
   const Node& node = layout.nodes[i++];
-  switch (node.kind) {
-    case Node::kArray: {
-      const Leaf& leaf = layout.leaves[node.count];
-      return view_array(py::reinterpret_borrow<py::dtype>(leaf.dtype),
-                        std::vector<py::ssize_t>(leaf.shape.begin(), leaf.shape.end()),
-                        leaf.nbytes == 0 || base == nullptr ? nullptr : base + leaf.offset, lease);
-    }
-    case Node::kTuple:
-    case Node::kNamedTuple: {
-      PyObject* t = PyTuple_New(node.count);
-      if (!t) throw py::error_already_set();
-      py::object tuple = py::reinterpret_steal<py::object>(t);
-      for (std::uint32_t k = 0; k < node.count; ++k) {
-        PyTuple_SET_ITEM(t, k, build_from(layout, i, base, lease).release().ptr());
-      }
-      if (node.kind == Node::kNamedTuple) return node.obj(*tuple);
-      return tuple;
-    }
-    case Node::kList: {
-      PyObject* l = PyList_New(node.count);
-      if (!l) throw py::error_already_set();
-      py::object list = py::reinterpret_steal<py::object>(l);
-      for (std::uint32_t k = 0; k < node.count; ++k) {
-        PyList_SET_ITEM(l, k, build_from(layout, i, base, lease).release().ptr());
-      }
-      return list;
-    }
-    case Node::kDict: {
-      py::dict d;
-      auto keys = py::reinterpret_borrow<py::tuple>(node.obj);
-      for (std::uint32_t k = 0; k < node.count; ++k) {
-        d[keys[k]] = build_from(layout, i, base, lease);
-      }
-      return d;
-    }
-    case Node::kObject:
-    default:
-      return node.obj;
+  if (node.kind == Node::kArray) {
+    const Leaf& leaf = layout.leaves[node.count];
+    return view_array(py::reinterpret_borrow<py::dtype>(leaf.dtype),
+                      std::vector<py::ssize_t>(leaf.shape.begin(), leaf.shape.end()),
+                      leaf.nbytes == 0 || base == nullptr ? nullptr : base + leaf.offset, lease);
   }
+  if (!node.container()) return node.obj;
+  std::vector<py::object> children;
+  children.reserve(node.count);
+  for (std::uint32_t k = 0; k < node.count; ++k) children.push_back(build_from(layout, i, base, lease));
+  return close_container(node, children);
 }
 
-
 [[noreturn]] void mismatch(std::int64_t index, std::size_t sample, const std::string& what) {
-  throw py::value_error("pyloader.stack: batch " + std::to_string(index) + ": sample " +
-                        std::to_string(sample) + " " + what);
+  raise(stack_error(), "pyloader.stack: batch " + std::to_string(index) + ": sample " + std::to_string(sample) +
+                           " " + what);
 }
 
 std::string shape_str(const std::vector<std::int64_t>& shape) {
@@ -194,8 +181,7 @@ void merge_samples(const std::vector<Layout>& parts, std::size_t& n, Layout& out
   const std::size_t batch = parts.size();
   for (std::size_t k = 1; k < batch; ++k) {
     const Node& other = parts[k].nodes[n];
-    const bool container = ref.kind != Node::kArray && ref.kind != Node::kObject;
-    if (other.kind != ref.kind || (container && other.count != ref.count)) {
+    if (other.kind != ref.kind || (ref.container() && other.count != ref.count)) {
       mismatch(index, k, "has a different structure from sample 0");
     }
     if (ref.kind == Node::kDict && !ref.obj.equal(other.obj)) {
@@ -207,15 +193,12 @@ void merge_samples(const std::vector<Layout>& parts, std::size_t& n, Layout& out
     }
   }
   ++n;
+  if (ref.container()) {
+    out.nodes.push_back(Node{ref.kind, ref.count, ref.obj});
+    for (std::uint32_t c = 0; c < ref.count; ++c) merge_samples(parts, n, out, index);
+    return;
+  }
   switch (ref.kind) {
-    case Node::kTuple:
-    case Node::kNamedTuple:
-    case Node::kList:
-    case Node::kDict: {
-      out.nodes.push_back(Node{ref.kind, ref.count, ref.obj});
-      for (std::uint32_t c = 0; c < ref.count; ++c) merge_samples(parts, n, out, index);
-      return;
-    }
     case Node::kArray: {
       const Leaf& first = parts[0].leaves[ref.count];
       Leaf leaf;
@@ -266,23 +249,14 @@ void merge_samples(const std::vector<Layout>& parts, std::size_t& n, Layout& out
 
 }  // namespace
 
-PyBatch::~PyBatch() {
-  if (PyGILState_Check()) {
-    layout = Layout{};
-    error = py::object();
-    return;
-  }
-  py::gil_scoped_acquire gil;
-  layout = Layout{};
-  error = py::object();
-}
+PyBatch::~PyBatch() { drop_with_gil(layout, error); }  // may die on an engine thread
 
 void flatten(py::handle value, Layout& out, std::int64_t index) { flatten_into(value, out, index, 0); }
 
 void flatten_stacked(py::handle samples, Layout& out, std::int64_t index) {
   auto list = py::reinterpret_borrow<py::list>(samples);
   if (list.empty()) {
-    throw py::value_error("pyloader.stack: batch " + std::to_string(index) + " has no samples");
+    raise(stack_error(), "pyloader.stack: batch " + std::to_string(index) + " has no samples");
   }
   std::vector<Layout> parts(list.size());
   for (std::size_t k = 0; k < list.size(); ++k) {
@@ -298,8 +272,8 @@ void flatten_stacked(py::handle samples, Layout& out, std::int64_t index) {
 void flatten_returned(py::handle value, Layout& out, std::int64_t index) {
   if (value.is_none() || PyGen_Check(value.ptr()) || PyCoro_CheckExact(value.ptr())) {
     const std::string what = value.is_none() ? "None" : py::str(py::type::of(value).attr("__name__")).cast<std::string>();
-    throw py::type_error("__getitem__(" + std::to_string(index) + ") returned " + what +
-                         ": it must return the batch (a numpy array, a number, or a tuple/list/dict of them)");
+    raise(batch_layout_error(), "__getitem__(" + std::to_string(index) + ") returned " + what +
+                                    ": it must return the batch (a numpy array, a number, or a tuple/list/dict of them)");
   }
   if (py::isinstance<Stack>(value)) {
     flatten_stacked(py::reinterpret_borrow<py::object>(value).cast<Stack&>().samples, out, index);
@@ -345,7 +319,7 @@ py::tuple layout_meta(const Layout& layout) {
     const Node& n = layout.nodes[i];
     kinds[i] = static_cast<char>(n.kind);
     counts[i] = py::int_(n.count);
-    if (n.kind == Node::kObject || n.kind == Node::kDict || n.kind == Node::kNamedTuple) objects.append(n.obj);
+    if (n.carries_object()) objects.append(n.obj);
   }
   py::list leaves;
   for (const Leaf& leaf : layout.leaves) {
@@ -375,7 +349,7 @@ py::object build_meta(py::handle meta, std::byte* base, std::size_t capacity, py
     if (kind > Node::kObject) bad("node kind");
     n.kind = static_cast<Node::Kind>(kind);
     n.count = counts[i].cast<std::uint32_t>();
-    if (n.kind == Node::kObject || n.kind == Node::kDict || n.kind == Node::kNamedTuple) {
+    if (n.carries_object()) {
       if (next_object >= objects.size()) bad("objects");
       n.obj = objects[next_object++];
       if (n.kind == Node::kDict && (!py::isinstance<py::tuple>(n.obj) || py::len(n.obj) != n.count)) bad("dict keys");
@@ -404,9 +378,7 @@ py::object build_meta(py::handle meta, std::byte* base, std::size_t capacity, py
   for (const Node& n : layout.nodes) {
     if (open == 0) bad("extra nodes");
     --open;
-    if (n.kind == Node::kTuple || n.kind == Node::kNamedTuple || n.kind == Node::kList || n.kind == Node::kDict) {
-      open += n.count;
-    }
+    if (n.container()) open += n.count;
   }
   if (open != 0) bad("missing nodes");
   return build(layout, base, lease);

@@ -16,7 +16,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "../core/engine.h"
+#include "../core/loader.h"
 
 namespace pyloader::python {
 
@@ -45,6 +45,8 @@ struct Node {
   Kind kind = kObject;
   std::uint32_t count = 0;  // children (containers) or leaf number (kArray)
   py::object obj;           // kObject: the object; kDict: tuple of keys; kNamedTuple: its type
+  bool container() const noexcept { return kind != kArray && kind != kObject; }
+  bool carries_object() const noexcept { return kind == kObject || kind == kDict || kind == kNamedTuple; }
 };
 
 struct Layout {
@@ -61,14 +63,14 @@ class PyBatch final : public Payload {
   py::object error;  // the exception raised while loading (failed deliveries)
 };
 
-// Raises TypeError (naming `index`) for structures too deep to be data (e.g. a list containing
-// itself).
+// Raises BatchLayoutError (a TypeError, errors.h; naming `index`) for structures too deep to be
+// data (e.g. a list containing itself).
 void flatten(py::handle value, Layout& out, std::int64_t index);
 // Collates a list of samples of one structure into one batch, like torch's default_collate but in
 // numpy: arrays of equal shape and dtype stack along a new first axis; Python bools, ints and
 // floats become bool, int64 and float64 arrays, numpy scalars arrays of their dtype; containers
-// recurse; any other leaf becomes the list of the samples' values. Raises ValueError naming
-// `index` and the sample when structures, shapes or dtypes differ.
+// recurse; any other leaf becomes the list of the samples' values. Raises StackError (a
+// ValueError, errors.h) naming `index` and the sample when structures, shapes or dtypes differ.
 void flatten_stacked(py::handle samples, Layout& out, std::int64_t index);
 
 // A batch's samples, to be collated by the worker (pyloader.stack).
@@ -76,8 +78,8 @@ struct Stack {
   py::list samples;
 };
 // What __getitem__(index) returned, flattened: a Stack is collated (flatten_stacked), anything
-// else flattened. Raises TypeError naming `index` for None, a generator or a coroutine (not a
-// batch). Both loaders (threads, worker processes) go through here.
+// else flattened. Raises BatchLayoutError naming `index` for None, a generator or a coroutine
+// (not a batch). Both loaders (threads, worker processes) go through here.
 void flatten_returned(py::handle value, Layout& out, std::int64_t index);
 // Copies every leaf into dst and moves the sources' references into `trash` (to be dropped later
 // with the GIL held). GIL not required.

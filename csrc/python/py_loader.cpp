@@ -13,14 +13,6 @@ std::unique_ptr<PyBatch> error_batch(py::error_already_set& e) {
   return batch;
 }
 
-bool interpreter_finalizing() noexcept {
-#if PY_VERSION_HEX >= 0x030D0000
-  return Py_IsFinalizing() != 0;
-#else
-  return _Py_IsFinalizing() != 0;
-#endif
-}
-
 namespace {
 std::unique_ptr<PyBatch> type_error_batch(const std::string& message) {
   auto batch = std::make_unique<PyBatch>();
@@ -36,13 +28,9 @@ PyLoader::PyLoader(py::object sequence, py::object epoch_end, int workers)
       states_(static_cast<std::size_t>(workers)) {}
 
 PyLoader::~PyLoader() {
-  // Destroyed with the GIL held by the owner (or when the last worker ends, after thread_exit).
-  if (!PyGILState_Check()) {
-    py::gil_scoped_acquire gil;
-    states_.clear();
-    getitem_ = py::object();
-    epoch_end_ = py::object();
-  }
+  // Destroyed by the owner (GIL held), or by the last worker of a detached engine (after its
+  // thread_exit), possibly while the interpreter exits.
+  drop_with_gil(states_, getitem_, epoch_end_);
 }
 
 void PyLoader::thread_start(int worker) {
@@ -51,12 +39,11 @@ void PyLoader::thread_start(int worker) {
   s.tstate = PyEval_SaveThread();     // and releases the GIL at once
 }
 
-void PyLoader::thread_exit(int worker) noexcept {
+void PyLoader::thread_exit(int worker) {
   WorkerState& s = states_[static_cast<std::size_t>(worker)];
   if (!s.tstate) return;
   if (interpreter_finalizing()) {  // the interpreter is going away: taking the GIL would never return
-    for (auto& obj : s.trash) obj.release();  // leak rather than touch a dying interpreter
-    s.trash.clear();
+    drop_with_gil(s.trash);          // leaks them (gil.h)
     return;
   }
   PyEval_RestoreThread(s.tstate);
@@ -77,7 +64,7 @@ void PyLoader::leave(int worker) {
   states_[static_cast<std::size_t>(worker)].tstate = PyEval_SaveThread();
 }
 
-void PyLoader::prepare(int /*worker*/, Prepared& item) noexcept {
+void PyLoader::prepare(int /*worker*/, Prepared& item) {
   const std::int64_t index = item.task.index;
   try {
     py::object value = getitem_(index);
@@ -85,17 +72,9 @@ void PyLoader::prepare(int /*worker*/, Prepared& item) noexcept {
     flatten_returned(value, batch->layout, index);  // TypeError for a value that is no batch
     item.bytes = batch->layout.bytes;
     item.payload = std::move(batch);
-  } catch (py::error_already_set& e) {
+  } catch (py::error_already_set& e) {  // raised by __getitem__, or by the checks of layout.h
     item.failed = true;
     item.payload = error_batch(e);
-  } catch (const py::type_error& e) {  // flatten_returned()'s own checks, which name the index
-    item.failed = true;
-    item.payload = type_error_batch(e.what());
-  } catch (const py::value_error& e) {  // flatten_stacked()'s checks, which name the index
-    item.failed = true;
-    auto batch = std::make_unique<PyBatch>();
-    batch->error = py::reinterpret_borrow<py::object>(PyExc_ValueError)(e.what());
-    item.payload = std::move(batch);
   } catch (const std::exception& e) {
     item.failed = true;
     item.payload = type_error_batch("__getitem__(" + std::to_string(index) + ") failed: " + e.what());
@@ -108,7 +87,7 @@ void PyLoader::fill(int worker, Prepared& item, std::byte* dst, std::size_t /*ca
   copy_leaves(batch->layout, dst, states_[static_cast<std::size_t>(worker)].trash);
 }
 
-std::unique_ptr<Payload> PyLoader::epoch_end(int worker, std::int64_t epoch) noexcept {
+std::unique_ptr<Payload> PyLoader::epoch_end(int worker, std::int64_t epoch) {
   if (!enter(worker)) return nullptr;
   std::unique_ptr<Payload> error;
   try {

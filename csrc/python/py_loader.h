@@ -13,13 +13,12 @@
 #include <memory>
 #include <vector>
 
-#include "../core/engine.h"
+#include "../core/loader.h"
+#include "gil.h"
 #include "layout.h"
 
 namespace pyloader::python {
 
-// Whether the interpreter is shutting down (then taking the GIL would never return).
-bool interpreter_finalizing() noexcept;
 // A failed batch's payload: the exception being handled, with its traceback attached.
 std::unique_ptr<PyBatch> error_batch(py::error_already_set& e);
 
@@ -31,13 +30,13 @@ class PyLoader final : public Loader {
   ~PyLoader() override;
 
   void thread_start(int worker) override;
-  void thread_exit(int worker) noexcept override;
+  void thread_exit(int worker) override;
   bool enter(int worker) override;
   void leave(int worker) override;
-  void prepare(int worker, Prepared& item) noexcept override;
+  void prepare(int worker, Prepared& item) override;  // not noexcept: see loader.h, "Thread exit"
   void fill(int worker, Prepared& item, std::byte* dst, std::size_t capacity) noexcept override;
   bool has_epoch_end() const noexcept override { return has_epoch_end_; }
-  std::unique_ptr<Payload> epoch_end(int worker, std::int64_t epoch) noexcept override;
+  std::unique_ptr<Payload> epoch_end(int worker, std::int64_t epoch) override;
 
  private:
   struct WorkerState {

@@ -3,10 +3,14 @@
 An exception raised by ``__getitem__(i)`` on a worker is recorded against its position and raised
 when the consumer reaches that position, as a :class:`BatchError` whose ``__cause__`` is the
 original exception (with its original traceback). Input errors that pyloader itself detects
-(``__getitem__`` returned ``None``) are raised as ``TypeError`` naming the index.
+(``__getitem__`` returned ``None``) are raised as they are: ``pyloader._C.BatchLayoutError``, a
+``TypeError`` naming the index. Errors from the native core are recognised by their registered
+types, never by their message text.
 """
 
 from __future__ import annotations
+
+from . import _C
 
 
 class BatchError(RuntimeError):
@@ -42,7 +46,7 @@ class PoolExhaustedWarning(RuntimeWarning):
 
 def batch_error(exc: BaseException, index: int, epoch: int, position: int, worker: int) -> BaseException:
     """Builds the exception the consumer sees for a failed batch (called by the native core)."""
-    if isinstance(exc, TypeError) and str(exc).startswith(f"__getitem__({index}) returned"):
+    if isinstance(exc, _C.BatchLayoutError):
         return exc  # pyloader's own check of the returned value: a TypeError naming the index
     error = BatchError(
         f"__getitem__({index}) raised {type(exc).__name__}: {exc} "

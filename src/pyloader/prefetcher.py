@@ -6,7 +6,9 @@ positions ahead on ``workers`` native threads into reusable buffers and hands th
 in position order. This module owns the plan, the epochs and the state: it appends each epoch's
 positions to the engine one epoch ahead (so loading runs across the boundary), turns the engine's
 position into ``(epoch, batches consumed)`` for :meth:`Prefetcher.state_dict`, and restarts the
-engine when the state is loaded.
+engine when the state is loaded. The table of appended epochs (which positions load which epoch) is
+the engine's (``Engine.segments()``); this module keeps only what the engine cannot know: how many
+batches of the engine's first epoch were consumed before it started.
 
 Iteration: one pass over the Prefetcher is one epoch. A new ``iter()`` after a pass that was left
 unfinished (``break``, an exception) starts the next epoch: the rest of the unfinished one is
@@ -212,8 +214,9 @@ class Prefetcher:
 
         # Where the next engine starts: (epoch, batches of that epoch already consumed).
         self._resume: tuple[int, int] = (0, 0)
-        # The engine's epochs: [epoch, first position, end position, batches skipped before it].
-        self._segments: list[tuple[int, int, int, int]] = []
+        # Batches of the engine's first epoch consumed before the engine started: its positions
+        # begin after them (a resumed epoch). The engine numbers positions from 0 and cannot know.
+        self._skipped = 0
         self._token = 0  # identifies the live epoch iterator
         # Plan (and load) the next epoch while this one ends: no bubble at the boundary. Off for an
         # owner that renews the Sequence before every pass (pyloader.torch).
@@ -239,15 +242,14 @@ class Prefetcher:
             self._start_engine()
         engine = self._engine
         assert engine is not None
-        epoch, start, end, _ = self._segment_at(engine.next_position)
+        epoch, start, end = self._segment_at(engine.next_position)
         if engine.next_position > start:  # an unfinished pass: skip the rest of that epoch
             engine.drain_to(end)
             epoch += 1
         # At most one ahead: NOTE [ Gather prunes sample orders two epochs behind the plan ] (gather.h)
         if self._plan_ahead:
             self._plan_through(epoch + 1)  # keep one epoch planned ahead: no bubble at the boundary
-        _, _, end, _ = self._segment_of(epoch)
-        return _EpochIterator(self, engine, epoch, end, self._token)
+        return _EpochIterator(self, engine, epoch, self._end_of(epoch), self._token)
 
     def _empty_epoch(self) -> Iterator[Any]:
         epoch, _ = self._resume
@@ -286,35 +288,42 @@ class Prefetcher:
             engine.close()  # leave the Prefetcher as it was: no engine
             raise
         self._engine = engine
-        self._segments = [(epoch, 0, len(indices), offset)]
+        self._skipped = offset
+
+    def _segments(self) -> list[tuple[int, int, int]]:
+        """The engine's epochs, in position order: ``(epoch, first position, end position)``."""
+        assert self._engine is not None
+        return self._engine.segments()
 
     def _plan_through(self, epoch: int) -> None:
         assert self._engine is not None
-        while self._segments[-1][0] < epoch:
-            last_epoch, _, last_end, _ = self._segments[-1]
-            indices = self._plan.indices(last_epoch + 1)
-            self._register_epoch(last_epoch + 1)
-            self._engine.append(last_epoch + 1, indices, True)
-            self._segments.append((last_epoch + 1, last_end, last_end + len(indices), 0))
+        last_epoch = self._segments()[-1][0]
+        while last_epoch < epoch:
+            last_epoch += 1
+            indices = self._plan.indices(last_epoch)
+            self._register_epoch(last_epoch)
+            self._engine.append(last_epoch, indices, True)
 
     def _register_epoch(self, epoch: int) -> None:
         """Tells a native source the epoch's sample order before its positions can load."""
         if self._native:
             self._sequence.native_source().set_order(epoch, self._sequence.sample_order(epoch))
 
-    def _segment_of(self, epoch: int) -> tuple[int, int, int, int]:
-        for seg in self._segments:
-            if seg[0] == epoch:
-                return seg
+    def _end_of(self, epoch: int) -> int:
+        """The end position of a planned epoch."""
+        for seg_epoch, _, end in self._segments():
+            if seg_epoch == epoch:
+                return end
         raise AssertionError(f"epoch {epoch} is not planned")
 
-    def _segment_at(self, position: int) -> tuple[int, int, int, int]:
+    def _segment_at(self, position: int) -> tuple[int, int, int]:
         """The segment the consumer is in: a finished segment counts as the start of the next."""
-        for seg in self._segments:
+        segments = self._segments()
+        for seg in segments:
             if position < seg[2]:
                 return seg
-        self._plan_through(self._segments[-1][0] + 1)
-        return self._segments[-1]
+        self._plan_through(segments[-1][0] + 1)
+        return self._segments()[-1]
 
     # ---- state ---------------------------------------------------------------------------------
 
@@ -323,10 +332,11 @@ class Prefetcher:
         if self._engine is None:
             return self._resume
         pos = self._engine.next_position
-        for epoch, start, end, skipped in self._segments:
+        segments = self._segments()
+        for k, (epoch, start, end) in enumerate(segments):
             if pos < end:
-                return epoch, skipped + pos - start
-        return self._segments[-1][0] + 1, 0
+                return epoch, (self._skipped if k == 0 else 0) + pos - start
+        return segments[-1][0] + 1, 0
 
     @property
     def epoch(self) -> int:
@@ -470,15 +480,17 @@ class Prefetcher:
         engine = self._engine
         if engine is not None:
             self._resume = self._position()  # where the next engine starts
-            self._past_stats += [self._summarize(s) for s in engine.stats()]
-            self._engine = None
-            engine.close()
+            try:
+                self._past_stats += [self._summarize(s) for s in engine.stats()]
+            finally:  # a summary that fails (numpy gone at exit) must not leave the engine running
+                self._engine = None
+                engine.close()
         loader, self._proc_loader = self._proc_loader, None
         if loader is not None and self._workers is not None:
             self._hooks_run = loader.hooks
             if not self._closed:
                 self._workers.discard(loader.dirty())  # workers left mid-conversation
-        self._segments = []
+        self._skipped = 0
 
     def close(self) -> None:
         """Stops and joins every worker thread. Idempotent; batches already delivered stay valid."""
@@ -542,8 +554,13 @@ class _EpochIterator:
         if self._loader._token != self._token:
             raise RuntimeError("this epoch iterator was replaced by a newer iter() of its Prefetcher")
         engine = self._engine
-        if engine.next_position < self._end:
-            return engine.next_batch(self._timeout)
+        try:
+            # The end is checked in the engine, in the same turn as the take: two threads racing
+            # for the epoch's last batch cannot take one of the next epoch (one of them is refused
+            # with pyloader._C.ConcurrentConsumerError, a RuntimeError).
+            return engine.next_batch(self._timeout, self._end)
+        except StopIteration:
+            pass
         if not self._ended:
             self._ended = True
             error = engine.epoch_error(self._epoch)

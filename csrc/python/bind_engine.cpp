@@ -1,0 +1,239 @@
+// bind_engine.cpp: pyloader._C.Engine, one run of the core Engine over a source (source.h), and
+// pyloader._C.Source, the base of the native sources.
+//
+// The Engine binding converts and releases the GIL; the consumer's policy (the wait in slices,
+// the timeout, the starvation report, one consumer thread at a time) is the core's Consumer
+// (consumer.h). What is left here: release the GIL around each slice, check for signals (Ctrl-C)
+// between slices, and turn each outcome into its Python exception or warning.
+#include <pybind11/numpy.h>
+#include <pybind11/stl.h>
+
+#include <chrono>
+#include <memory>
+#include <optional>
+#include <string>
+
+#include "../core/consumer.h"
+#include "../core/engine.h"
+#include "bindings.h"
+#include "errors.h"
+#include "layout.h"
+#include "pool.h"
+#include "py_loader.h"
+#include "source.h"
+
+namespace pyloader::python {
+
+namespace {
+
+// A Python Sequence: PyLoader runs its __getitem__ on the engine's threads.
+class SequenceSource final : public PySource {
+ public:
+  // `error_factory(exc, index, epoch, position, worker)` makes the exception the consumer sees
+  // for a batch whose __getitem__ raised `exc`.
+  SequenceSource(py::object sequence, py::object epoch_end, int workers, py::object error_factory)
+      : loader_(std::make_shared<PyLoader>(std::move(sequence), std::move(epoch_end), workers)),
+        error_factory_(std::move(error_factory)) {}
+
+  std::shared_ptr<Loader> loader() const override { return loader_; }
+
+  py::object deliver(Delivery d) override {
+    auto* batch = static_cast<PyBatch*>(d.payload.get());
+    if (d.failed) {
+      raise_object(
+          error_factory_(batch->error, d.task.index, d.task.epoch, d.task.position, d.worker));
+    }
+    const BatchMemory memory = hand_over(std::move(d.buffer));
+    return build(batch->layout, memory.base, memory.lease);
+  }
+
+ private:
+  std::shared_ptr<PyLoader> loader_;
+  py::object error_factory_;
+};
+
+class PyEngine {
+ public:
+  PyEngine(py::object sequence, py::object epoch_end, const PyPool& pool, int workers,
+           std::size_t depth, double run_budget_us, py::object error_factory,
+           py::object warning_category)
+      : warning_category_(std::move(warning_category)) {
+    EngineOptions options;
+    options.workers = workers;
+    options.depth = depth;
+    options.run_budget = std::chrono::nanoseconds(static_cast<std::int64_t>(run_budget_us * 1000));
+    if (py::isinstance<PySource>(sequence)) {  // a native source: it has its own hook and errors
+      source_ = sequence.cast<std::shared_ptr<PySource>>();
+    } else {
+      source_ = std::make_shared<SequenceSource>(std::move(sequence), std::move(epoch_end), workers,
+                                                 std::move(error_factory));
+    }
+    consumer_ = std::make_shared<Consumer>(Engine::create(options, pool.pool, source_->loader()),
+                                           pool.pool);
+  }
+  ~PyEngine() { close(); }
+
+  void start() { live()->engine().start(); }
+
+  void append(std::int64_t epoch,
+              py::array_t<std::int64_t, py::array::c_style | py::array::forcecast> indices,
+              bool gated) {
+    std::vector<std::int64_t> v(indices.data(), indices.data() + indices.size());
+    live()->engine().append(epoch, std::move(v), gated);
+  }
+
+  py::list segments() {
+    py::list out;
+    for (const SegmentSpan& s : live()->engine().segments())
+      out.append(py::make_tuple(s.epoch, s.start, s.end));
+    return out;
+  }
+
+  std::int64_t next_position() { return live()->engine().next_position(); }
+
+  // The next batch; StopIteration once the position reaches `end` (checked in the same turn as
+  // the take, so that of two threads racing for the last batch of an epoch, one gets it and the
+  // other StopIteration or ConcurrentConsumerError: never the first batch of the next epoch).
+  py::object next_batch(std::optional<double> timeout, std::optional<std::int64_t> end) {
+    const std::shared_ptr<Consumer> consumer =
+        live();  // alive until we return, even if closed meanwhile
+    Consumer::Turn turn = consumer->turn();
+    if (end && turn.next_position() >= *end) throw py::stop_iteration();
+    if (!turn.ready()) wait(*consumer, turn, timeout);
+    Delivery d = turn.take();
+    if (!d.error.empty()) {
+      raise(d.out_of_memory ? PyExc_MemoryError : PyExc_RuntimeError,
+            "pyloader: batch " + std::to_string(d.task.index) + ": " + d.error);
+    }
+    py::object batch = source_->deliver(std::move(d));
+    turn.handed_over();
+    return batch;
+  }
+
+  // Skips every position below `position`: they are not loaded (those already loaded are dropped).
+  void drain_to(std::int64_t position) {
+    const std::shared_ptr<Consumer> consumer = live();
+    Consumer::Turn turn = consumer->turn();
+    turn.skip_to(position);
+    while (turn.next_position() < position) {
+      if (!turn.ready()) wait(*consumer, turn, std::nullopt);
+      Delivery d = turn.take();  // dropped here, with the GIL held
+    }
+  }
+
+  py::object epoch_error(std::int64_t epoch) {
+    std::unique_ptr<Payload> p = live()->engine().take_epoch_error(epoch);
+    if (!p) return py::none();
+    return static_cast<PyBatch*>(p.get())->error;  // every source's hook reports a PyBatch
+  }
+
+  py::list stats() {
+    py::list out;
+    for (const EpochStats& s : live()->engine().stats()) {
+      py::dict d;
+      d["epoch"] = s.epoch;
+      d["batches"] = s.batches;
+      d["load_us"] =
+          py::array_t<std::uint32_t>(static_cast<py::ssize_t>(s.load_us.size()), s.load_us.data());
+      d["wait_ns"] = s.wait_ns;
+      d["wall_ns"] = s.last_ns - s.first_ns;
+      d["busy_ns"] = s.busy_last_ns - s.busy_first_ns;
+      d["peak_in_flight"] = s.peak_in_flight;
+      d["pool_buffers"] = s.pool_buffers;
+      d["pool_bytes"] = s.pool_bytes;
+      out.append(std::move(d));
+    }
+    return out;
+  }
+
+  void close() {
+    if (!consumer_) return;
+    // From here on the engine is closed to new calls; a call waiting in another thread holds its
+    // own reference and returns once the stop wakes it.
+    const std::shared_ptr<Consumer> consumer = std::move(consumer_);
+    Engine& e = consumer->engine();
+    e.stop();
+    if (e.on_worker_thread()) {
+      e.join();  // detaches: the threads hold the engine and end on their own
+    } else {
+      py::gil_scoped_release release;
+      // no Python below
+      e.join();
+    }
+  }  // with the GIL held: undelivered batches drop their Python objects with the last reference
+
+ private:
+  std::shared_ptr<Consumer> live() const {
+    if (!consumer_) raise(PyExc_RuntimeError, "this pyloader engine is closed");
+    return consumer_;
+  }
+
+  void wait(const Consumer& consumer, Consumer::Turn& turn, std::optional<double> timeout) {
+    std::optional<std::chrono::nanoseconds> limit;
+    if (timeout) {
+      limit = std::chrono::duration_cast<std::chrono::nanoseconds>(
+          std::chrono::duration<double>(*timeout));
+    }
+    for (;;) {
+      WaitOutcome outcome;
+      {
+        py::gil_scoped_release release;
+        // no Python below
+        outcome = turn.wait_slice(limit);
+      }
+      turn.resumed();  // taking the GIL back is part of the stall (a worker may hold it)
+      if (outcome == WaitOutcome::kReady) return;
+      if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+      switch (outcome) {
+        case WaitOutcome::kStopped:
+          raise(PyExc_RuntimeError, "this pyloader engine was closed while waiting for a batch");
+        case WaitOutcome::kTimedOut: {
+          const Task t = turn.pending();
+          raise(PyExc_TimeoutError, "pyloader: batch " + std::to_string(t.index) + " (epoch " +
+                                        std::to_string(t.epoch) +
+                                        ") was not loaded within timeout=" +
+                                        py::str(py::float_(*timeout)).cast<std::string>() + " s");
+        }
+        case WaitOutcome::kPoolStarved:
+          if (PyErr_WarnEx(warning_category_.ptr(), consumer.starvation_message().c_str(), 1) !=
+              0) {
+            throw py::error_already_set();
+          }
+          break;
+        case WaitOutcome::kReady:
+        case WaitOutcome::kSlice:
+          break;
+      }
+    }
+  }
+
+  std::shared_ptr<PySource> source_;
+  std::shared_ptr<Consumer> consumer_;  // null once closed
+  py::object warning_category_;
+};
+
+}  // namespace
+
+void register_engine(py::module_& m) {
+  py::class_<PySource, std::shared_ptr<PySource>>(
+      m, "Source", "A native source an Engine loads from (made by pyloader only).");
+
+  py::class_<PyEngine>(m, "Engine")
+      .def(py::init<py::object, py::object, const PyPool&, int, std::size_t, double, py::object,
+                    py::object>(),
+           py::arg("sequence"), py::arg("epoch_end"), py::arg("pool"), py::arg("workers"),
+           py::arg("depth"), py::arg("run_budget_us"), py::arg("error_factory"),
+           py::arg("warning_category"))
+      .def("start", &PyEngine::start)
+      .def("append", &PyEngine::append, py::arg("epoch"), py::arg("indices"), py::arg("gated"))
+      .def("segments", &PyEngine::segments)
+      .def_property_readonly("next_position", &PyEngine::next_position)
+      .def("next_batch", &PyEngine::next_batch, py::arg("timeout") = py::none(),
+           py::arg("end") = py::none())
+      .def("drain_to", &PyEngine::drain_to, py::arg("position"))
+      .def("epoch_error", &PyEngine::epoch_error, py::arg("epoch"))
+      .def("stats", &PyEngine::stats)
+      .def("close", &PyEngine::close);
+}
+
+}  // namespace pyloader::python
