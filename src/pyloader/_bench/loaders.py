@@ -347,7 +347,7 @@ def _keras_opener(use_multiprocessing: bool) -> Callable[..., Session]:
 
 
 class _FitSession:
-    """One ``model.fit`` epoch per :meth:`epoch` on a small model (:class:`pyloader.keras.FitRun`),
+    """One ``model.fit`` epoch per :meth:`epoch` on a small model (:class:`pyloader._bench.keras_fit.FitRun`),
     the data fed by Keras's workers or by pyloader. The batches are consumed inside ``fit``:
     ``epoch()`` yields one ``None`` per training step ``fit`` ran, after it returns, so
     batches/s is the training throughput and the first batch arrives with the whole epoch."""
@@ -356,7 +356,7 @@ class _FitSession:
         if "KERAS_BACKEND" not in os.environ and probe(("torch",)) is None:
             os.environ["KERAS_BACKEND"] = "torch"
         try:
-            from pyloader.keras import FitRun
+            from pyloader._bench.keras_fit import FitRun
         except ImportError as exc:
             raise Unavailable(f"pyloader.keras not importable: {exc}") from exc
         self.run = FitRun(seq, loader=loader, workers=workers)
