@@ -52,11 +52,10 @@ def build(workload: str, quick: bool) -> Any:
 def measure_one(workload: str, loader: str, *, workers: int, epochs: int, quick: bool) -> dict[str, Any]:
     """Epoch times of one ``fit`` in this process (and pyloader's stall fraction per epoch)."""
     os.environ.setdefault("KERAS_BACKEND", "torch")
-    import pyloader.keras
+    from pyloader._bench.keras_fit import fit_epoch_times
 
     stats: list[dict[str, Any]] = []
-    times = pyloader.keras.fit_epoch_times(build(workload, quick), loader=loader, workers=workers,
-                                           epochs=epochs, stats=stats)
+    times = fit_epoch_times(build(workload, quick), loader=loader, workers=workers, epochs=epochs, stats=stats)
     return {"times": times, "stall": [round(e["stall_fraction"], 4) for e in stats]}
 
 

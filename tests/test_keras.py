@@ -532,12 +532,14 @@ def test_set_epoch_selects_the_shuffled_order(prefetched):
 
 def test_fit_epoch_times_runs_each_loader_setting():
     # The benchmark entry point (bench/keras_fit.py, python -m pyloader bench); smoke test only.
+    from pyloader._bench.keras_fit import fit_epoch_times
+
     seq = Indexed(4)
     for loader in ("pyloader", "keras-threads"):
-        times = pk.fit_epoch_times(seq, loader=loader, workers=2, epochs=2)
+        times = fit_epoch_times(seq, loader=loader, workers=2, epochs=2)
         assert len(times) == 2 and all(t > 0 for t in times)
     with pytest.raises(ValueError, match="loader"):
-        pk.fit_epoch_times(seq, loader="nope")
+        fit_epoch_times(seq, loader="nope")
 
 
 def test_array_sequence_is_gathered_natively_every_sample_once_per_epoch(prefetched):

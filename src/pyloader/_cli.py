@@ -12,9 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 __all__ = ["build_parser", "main"]
+
+_Number = TypeVar("_Number", bound=float)
 
 
 def _int_list(minimum: int) -> Callable[[str], list[int]]:
@@ -35,24 +37,23 @@ def _int_list(minimum: int) -> Callable[[str], list[int]]:
     return parse
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value!r}")
-    return value
+def _at_least(convert: Callable[[str], _Number], minimum: float, expected: str) -> Callable[[str], _Number]:
+    """An argparse ``type``: ``convert(text)``, refused unless it is ``>= minimum`` (NaN too)."""
+
+    def parse(text: str) -> _Number:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not value >= minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value!r}")
+        return value
+
+    return parse
 
 
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value!r}")
-    return value
+_positive_int = _at_least(int, 1, "an integer")
+_non_negative_float = _at_least(float, 0, "a number")
 
 
 def _names(kind: str, registry: Callable[[], Sequence[str]]) -> Callable[[str], list[str]]:

@@ -36,6 +36,8 @@ from typing import Any, Callable, Iterator, TextIO
 
 import numpy as np
 
+from ._consume import consume
+
 __all__ = ["load_target", "profile"]
 
 
@@ -186,23 +188,9 @@ def _run_threadpool(seq: Any, *, workers: int, depth: int | None, step_s: float)
 
 
 def _consume(it: Iterator[Any], step_s: float) -> dict[str, Any]:
-    perf = time.perf_counter
-    t0 = perf()
-    wait = 0.0
-    n = 0
-    while True:
-        a = perf()
-        try:
-            batch = next(it)
-        except StopIteration:
-            wait += perf() - a
-            break
-        wait += perf() - a
-        n += 1
-        del batch
-        if step_s:
-            time.sleep(step_s)
-    wall = perf() - t0
+    t0 = time.perf_counter()
+    n, wait, _ = consume(it, step_s, t0)
+    wall = time.perf_counter() - t0
     return {"batches": n, "wall_s": wall, "batches_per_s": n / wall if wall > 0 else math.inf,
             "stall_fraction": wait / wall if wall > 0 else 0.0}
 

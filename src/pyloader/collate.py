@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _C
+from . import _C, _tree
 
 __all__ = ["collate", "stack"]
 
@@ -47,17 +47,15 @@ def collate(samples: Sequence[Any]) -> Any:
     if len(samples) == 0:
         raise ValueError("collate: no samples")
     first = samples[0]
-    if type(first) is tuple or type(first) is list or (isinstance(first, tuple) and hasattr(first, "_fields")):
-        if any(type(s) is not type(first) or len(s) != len(first) for s in samples):
-            raise ValueError("collate: samples have different structures")
-        fields = [collate([s[k] for s in samples]) for k in range(len(first))]
-        if type(first) is list:
-            return fields
-        return type(first)(*fields) if hasattr(first, "_fields") else tuple(fields)
-    if type(first) is dict:
+    kind = _tree.kind(first)
+    if kind is _tree.DICT:
         if any(type(s) is not dict or list(s) != list(first) for s in samples):
             raise ValueError("collate: samples have different dict keys")
         return {k: collate([s[k] for s in samples]) for k in first}
+    if kind is not None:  # a tuple, list or namedtuple: field by field
+        if any(type(s) is not type(first) or len(s) != len(first) for s in samples):
+            raise ValueError("collate: samples have different structures")
+        return _tree.rebuild(first, [collate([s[k] for s in samples]) for k in range(len(first))])
     if isinstance(first, np.ndarray) and first.dtype.kind != "O":
         if any(not isinstance(s, np.ndarray) or s.shape != first.shape or s.dtype != first.dtype for s in samples):
             raise ValueError("collate: arrays must have equal shapes and dtypes to stack")

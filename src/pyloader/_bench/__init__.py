@@ -7,7 +7,9 @@ It lives inside the package so that it runs after ``pip install``. Modules, each
 - :mod:`~pyloader._bench.harness`: runs each loader x workload in a fresh subprocess
   (:mod:`~pyloader._bench._measure`) while sampling the memory of its process tree;
 - :mod:`~pyloader._bench.report`: the JSON schema, the terminal and Markdown tables, the plot;
-- :mod:`~pyloader._bench.machine`: the description of the machine and library versions.
+- :mod:`~pyloader._bench.machine`: the description of the machine and library versions;
+- :mod:`~pyloader._bench.keras_fit`: ``model.fit`` epochs fed by Keras's workers or by pyloader
+  (the ``fit-*`` loaders and ``bench/keras_fit.py``).
 
 Its dependencies (tqdm, psutil, matplotlib, pillow: the ``[bench]`` extra) are imported lazily,
 inside the functions that need them, so ``import pyloader`` never needs them.

@@ -32,6 +32,8 @@ import time
 import traceback
 from typing import Any, TextIO
 
+from .._consume import consume
+
 __all__ = ["measure", "main"]
 
 
@@ -48,28 +50,12 @@ def _resource_hwm() -> dict[str, float | None]:
 
 
 def _run_epoch(session: Any, *, expected: int, step_s: float) -> dict[str, Any]:
-    perf = time.perf_counter
-    t0 = perf()
+    t0 = time.perf_counter()
     it = iter(session.epoch())
-    first = None
-    wait = perf() - t0  # starting the epoch (e.g. forking workers) is waiting for data too
-    n = 0
-    while True:
-        a = perf()
-        try:
-            batch = next(it)
-        except StopIteration:
-            wait += perf() - a
-            break
-        now = perf()
-        wait += now - a
-        if first is None:
-            first = now - t0
-        n += 1
-        del batch
-        if step_s:
-            time.sleep(step_s)
-    wall = perf() - t0
+    starting = time.perf_counter() - t0  # starting the epoch (e.g. forking workers) is waiting for data too
+    n, wait, first = consume(it, step_s, t0)
+    wait += starting
+    wall = time.perf_counter() - t0
     if n != expected:
         raise RuntimeError(f"loader delivered {n} batches in an epoch, expected {expected}")
     record: dict[str, Any] = {

@@ -191,13 +191,6 @@ class _PyloaderSession:
         self.loader.close()
 
 
-def _pyloader_opener(mode: str) -> Callable[..., Session]:
-    def open_(seq: Any, *, workers: int) -> Session:
-        return _PyloaderSession(seq, workers=workers, mode=mode)
-
-    return open_
-
-
 class _ArraySession(_PyloaderSession):
     """The ``gather`` workload's arrays through ``pyloader.ArraySequence``: rows are gathered
     natively, without the GIL. Same batch size and random rows (a per-epoch sample shuffle), but
@@ -286,6 +279,12 @@ def _open_pyloader_torch_process_persistent(seq: Any, *, workers: int) -> Sessio
 # -- Keras 3 PyDataset ------------------------------------------------------------------------
 
 
+def _default_keras_backend() -> None:
+    """Keras reads ``KERAS_BACKEND`` when imported: torch, unless the user chose one or torch is missing."""
+    if "KERAS_BACKEND" not in os.environ and probe(("torch",)) is None:
+        os.environ["KERAS_BACKEND"] = "torch"
+
+
 class _KerasSession:
     """Drives a Keras 3 PyDataset the way ``Model.fit`` does, without a model.
 
@@ -297,8 +296,7 @@ class _KerasSession:
     """
 
     def __init__(self, seq: Any, *, workers: int, use_multiprocessing: bool) -> None:
-        if "KERAS_BACKEND" not in os.environ and probe(("torch",)) is None:
-            os.environ["KERAS_BACKEND"] = "torch"
+        _default_keras_backend()
         try:
             import keras
             from keras.src.trainers.data_adapters.py_dataset_adapter import PyDatasetAdapter
@@ -336,27 +334,19 @@ class _KerasSession:
             enqueuer.stop()
 
 
-def _keras_opener(use_multiprocessing: bool) -> Callable[..., Session]:
-    def open_(seq: Any, *, workers: int) -> Session:
-        return _KerasSession(seq, workers=workers, use_multiprocessing=use_multiprocessing)
-
-    return open_
-
-
 # -- Keras 3 model.fit -------------------------------------------------------------------------
 
 
 class _FitSession:
-    """One ``model.fit`` epoch per :meth:`epoch` on a small model (:class:`pyloader.keras.FitRun`),
+    """One ``model.fit`` epoch per :meth:`epoch` on a small model (:class:`pyloader._bench.keras_fit.FitRun`),
     the data fed by Keras's workers or by pyloader. The batches are consumed inside ``fit``:
     ``epoch()`` yields one ``None`` per training step ``fit`` ran, after it returns, so
     batches/s is the training throughput and the first batch arrives with the whole epoch."""
 
     def __init__(self, seq: Any, *, workers: int, loader: str) -> None:
-        if "KERAS_BACKEND" not in os.environ and probe(("torch",)) is None:
-            os.environ["KERAS_BACKEND"] = "torch"
+        _default_keras_backend()
         try:
-            from pyloader.keras import FitRun
+            from pyloader._bench.keras_fit import FitRun
         except ImportError as exc:
             raise Unavailable(f"pyloader.keras not importable: {exc}") from exc
         self.run = FitRun(seq, loader=loader, workers=workers)
@@ -373,20 +363,13 @@ class _FitSession:
         self.run.close()
 
 
-def _fit_opener(loader: str) -> Callable[..., Session]:
-    def open_(seq: Any, *, workers: int) -> Session:
-        return _FitSession(seq, workers=workers, loader=loader)
-
-    return open_
-
-
 def _fit_spec(name: str, kind: str, loader: str, description: str) -> LoaderSpec:
     """A ``fit-*`` loader: opt-in (Keras imports and a model per measurement cost seconds), on
     the ``latency`` and ``gather`` workloads, compared only with the other ``fit-*`` loaders."""
     return LoaderSpec(
         name, kind, f"model.fit epochs of a Flatten->Dense(1) model fed by {description} "
                     "(batches/s: training steps/s; 1st batch and stall span the fit epoch)",
-        _fit_opener(loader), requires=("keras", "pyloader"), default=False,
+        functools.partial(_FitSession, loader=loader), requires=("keras", "pyloader"), default=False,
         applies=lambda workload: workload in ("latency", "gather"),
         probe_sequence=lambda: _workloads().LatencySequence(batches=2, delay_s=0.0, rows=2),
         group="fit")
@@ -419,9 +402,9 @@ for _spec in [
     LoaderSpec("plain", "peer", "a for loop over seq[i] in the consumer thread", _open_plain,
                uses_workers=False),
     LoaderSpec("pyloader", "pyloader", "pyloader.Prefetcher, mode='thread'",
-               _pyloader_opener("thread"), requires=("pyloader",)),
+               functools.partial(_PyloaderSession, mode="thread"), requires=("pyloader",)),
     LoaderSpec("pyloader-process", "pyloader", "pyloader.Prefetcher, mode='process'",
-               _pyloader_opener("process"), requires=("pyloader",)),
+               functools.partial(_PyloaderSession, mode="process"), requires=("pyloader",)),
     LoaderSpec("pyloader-array", "pyloader",
                "pyloader.Prefetcher over pyloader.ArraySequence (native GIL-free row gather; "
                "gather workload only)", _open_array, requires=("pyloader",),
@@ -447,10 +430,10 @@ for _spec in [
                "epoch to epoch)", _open_torch_persistent, requires=("torch",), applies=lambda workload: True,
                default=False),
     LoaderSpec("keras-threads", "peer", "Keras 3 PyDataset(workers=W), thread pool",
-               _keras_opener(False), requires=("keras",)),
+               functools.partial(_KerasSession, use_multiprocessing=False), requires=("keras",)),
     LoaderSpec("keras-processes", "peer",
                "Keras 3 PyDataset(workers=W, use_multiprocessing=True), process pool",
-               _keras_opener(True), requires=("keras",)),
+               functools.partial(_KerasSession, use_multiprocessing=True), requires=("keras",)),
     _fit_spec("fit-keras-threads", "peer", "keras-threads",
               "the user's PyDataset(workers=W), Keras thread pool"),
     _fit_spec("fit-keras-processes", "peer", "keras-processes",
@@ -459,7 +442,6 @@ for _spec in [
               "pyloader.keras.prefetch(PyDataset, workers=W)"),
 ]:
     register(_spec)
-
 
 
 def peers() -> list[str]:
