@@ -31,7 +31,8 @@ void* map_buffer(std::size_t bytes) {
   const std::uintptr_t aligned = (start + kHugePage - 1) & ~(kHugePage - 1);
   if (aligned > start) munmap(raw, aligned - start);
   const std::uintptr_t end = start + bytes + kHugePage;
-  if (end > aligned + bytes) munmap(reinterpret_cast<void*>(aligned + bytes), end - (aligned + bytes));
+  if (end > aligned + bytes)
+    munmap(reinterpret_cast<void*>(aligned + bytes), end - (aligned + bytes));
 #ifdef MADV_HUGEPAGE
   madvise(reinterpret_cast<void*>(aligned), bytes, MADV_HUGEPAGE);  // a hint: failure is harmless
 #endif
@@ -95,8 +96,8 @@ BufferPool::~BufferPool() {
   }
 }
 
-BufferLease BufferPool::acquire(std::size_t bytes, const std::atomic<bool>& cancel, std::int64_t priority,
-                                const std::function<bool()>* may_exceed) {
+BufferLease BufferPool::acquire(std::size_t bytes, const std::atomic<bool>& cancel,
+                                std::int64_t priority, const std::function<bool()>* may_exceed) {
   const std::size_t need = round_to_pages(bytes);
   std::unique_lock lock(mu_);
   bool queued = false;
@@ -242,7 +243,8 @@ BufferLease BufferPool::allocate_unlocked(std::unique_lock<std::mutex>& lock, st
   ++live_;
   peak_bytes_ = std::max(peak_bytes_, bytes_);
   std::int32_t id;
-  auto slot = std::find_if(buffers_.begin(), buffers_.end(), [](const Buffer& x) { return !x.data; });
+  auto slot =
+      std::find_if(buffers_.begin(), buffers_.end(), [](const Buffer& x) { return !x.data; });
   if (slot != buffers_.end()) {
     *slot = b;
     id = static_cast<std::int32_t>(slot - buffers_.begin());

@@ -97,17 +97,17 @@ class BufferLease {
 };
 
 struct PoolInfo {
-  std::size_t buffers = 0;       // buffers allocated now
-  std::size_t leased = 0;        // of which in use (loading, in flight, or held by the user)
-  std::size_t bytes = 0;         // bytes allocated now
+  std::size_t buffers = 0;  // buffers allocated now
+  std::size_t leased = 0;   // of which in use (loading, in flight, or held by the user)
+  std::size_t bytes = 0;    // bytes allocated now
   std::size_t peak_bytes = 0;
   std::size_t max_bytes = 0;
   std::size_t pinned_bytes = 0;  // bytes allocated now that are pinned
   std::size_t pin_failures = 0;
-  std::size_t allocations = 0;   // mmap calls so far (steady state: no new ones)
-  std::string pin_method;        // "cuda", "mlock" or "none"
+  std::size_t allocations = 0;  // mmap calls so far (steady state: no new ones)
+  std::string pin_method;       // "cuda", "mlock" or "none"
   std::string pin_reason;
-  std::string pin_error;         // the last pinning failure, if any
+  std::string pin_error;  // the last pinning failure, if any
 };
 
 class BufferPool : public std::enable_shared_from_this<BufferPool> {

@@ -113,8 +113,9 @@ std::vector<SegmentSpan> Engine::segments() const {
 Engine::Segment* Engine::segment_of(std::int64_t position, Segment* cached) const {
   if (cached && position >= cached->start && position < cached->end()) return cached;
   std::lock_guard lock(plan_mu_);
-  auto it = std::upper_bound(segments_.begin(), segments_.end(), position,
-                             [](std::int64_t p, const std::unique_ptr<Segment>& s) { return p < s->start; });
+  auto it = std::upper_bound(
+      segments_.begin(), segments_.end(), position,
+      [](std::int64_t p, const std::unique_ptr<Segment>& s) { return p < s->start; });
   while (it != segments_.begin()) {
     --it;
     if (position >= (*it)->start && position < (*it)->end()) return it->get();
@@ -174,7 +175,8 @@ void Engine::worker_main(int worker) {
       Job& job = run.emplace_back();
       ++taken;
       job.segment = cached;
-      job.prep.task = {q, cached->epoch, cached->indices[static_cast<std::size_t>(q - cached->start)]};
+      job.prep.task = {q, cached->epoch,
+                       cached->indices[static_cast<std::size_t>(q - cached->start)]};
       job.skip = q < skip_before_.load(std::memory_order_acquire);
       if (!job.skip) {
         if (!entered) {
@@ -204,16 +206,19 @@ void Engine::worker_main(int worker) {
       if (!stopped && !deliver(worker, job)) stopped = true;
     }
     run.clear();  // leftover payloads (after a stop) release what they hold
-    busy.store(busy.load(std::memory_order_relaxed) + (now_ns() - start), std::memory_order_release);
+    busy.store(busy.load(std::memory_order_relaxed) + (now_ns() - start),
+               std::memory_order_release);
     if (stopped) break;
   }
   loader_->thread_exit(worker);
 }
 
-bool Engine::publish_early(int worker, Job& job, std::vector<std::pair<Delivery, Segment*>>& deferred) {
+bool Engine::publish_early(int worker, Job& job,
+                           std::vector<std::pair<Delivery, Segment*>>& deferred) {
   if (job.prep.bytes > kEarlyPublishBytes) return false;
   BufferLease buffer;
-  const bool needs_buffer = !job.skip && job.prep.error.empty() && !job.prep.failed && job.prep.bytes > 0;
+  const bool needs_buffer =
+      !job.skip && job.prep.error.empty() && !job.prep.failed && job.prep.bytes > 0;
   if (needs_buffer) {
     buffer = pool_->try_acquire(job.prep.bytes, job.prep.task.position);
     if (!buffer) return false;

@@ -85,8 +85,8 @@ struct EpochStats {
   std::int64_t last_ns = 0;            // steady clock: the consumer took the latest batch
   std::int64_t busy_first_ns = 0;      // sum of worker busy time at first_ns / last_ns
   std::int64_t busy_last_ns = 0;
-  std::int64_t peak_in_flight = 0;     // most batches loaded and not yet taken
-  std::size_t pool_buffers = 0;        // buffer pool size at the latest batch
+  std::int64_t peak_in_flight = 0;  // most batches loaded and not yet taken
+  std::size_t pool_buffers = 0;     // buffer pool size at the latest batch
   std::size_t pool_bytes = 0;
 };
 
@@ -186,13 +186,13 @@ class Engine : public std::enable_shared_from_this<Engine> {
   std::size_t open_segments_ = 0;                   // under plan_mu_: segments [0, n) are open
 
   static constexpr std::uint32_t kStopBit = 1u << 31;
-  alignas(kCacheLine) std::atomic<std::int64_t> open_end_{0};   // P1 / P2
+  alignas(kCacheLine) std::atomic<std::int64_t> open_end_{0};    // P1 / P2
   alignas(kCacheLine) std::atomic<std::uint32_t> plan_word_{0};  // P1 / P2
   alignas(kCacheLine) std::atomic<std::int64_t> skip_before_{0};
   alignas(kCacheLine) std::atomic<std::int64_t> published_{0};
   alignas(kCacheLine) std::atomic<bool> stopping_{false};
 
-  alignas(kCacheLine) std::atomic<std::int64_t> consumer_next_{0};  // next_, for workers (U1)
+  alignas(kCacheLine) std::atomic<std::int64_t> consumer_next_{0};      // next_, for workers (U1)
   alignas(kCacheLine) std::atomic<std::int64_t> in_flight_buffers_{0};  // leased, not yet taken
 
   // Consumer-only state.

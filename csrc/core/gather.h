@@ -24,10 +24,10 @@
 // Which orders are kept: see NOTE [ Gather prunes sample orders two epochs behind the plan ].
 #pragma once
 
-#include <cstddef>
-#include <cstdint>
 #include <algorithm>
 #include <condition_variable>
+#include <cstddef>
+#include <cstdint>
 #include <cstring>
 #include <deque>
 #include <map>
@@ -50,7 +50,7 @@ struct GatherColumn {
 class GatherBatch final : public Payload {
  public:
   std::int64_t rows = 0;
-  std::int64_t start = 0;  // first entry of the epoch's order
+  std::int64_t start = 0;                                  // first entry of the epoch's order
   std::shared_ptr<const std::vector<std::int64_t>> order;  // null: identity
 };
 
@@ -63,7 +63,10 @@ class GatherLoader final : public Loader {
 
   GatherLoader(std::vector<GatherColumn> columns, std::int64_t samples, std::int64_t batch_size,
                int helpers = 0)
-      : columns_(std::move(columns)), samples_(samples), batch_size_(batch_size), helpers_(helpers) {
+      : columns_(std::move(columns)),
+        samples_(samples),
+        batch_size_(batch_size),
+        helpers_(helpers) {
     if (helpers_ > 0) crew_.start(helpers_, [this](int) { helper_main(); });
   }
   ~GatherLoader() override {
@@ -103,7 +106,8 @@ class GatherLoader final : public Loader {
   void set_order(std::int64_t epoch, std::shared_ptr<const std::vector<std::int64_t>> order) {
     std::lock_guard lock(mu_);
     orders_[epoch] = std::move(order);
-    while (!orders_.empty() && orders_.begin()->first < epoch - kKeepEpochs) orders_.erase(orders_.begin());
+    while (!orders_.empty() && orders_.begin()->first < epoch - kKeepEpochs)
+      orders_.erase(orders_.begin());
   }
 
   // Offsets of each column in a batch of `rows` rows; *total is the bytes the batch needs.
@@ -172,7 +176,8 @@ class GatherLoader final : public Loader {
       Chunk c;
       {
         std::lock_guard lock(queue_mu_);
-        auto it = std::find_if(queue_.begin(), queue_.end(), [&](const Chunk& x) { return x.split == &split; });
+        auto it = std::find_if(queue_.begin(), queue_.end(),
+                               [&](const Chunk& x) { return x.split == &split; });
         if (it == queue_.end()) break;
         c = *it;
         queue_.erase(it);
@@ -184,7 +189,8 @@ class GatherLoader final : public Loader {
   }
 
   // Copies rows [begin, end) of the batch to their places in dst.
-  void gather(const GatherBatch& batch, std::byte* dst, std::int64_t begin, std::int64_t end) const noexcept {
+  void gather(const GatherBatch& batch, std::byte* dst, std::int64_t begin,
+              std::int64_t end) const noexcept {
     const std::vector<std::size_t> at = offsets(batch.rows, nullptr);
     for (std::size_t c = 0; c < columns_.size(); ++c) {
       const GatherColumn& col = columns_[c];
@@ -196,8 +202,9 @@ class GatherLoader final : public Loader {
         continue;
       }
       for (std::int64_t r = begin; r < end; ++r) {
-        const std::int64_t sample = batch.order ? (*batch.order)[static_cast<std::size_t>(batch.start + r)]
-                                                : batch.start + r;
+        const std::int64_t sample = batch.order
+                                        ? (*batch.order)[static_cast<std::size_t>(batch.start + r)]
+                                        : batch.start + r;
         std::memcpy(out, col.base + sample * col.row_stride, col.row_bytes);
         out += col.row_bytes;
       }

@@ -11,9 +11,12 @@ namespace pyloader {
 
 const char* pin_method_name(PinMethod m) noexcept {
   switch (m) {
-    case PinMethod::kCuda: return "cuda";
-    case PinMethod::kMlock: return "mlock";
-    default: return "none";
+    case PinMethod::kCuda:
+      return "cuda";
+    case PinMethod::kMlock:
+      return "mlock";
+    default:
+      return "none";
   }
 }
 
@@ -35,8 +38,8 @@ Pinner::Pinner(PinRequest request) {
     }
     if (cudart_) {
       auto count = reinterpret_cast<int (*)(int*)>(dlsym(cudart_, "cudaGetDeviceCount"));
-      host_register_ =
-          reinterpret_cast<int (*)(void*, std::size_t, unsigned)>(dlsym(cudart_, "cudaHostRegister"));
+      host_register_ = reinterpret_cast<int (*)(void*, std::size_t, unsigned)>(
+          dlsym(cudart_, "cudaHostRegister"));
       host_unregister_ = reinterpret_cast<int (*)(void*)>(dlsym(cudart_, "cudaHostUnregister"));
       error_string_ = reinterpret_cast<const char* (*)(int)>(dlsym(cudart_, "cudaGetErrorString"));
       int devices = 0;
@@ -73,7 +76,8 @@ bool Pinner::pin(void* data, std::size_t bytes) noexcept {
       break;
     }
     case PinMethod::kMlock: {
-      if (bytes >= mlock_floor_.load(std::memory_order_relaxed)) return false;  // error already said
+      if (bytes >= mlock_floor_.load(std::memory_order_relaxed))
+        return false;  // error already said
       if (mlock(data, bytes) == 0) return true;
       const int err = errno;
       error = std::string("mlock failed: ") + std::strerror(err);
@@ -81,7 +85,8 @@ bool Pinner::pin(void* data, std::size_t bytes) noexcept {
         error += " (RLIMIT_MEMLOCK too small?); buffers of " + std::to_string(bytes) +
                  " bytes or more are no longer pinned";
         std::size_t floor = mlock_floor_.load(std::memory_order_relaxed);
-        while (bytes < floor && !mlock_floor_.compare_exchange_weak(floor, bytes, std::memory_order_relaxed)) {
+        while (bytes < floor &&
+               !mlock_floor_.compare_exchange_weak(floor, bytes, std::memory_order_relaxed)) {
         }
       }
       break;
@@ -96,9 +101,14 @@ bool Pinner::pin(void* data, std::size_t bytes) noexcept {
 
 void Pinner::unpin(void* data, std::size_t bytes) noexcept {
   switch (method_) {
-    case PinMethod::kCuda: host_unregister_(data); break;
-    case PinMethod::kMlock: munlock(data, bytes); break;
-    default: break;
+    case PinMethod::kCuda:
+      host_unregister_(data);
+      break;
+    case PinMethod::kMlock:
+      munlock(data, bytes);
+      break;
+    default:
+      break;
   }
 }
 

@@ -50,7 +50,7 @@ class Pinner {
   int (*host_unregister_)(void*) = nullptr;
   const char* (*error_string_)(int) = nullptr;
   std::atomic<std::size_t> mlock_floor_{static_cast<std::size_t>(-1)};  // smallest failed size
-  mutable std::mutex mu_;  // guards last_error_
+  mutable std::mutex mu_;                                               // guards last_error_
   std::string last_error_;
   std::string reason_;
 };

@@ -12,7 +12,8 @@
 namespace pyloader {
 
 namespace {
-constexpr std::uint64_t kMaxMessage = std::uint64_t{1} << 36;  // a sanity bound, not a limit in practice
+constexpr std::uint64_t kMaxMessage = std::uint64_t{1}
+                                      << 36;  // a sanity bound, not a limit in practice
 
 std::string join(const std::vector<std::string>& parts) {
   std::string out;
@@ -24,8 +25,9 @@ std::string join(const std::vector<std::string>& parts) {
 }
 }  // namespace
 
-ProcLoader::ProcLoader(std::vector<ProcWorker> workers, std::byte* arena_base, std::size_t arena_size,
-                       Replace replace, Hook hook, int max_retries, std::int64_t hooks_before)
+ProcLoader::ProcLoader(std::vector<ProcWorker> workers, std::byte* arena_base,
+                       std::size_t arena_size, Replace replace, Hook hook, int max_retries,
+                       std::int64_t hooks_before)
     : arena_base_(arena_base),
       arena_size_(arena_size),
       replace_(std::move(replace)),
@@ -129,7 +131,8 @@ ProcLoader::Io ProcLoader::recv_msg(int fd, WireHeader& h, std::string& body) no
   return h.length ? recv_exact(fd, body.data(), body.size()) : Io::kOk;
 }
 
-ProcLoader::Io ProcLoader::request(int worker, const Task& task, WireHeader& h, std::string& body) noexcept {
+ProcLoader::Io ProcLoader::request(int worker, const Task& task, WireHeader& h,
+                                   std::string& body) noexcept {
   const int fd = fd_of(worker);
   WireHeader load;
   load.kind = kLoad;
@@ -143,7 +146,8 @@ ProcLoader::Io ProcLoader::request(int worker, const Task& task, WireHeader& h, 
   return io;
 }
 
-ProcLoader::Io ProcLoader::recv_reply(int fd, std::int64_t position, WireHeader& h, std::string& body) noexcept {
+ProcLoader::Io ProcLoader::recv_reply(int fd, std::int64_t position, WireHeader& h,
+                                      std::string& body) noexcept {
   for (;;) {
     const Io io = recv_msg(fd, h, body);
     // An answer about another position belongs to a conversation that was abandoned (the
@@ -161,7 +165,8 @@ bool ProcLoader::accept(Prepared& item, const WireHeader& h, std::string& body) 
     item.payload = std::move(batch);
     return true;
   }
-  if (h.kind != kSize || h.a < 0 || h.b < 0 || static_cast<std::uint64_t>(h.b) > body.size()) return false;
+  if (h.kind != kSize || h.a < 0 || h.b < 0 || static_cast<std::uint64_t>(h.b) > body.size())
+    return false;
   const auto bytes = static_cast<std::size_t>(h.a);
   const auto meta_len = static_cast<std::size_t>(h.b);
   const bool is_inline = (h.flags & kInline) != 0;
@@ -195,10 +200,12 @@ bool ProcLoader::replace(int worker, std::vector<std::string>& deaths) noexcept 
   return fresh.fd >= 0;
 }
 
-void ProcLoader::fail_died(Prepared& item, const std::vector<std::string>& deaths, const std::string& why) {
+void ProcLoader::fail_died(Prepared& item, const std::vector<std::string>& deaths,
+                           const std::string& why) {
   auto batch = std::make_unique<ProcBatch>();
   batch->kind = ProcBatch::kDied;
-  batch->message = std::to_string(deaths.size()) + (deaths.size() == 1 ? " worker process" : " worker processes") +
+  batch->message = std::to_string(deaths.size()) +
+                   (deaths.size() == 1 ? " worker process" : " worker processes") +
                    " died loading it (" + join(deaths) + ")" + (why.empty() ? "" : "; " + why);
   item.failed = true;
   item.bytes = 0;
@@ -276,7 +283,8 @@ void ProcLoader::fill(int worker, Prepared& item, std::byte* dst, std::size_t ca
               if (!again.failed) {  // it waits for a buffer we will not give: discard it
                 fresh->kind = ProcBatch::kDied;
                 fresh->message = "the batch was " + std::to_string(item.bytes) + " bytes, then " +
-                                 std::to_string(again.bytes) + " bytes when loaded again after a worker died";
+                                 std::to_string(again.bytes) +
+                                 " bytes when loaded again after a worker died";
                 std::vector<std::string> ignored;
                 replace(worker, ignored);
               } else {

@@ -16,8 +16,8 @@
 //   worker -> thread  kSize   a=bytes b=meta length; flags&kInline: the bytes follow the meta
 //                             (small batches: one round trip, the thread copies them)
 //                     kError  the exception, pickled by the worker (opaque here)
-//   thread -> worker  kWrite  a=offset in the arena b=capacity c=position (after a kSize not inline)
-//   worker -> thread  kDone
+//   thread -> worker  kWrite  a=offset in the arena b=capacity c=position (after a kSize not
+//   inline) worker -> thread  kDone
 // A worker that waits for kWrite and receives kLoad abandons the pending batch (the engine found
 // no buffer for it, or stopped); the thread skips answers about positions other than its own.
 //
@@ -63,7 +63,14 @@ static_assert(sizeof(WireHeader) == 48, "process.py packs the header as '=IIqqqq
 // kUpdate is the owner's, sent while no engine uses the socket (between engines): `d` is the
 // owner's epoch-hook count and `length` bytes of a call for the worker's Sequence follow. The
 // worker answers nothing; a ProcLoader never sends or reads it.
-enum WireKind : std::uint32_t { kLoad = 1, kSize = 2, kError = 3, kWrite = 4, kDone = 5, kUpdate = 6 };
+enum WireKind : std::uint32_t {
+  kLoad = 1,
+  kSize = 2,
+  kError = 3,
+  kWrite = 4,
+  kDone = 5,
+  kUpdate = 6
+};
 inline constexpr std::uint32_t kInline = 1;
 
 struct ProcWorker {
@@ -78,8 +85,8 @@ class ProcBatch final : public Payload {
   enum Kind : std::uint8_t { kOk, kRaised, kDied };
   Kind kind = kOk;
   std::string meta;
-  std::string data;     // the batch's bytes, for an inline batch
-  std::string message;  // kRaised: the pickled exception; kDied: plain words
+  std::string data;      // the batch's bytes, for an inline batch
+  std::string message;   // kRaised: the pickled exception; kDied: plain words
   std::int32_t pid = 0;  // the worker process that produced it
   // How the workers that died loading this position so far ended: prepare() hands them on to
   // fill(), which counts on from there (one retry budget per position).

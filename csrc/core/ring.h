@@ -57,8 +57,9 @@ namespace pyloader {
 
 template <class T>
 class OrderedRing {
-  static_assert(std::is_nothrow_move_constructible_v<T>,
-                "Ring values must be nothrow-movable so that publish and take cannot fail halfway.");
+  static_assert(
+      std::is_nothrow_move_constructible_v<T>,
+      "Ring values must be nothrow-movable so that publish and take cannot fail halfway.");
 
  public:
   static constexpr std::uint32_t kStopBit = 1u << 31;
@@ -144,8 +145,9 @@ class OrderedRing {
     std::atomic<std::uint32_t> waiters{0};
     std::optional<T> value;
   };
-  static_assert(alignof(Slot) >= kCacheLine,
-                "Each ring slot must start on its own cache line so that neighbours never share one.");
+  static_assert(
+      alignof(Slot) >= kCacheLine,
+      "Each ring slot must start on its own cache line so that neighbours never share one.");
 
   std::uint32_t lap_turn(std::int64_t p) const noexcept {
     return static_cast<std::uint32_t>((static_cast<std::uint64_t>(p) / depth_) * 2u) & kTurnMask;

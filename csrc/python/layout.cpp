@@ -29,15 +29,18 @@ bool is_copyable_array(py::handle h) {
 // merge_samples() and build_meta() follow the same preorder through Node::container().
 bool open_container(py::handle value, Node& node, std::vector<py::object>& children) {
   PyObject* p = value.ptr();
-  if (PyTuple_CheckExact(p) || PyList_CheckExact(p) || (PyTuple_Check(p) && py::hasattr(value, "_fields"))) {
+  if (PyTuple_CheckExact(p) || PyList_CheckExact(p) ||
+      (PyTuple_Check(p) && py::hasattr(value, "_fields"))) {
     const bool is_list = PyList_CheckExact(p);
     const Py_ssize_t n = is_list ? PyList_GET_SIZE(p) : PyTuple_GET_SIZE(p);
     node.kind = is_list ? Node::kList : PyTuple_CheckExact(p) ? Node::kTuple : Node::kNamedTuple;
-    if (node.kind == Node::kNamedTuple) node.obj = py::reinterpret_borrow<py::object>(reinterpret_cast<PyObject*>(Py_TYPE(p)));
+    if (node.kind == Node::kNamedTuple)
+      node.obj = py::reinterpret_borrow<py::object>(reinterpret_cast<PyObject*>(Py_TYPE(p)));
     children.reserve(static_cast<std::size_t>(n));
     for (Py_ssize_t i = 0; i < n; ++i) {
       // A list's items are borrowed: hold each while the walk looks at it.
-      children.push_back(py::reinterpret_borrow<py::object>(is_list ? PyList_GET_ITEM(p, i) : PyTuple_GET_ITEM(p, i)));
+      children.push_back(py::reinterpret_borrow<py::object>(is_list ? PyList_GET_ITEM(p, i)
+                                                                    : PyTuple_GET_ITEM(p, i)));
     }
   } else if (PyDict_CheckExact(p)) {
     auto d = py::reinterpret_borrow<py::dict>(value);
@@ -60,24 +63,28 @@ py::object close_container(const Node& node, std::vector<py::object>& children) 
   const auto n = static_cast<Py_ssize_t>(children.size());
   if (node.kind == Node::kList) {
     py::list list(n);
-    for (Py_ssize_t k = 0; k < n; ++k) PyList_SET_ITEM(list.ptr(), k, children[static_cast<std::size_t>(k)].release().ptr());
+    for (Py_ssize_t k = 0; k < n; ++k)
+      PyList_SET_ITEM(list.ptr(), k, children[static_cast<std::size_t>(k)].release().ptr());
     return list;
   }
   if (node.kind == Node::kDict) {
     py::dict d;
     auto keys = py::reinterpret_borrow<py::tuple>(node.obj);
-    for (Py_ssize_t k = 0; k < n; ++k) d[keys[static_cast<std::size_t>(k)]] = children[static_cast<std::size_t>(k)];
+    for (Py_ssize_t k = 0; k < n; ++k)
+      d[keys[static_cast<std::size_t>(k)]] = children[static_cast<std::size_t>(k)];
     return d;
   }
   py::tuple tuple(n);
-  for (Py_ssize_t k = 0; k < n; ++k) PyTuple_SET_ITEM(tuple.ptr(), k, children[static_cast<std::size_t>(k)].release().ptr());
+  for (Py_ssize_t k = 0; k < n; ++k)
+    PyTuple_SET_ITEM(tuple.ptr(), k, children[static_cast<std::size_t>(k)].release().ptr());
   return node.kind == Node::kNamedTuple ? node.obj(*tuple) : py::object(std::move(tuple));
 }
 
 void flatten_into(py::handle value, Layout& out, std::int64_t index, int depth) {
   if (depth > kMaxNesting) {
-    raise(batch_layout_error(), "__getitem__(" + std::to_string(index) + ") returned a structure nested more than " +
-                                    std::to_string(kMaxNesting) + " levels deep (does a list or dict contain itself?)");
+    raise(batch_layout_error(),
+          "__getitem__(" + std::to_string(index) + ") returned a structure nested more than " +
+              std::to_string(kMaxNesting) + " levels deep (does a list or dict contain itself?)");
   }
   Node node;
   std::vector<py::object> children;
@@ -130,13 +137,14 @@ py::object build_from(const Layout& layout, std::size_t& i, std::byte* base, py:
   if (!node.container()) return node.obj;
   std::vector<py::object> children;
   children.reserve(node.count);
-  for (std::uint32_t k = 0; k < node.count; ++k) children.push_back(build_from(layout, i, base, lease));
+  for (std::uint32_t k = 0; k < node.count; ++k)
+    children.push_back(build_from(layout, i, base, lease));
   return close_container(node, children);
 }
 
 [[noreturn]] void mismatch(std::int64_t index, std::size_t sample, const std::string& what) {
-  raise(stack_error(), "pyloader.stack: batch " + std::to_string(index) + ": sample " + std::to_string(sample) +
-                           " " + what);
+  raise(stack_error(), "pyloader.stack: batch " + std::to_string(index) + ": sample " +
+                           std::to_string(sample) + " " + what);
 }
 
 std::string shape_str(const std::vector<std::int64_t>& shape) {
@@ -176,7 +184,8 @@ py::object scalar_dtype(const std::vector<py::handle>& values) {
 }
 
 // Merges per-sample layouts (same structure) into `out`, node by node from `n` in preorder.
-void merge_samples(const std::vector<Layout>& parts, std::size_t& n, Layout& out, std::int64_t index) {
+void merge_samples(const std::vector<Layout>& parts, std::size_t& n, Layout& out,
+                   std::int64_t index) {
   const Node& ref = parts[0].nodes[n];
   const std::size_t batch = parts.size();
   for (std::size_t k = 1; k < batch; ++k) {
@@ -185,8 +194,9 @@ void merge_samples(const std::vector<Layout>& parts, std::size_t& n, Layout& out
       mismatch(index, k, "has a different structure from sample 0");
     }
     if (ref.kind == Node::kDict && !ref.obj.equal(other.obj)) {
-      mismatch(index, k, "has dict keys " + py::repr(other.obj).cast<std::string>() + ", sample 0 has " +
-                             py::repr(ref.obj).cast<std::string>());
+      mismatch(index, k,
+               "has dict keys " + py::repr(other.obj).cast<std::string>() + ", sample 0 has " +
+                   py::repr(ref.obj).cast<std::string>());
     }
     if (ref.kind == Node::kNamedTuple && !ref.obj.is(other.obj)) {
       mismatch(index, k, "is a different namedtuple type from sample 0");
@@ -210,19 +220,22 @@ void merge_samples(const std::vector<Layout>& parts, std::size_t& n, Layout& out
       for (std::size_t k = 0; k < batch; ++k) {
         const Leaf& l = parts[k].leaves[parts[k].nodes[n - 1].count];
         if (l.shape != first.shape) {
-          mismatch(index, k, "has an array of shape " + shape_str(l.shape) + " where sample 0 has " +
-                                 shape_str(first.shape) + ": samples must have equal shapes to stack");
+          mismatch(index, k,
+                   "has an array of shape " + shape_str(l.shape) + " where sample 0 has " +
+                       shape_str(first.shape) + ": samples must have equal shapes to stack");
         }
         if (!l.dtype.equal(first.dtype)) {
-          mismatch(index, k, "has an array of dtype " + py::str(l.dtype).cast<std::string>() +
-                                 " where sample 0 has " + py::str(first.dtype).cast<std::string>());
+          mismatch(index, k,
+                   "has an array of dtype " + py::str(l.dtype).cast<std::string>() +
+                       " where sample 0 has " + py::str(first.dtype).cast<std::string>());
         }
         leaf.sources.push_back(l.sources[0]);
       }
       leaf.nbytes = first.nbytes * batch;
       leaf.offset = (out.bytes + kAlign - 1) / kAlign * kAlign;
       out.bytes = leaf.offset + leaf.nbytes;
-      out.nodes.push_back(Node{Node::kArray, static_cast<std::uint32_t>(out.leaves.size()), py::object()});
+      out.nodes.push_back(
+          Node{Node::kArray, static_cast<std::uint32_t>(out.leaves.size()), py::object()});
       out.leaves.push_back(std::move(leaf));
       return;
     }
@@ -238,7 +251,8 @@ void merge_samples(const std::vector<Layout>& parts, std::size_t& n, Layout& out
         out.nodes.push_back(Node{Node::kObject, 0, std::move(list)});
         return;
       }
-      static py::handle asarray = py::object(py::module_::import("numpy").attr("asarray")).release();
+      static py::handle asarray =
+          py::object(py::module_::import("numpy").attr("asarray")).release();
       py::list list(batch);
       for (std::size_t k = 0; k < batch; ++k) list[k] = values[k];
       flatten_into(asarray(list, dtype), out, index, 0);
@@ -251,7 +265,9 @@ void merge_samples(const std::vector<Layout>& parts, std::size_t& n, Layout& out
 
 PyBatch::~PyBatch() { drop_with_gil(layout, error); }  // may die on an engine thread
 
-void flatten(py::handle value, Layout& out, std::int64_t index) { flatten_into(value, out, index, 0); }
+void flatten(py::handle value, Layout& out, std::int64_t index) {
+  flatten_into(value, out, index, 0);
+}
 
 void flatten_stacked(py::handle samples, Layout& out, std::int64_t index) {
   auto list = py::reinterpret_borrow<py::list>(samples);
@@ -271,9 +287,12 @@ void flatten_stacked(py::handle samples, Layout& out, std::int64_t index) {
 
 void flatten_returned(py::handle value, Layout& out, std::int64_t index) {
   if (value.is_none() || PyGen_Check(value.ptr()) || PyCoro_CheckExact(value.ptr())) {
-    const std::string what = value.is_none() ? "None" : py::str(py::type::of(value).attr("__name__")).cast<std::string>();
-    raise(batch_layout_error(), "__getitem__(" + std::to_string(index) + ") returned " + what +
-                                    ": it must return the batch (a numpy array, a number, or a tuple/list/dict of them)");
+    const std::string what =
+        value.is_none() ? "None"
+                        : py::str(py::type::of(value).attr("__name__")).cast<std::string>();
+    raise(batch_layout_error(),
+          "__getitem__(" + std::to_string(index) + ") returned " + what +
+              ": it must return the batch (a numpy array, a number, or a tuple/list/dict of them)");
   }
   if (py::isinstance<Stack>(value)) {
     flatten_stacked(py::reinterpret_borrow<py::object>(value).cast<Stack&>().samples, out, index);
@@ -331,7 +350,9 @@ py::tuple layout_meta(const Layout& layout) {
 }
 
 py::object build_meta(py::handle meta, std::byte* base, std::size_t capacity, py::handle lease) {
-  auto bad = [](const std::string& what) { throw py::value_error("malformed batch layout from a worker: " + what); };
+  auto bad = [](const std::string& what) {
+    throw py::value_error("malformed batch layout from a worker: " + what);
+  };
   auto t = py::reinterpret_borrow<py::tuple>(meta);
   if (!py::isinstance<py::tuple>(meta) || t.size() != 5) bad("not a 5-tuple");
   const std::string kinds = t[0].cast<std::string>();
@@ -352,7 +373,8 @@ py::object build_meta(py::handle meta, std::byte* base, std::size_t capacity, py
     if (n.carries_object()) {
       if (next_object >= objects.size()) bad("objects");
       n.obj = objects[next_object++];
-      if (n.kind == Node::kDict && (!py::isinstance<py::tuple>(n.obj) || py::len(n.obj) != n.count)) bad("dict keys");
+      if (n.kind == Node::kDict && (!py::isinstance<py::tuple>(n.obj) || py::len(n.obj) != n.count))
+        bad("dict keys");
     }
     if (n.kind == Node::kArray && n.count >= leaves.size()) bad("leaf number");
     layout.nodes.push_back(std::move(n));
@@ -361,7 +383,8 @@ py::object build_meta(py::handle meta, std::byte* base, std::size_t capacity, py
     auto lt = h.cast<py::tuple>();
     Leaf leaf;
     leaf.dtype = py::dtype::from_args(lt[0]);
-    leaf.itemsize = static_cast<std::size_t>(py::reinterpret_borrow<py::dtype>(leaf.dtype).itemsize());
+    leaf.itemsize =
+        static_cast<std::size_t>(py::reinterpret_borrow<py::dtype>(leaf.dtype).itemsize());
     leaf.nbytes = leaf.itemsize;
     for (py::handle d : lt[1].cast<py::tuple>()) {
       const auto extent = d.cast<std::int64_t>();
@@ -370,7 +393,8 @@ py::object build_meta(py::handle meta, std::byte* base, std::size_t capacity, py
       leaf.nbytes *= static_cast<std::size_t>(extent);
     }
     leaf.offset = lt[2].cast<std::size_t>();
-    if (leaf.offset > layout.bytes || leaf.nbytes > layout.bytes - leaf.offset) bad("an array outside the batch");
+    if (leaf.offset > layout.bytes || leaf.nbytes > layout.bytes - leaf.offset)
+      bad("an array outside the batch");
     layout.leaves.push_back(std::move(leaf));
   }
   // build() walks the nodes by their counts: check they form exactly one tree.

@@ -46,7 +46,9 @@ struct Node {
   std::uint32_t count = 0;  // children (containers) or leaf number (kArray)
   py::object obj;           // kObject: the object; kDict: tuple of keys; kNamedTuple: its type
   bool container() const noexcept { return kind != kArray && kind != kObject; }
-  bool carries_object() const noexcept { return kind == kObject || kind == kDict || kind == kNamedTuple; }
+  bool carries_object() const noexcept {
+    return kind == kObject || kind == kDict || kind == kNamedTuple;
+  }
 };
 
 struct Layout {

@@ -9,7 +9,8 @@ std::unique_ptr<PyBatch> error_batch(py::error_already_set& e) {
   batch->error = e.value();
   // Before 3.12 the traceback travels beside the exception: attach it, so the consumer sees the
   // worker's frames.
-  if (e.trace() && !e.trace().is_none()) PyException_SetTraceback(batch->error.ptr(), e.trace().ptr());
+  if (e.trace() && !e.trace().is_none())
+    PyException_SetTraceback(batch->error.ptr(), e.trace().ptr());
   return batch;
 }
 
@@ -42,8 +43,9 @@ void PyLoader::thread_start(int worker) {
 void PyLoader::thread_exit(int worker) {
   WorkerState& s = states_[static_cast<std::size_t>(worker)];
   if (!s.tstate) return;
-  if (interpreter_finalizing()) {  // the interpreter is going away: taking the GIL would never return
-    drop_with_gil(s.trash);          // leaks them (gil.h)
+  if (interpreter_finalizing()) {  // the interpreter is going away: taking the GIL would never
+                                   // return
+    drop_with_gil(s.trash);        // leaks them (gil.h)
     return;
   }
   PyEval_RestoreThread(s.tstate);
@@ -77,7 +79,8 @@ void PyLoader::prepare(int /*worker*/, Prepared& item) {
     item.payload = error_batch(e);
   } catch (const std::exception& e) {
     item.failed = true;
-    item.payload = type_error_batch("__getitem__(" + std::to_string(index) + ") failed: " + e.what());
+    item.payload =
+        type_error_batch("__getitem__(" + std::to_string(index) + ") failed: " + e.what());
   }
 }
 

@@ -45,7 +45,9 @@ char fate(const Behaviour& how, int index, int attempt) {
   return it->second[static_cast<std::size_t>(attempt)];
 }
 
-std::size_t batch_bytes(std::int64_t index) { return index % 3 == 0 ? 300'000 + 64 * index : 17 * (index + 1); }
+std::size_t batch_bytes(std::int64_t index) {
+  return index % 3 == 0 ? 300'000 + 64 * index : 17 * (index + 1);
+}
 
 bool read_exact(int fd, void* dst, std::size_t n) {
   auto* p = static_cast<char*>(dst);
@@ -138,7 +140,8 @@ void write_all(int fd, const void* src, std::size_t n) {
 class Workers {
  public:
   Workers(std::byte* arena, const Behaviour& how) : arena_(arena), how_(how) {
-    void* p = mmap(nullptr, sizeof(Shared), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    void* p =
+        mmap(nullptr, sizeof(Shared), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
     CHECK(p != MAP_FAILED);
     shared_ = new (p) Shared{};
   }
@@ -154,7 +157,8 @@ class Workers {
   ProcWorker spawn() {
     // One spawn at a time (engine threads replace workers concurrently): a child forked by another
     // thread between this socketpair() and close(sv[1]) would hold a copy of this worker's end, so
-    // this worker's death would never read as EOF. (process.py forks from a single-threaded zygote.)
+    // this worker's death would never read as EOF. (process.py forks from a single-threaded
+    // zygote.)
     std::lock_guard lock(mu_);
     int sv[2];
     CHECK_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
@@ -201,7 +205,8 @@ class Workers {
 };
 
 struct Setup {
-  std::shared_ptr<BufferPool> pool = BufferPool::create(std::size_t{64} << 20, PinRequest::kOff, std::size_t{256} << 20);
+  std::shared_ptr<BufferPool> pool =
+      BufferPool::create(std::size_t{64} << 20, PinRequest::kOff, std::size_t{256} << 20);
   std::unique_ptr<Workers> workers;
   std::shared_ptr<ProcLoader> loader;
   std::shared_ptr<Engine> engine;
@@ -286,9 +291,11 @@ TEST(killed_workers_are_replaced_and_positions_reissued) {
   const std::uint64_t seed = check::test_seed();
   Behaviour how;
   std::mt19937_64 rng(seed);
-  while (how.die_in_load_once.size() < 6) how.die_in_load_once.insert(static_cast<int>(rng() % kIndices));
+  while (how.die_in_load_once.size() < 6)
+    how.die_in_load_once.insert(static_cast<int>(rng() % kIndices));
   for (int i = 0; i < kIndices; i += 3) {  // large batches only: they are written, not inline
-    if (!how.die_in_load_once.count(i) && how.die_in_write_once.size() < 4) how.die_in_write_once.insert(i);
+    if (!how.die_in_load_once.count(i) && how.die_in_write_once.size() < 4)
+      how.die_in_write_once.insert(i);
   }
   Setup s(how, 2, 2);
   const auto indices = plan(seed, 0);
