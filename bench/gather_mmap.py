@@ -2,7 +2,14 @@
 
 Run: python bench/gather_mmap.py (writes a ~500 MB /tmp/gather_x.npy once).
 """
-import numpy as np, time, pyloader, statistics, os
+import os
+import statistics
+import time
+
+import numpy as np
+
+import pyloader
+
 N = 40000
 path = "/tmp/gather_x.npy"
 if not os.path.exists(path):
@@ -13,14 +20,16 @@ ds = pyloader.ArraySequence.from_npy(path, batch_size=256, shuffle=True, seed=0)
 bpb = 256 * x[0].nbytes
 def plain():
     t = time.perf_counter()
-    for i in range(len(ds)): ds[i]
+    for i in range(len(ds)):
+        ds[i]
     return len(ds) / (time.perf_counter() - t)
 def pre(w):
     with pyloader.Prefetcher(ds, workers=w) as L:
-        t = time.perf_counter(); n = 0
-        for b in L: n += 1
+        t = time.perf_counter()
+        n = sum(1 for _ in L)
         return n / (time.perf_counter() - t)
 p = statistics.median([plain() for _ in range(5)])
 for w in (2, 4):
     r = statistics.median([pre(w) for _ in range(5)])
-    print("memmap .npy (page cache): plain %.0f b/s, ArraySequence in Prefetcher(workers=%d) %.0f b/s = %.2fx, %.1f GB/s" % (p, w, r, r / p, r * bpb / 1e9))
+    print(f"memmap .npy (page cache): plain {p:.0f} b/s, ArraySequence in Prefetcher(workers={w}) "
+          f"{r:.0f} b/s = {r / p:.2f}x, {r * bpb / 1e9:.1f} GB/s")

@@ -82,7 +82,8 @@ def test_samples_of_different_shapes_fail_naming_the_batch_and_the_sample():
         return np.zeros(3 if k < 2 else 4)
 
     with pyloader.Prefetcher(Samples(3, 4, ragged), workers=1) as loader:
-        with pytest.raises(pyloader.BatchError, match=r"batch 0: sample 2 has an array of shape \(4,\) where sample 0 has \(3,\)"):
+        with pytest.raises(pyloader.BatchError,
+                           match=r"batch 0: sample 2 has an array of shape \(4,\) where sample 0 has \(3,\)"):
             list(loader)
 
 

@@ -14,11 +14,10 @@ from collections import Counter
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
-import numpy as np
 import warnings
 
+import numpy as np
 import pytest
-
 from conftest import run_python
 
 keras = pytest.importorskip("keras")

@@ -10,9 +10,9 @@ import re
 import sys
 
 import pytest
+from sequences import Counting
 
 import pyloader
-from sequences import Counting
 
 
 def native_threads() -> int:

@@ -9,10 +9,10 @@ import traceback
 
 import numpy as np
 import pytest
+from sequences import Counting, WithEpochEnd, batch_value, indices_of
 
 import pyloader
 from pyloader import _C
-from sequences import Counting, WithEpochEnd, batch_value, indices_of
 
 
 @pytest.mark.parametrize("workers", [1, 2, 4, 8])
@@ -21,7 +21,7 @@ def test_every_batch_once_in_order(workers):
     with pyloader.Prefetcher(seq, workers=workers) as loader:
         batches = list(loader)
     assert indices_of(batches) == list(range(57))
-    for i, (x, meta) in enumerate(batches):
+    for i, (x, _meta) in enumerate(batches):
         np.testing.assert_array_equal(x, batch_value(i))
 
 

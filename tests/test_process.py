@@ -16,7 +16,6 @@ from typing import Any
 
 import psutil
 import pytest
-
 from conftest import run_python
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process mode tests use /proc and fork")
@@ -535,8 +534,9 @@ def test_spawn_and_forkserver_load_every_batch(method):
 
 
 def test_options_are_validated():
-    import pyloader
     from sequences import ProcSeq
+
+    import pyloader
 
     with pytest.raises(ValueError, match="start_method must be one of"):
         pyloader.Prefetcher(ProcSeq(2), mode="process", start_method="vfork")

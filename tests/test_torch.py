@@ -326,7 +326,8 @@ class Failing(Dataset):
 def test_a_failing_sample_raises_naming_its_index_and_iteration_goes_on(workers):
     it = iter(DataLoader(Failing(), batch_size=3, num_workers=workers))
     got = []
-    with pytest.raises(pt.SampleError, match=r"dataset\[7\] raised KeyError: 'no sample 7' \(batch 2 of epoch 0") as info:
+    with pytest.raises(pt.SampleError,
+                       match=r"dataset\[7\] raised KeyError: 'no sample 7' \(batch 2 of epoch 0") as info:
         while True:
             got.append(next(it)[1].tolist())
     err = info.value
@@ -463,7 +464,8 @@ def test_bad_arguments_raise_torchs_exception_and_message(bad):
     assert str(got.value) == str(want.value)
 
 
-@pytest.mark.parametrize("attr", ["batch_size", "batch_sampler", "sampler", "drop_last", "dataset", "persistent_workers"])
+@pytest.mark.parametrize(
+    "attr", ["batch_size", "batch_sampler", "sampler", "drop_last", "dataset", "persistent_workers"])
 def test_attributes_torch_freezes_are_frozen(attr):
     with pytest.raises(ValueError) as want:
         setattr(TorchLoader(Tiny()), attr, None)
@@ -483,9 +485,9 @@ def test_iteration_warnings_and_checks_are_torchs():
         return sorted(str(x.message) for x in w)
 
     for kwargs in (dict(pin_memory=True), dict(pin_memory=True, pin_memory_device="cuda"), dict(timeout=1)):
-        want = caught(lambda: TorchLoader(Tiny(), **kwargs))
+        want = caught(lambda kw=kwargs: TorchLoader(Tiny(), **kw))
         assert want, kwargs
-        assert caught(lambda: DataLoader(Tiny(), **kwargs)) == want, kwargs
+        assert caught(lambda kw=kwargs: DataLoader(Tiny(), **kw)) == want, kwargs
 
 
 def test_more_workers_than_cpus_warns_like_torch():
@@ -507,7 +509,7 @@ def test_an_unknown_mode_fails_at_construction():
 def test_prefetch_on_cpu_yields_tensor_views_without_a_copy():
     with pt.prefetch(BatchSeq(), workers=2) as batches:
         assert len(batches) == 9
-        for epoch in range(2):
+        for _epoch in range(2):
             got = list(batches)
             assert len(got) == 9
             for i, (x, y, extra) in enumerate(got):
@@ -519,7 +521,9 @@ def test_prefetch_on_cpu_yields_tensor_views_without_a_copy():
     assert info()["leased"] == 0
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine: the device-copy path (pinned slots, non_blocking copies on a side stream) is not exercised")
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="no CUDA device on this machine: the device-copy path (pinned slots, "
+                           "non_blocking copies on a side stream) is not exercised")
 def test_prefetch_to_cuda_copies_ahead_on_a_side_stream():
     with pt.prefetch(BatchSeq(), "cuda", workers=2, ahead=3) as batches:
         assert batches.prefetcher.memory_info()["pin_method"] == "cuda"
@@ -528,7 +532,8 @@ def test_prefetch_to_cuda_copies_ahead_on_a_side_stream():
             assert torch.equal(x.cpu(), torch.full((4, 3), float(i)))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine: pinned DataLoader batches are not exercised")
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="no CUDA device on this machine: pinned DataLoader batches are not exercised")
 def test_pin_memory_batches_are_pinned_views():
     for x, _ in DataLoader(Samples(8), batch_size=4, pin_memory=True, num_workers=2):
         assert x.is_pinned()

@@ -8,24 +8,22 @@ worker processes that write into shared memory, for a ``__getitem__`` that holds
 
 from __future__ import annotations
 
-from .arrays import ArraySequence
 from ._errors import BatchError, EpochEndError, PoolExhaustedWarning, WorkerDiedError
+from .arrays import ArraySequence
 from .collate import collate, stack
 from .prefetcher import Prefetcher, prefetch
 
 __version__ = "0.1.0"
 
-__all__ = sorted(
-    [
-        "ArraySequence",
-        "BatchError",
-        "EpochEndError",
-        "PoolExhaustedWarning",
-        "Prefetcher",
-        "__version__",
-        "collate",
-        "prefetch",
-        "stack",
-        "WorkerDiedError",
-    ]
-)
+__all__ = [
+    "ArraySequence",
+    "BatchError",
+    "EpochEndError",
+    "PoolExhaustedWarning",
+    "Prefetcher",
+    "WorkerDiedError",
+    "__version__",
+    "collate",
+    "prefetch",
+    "stack",
+]

@@ -44,6 +44,19 @@ class PoolExhaustedWarning(RuntimeWarning):
     """Workers wait for buffers because every buffer holds a batch that is still referenced."""
 
 
+def add_note(exc: BaseException, note: str) -> None:
+    """``exc.add_note(note)``; before Python 3.11 (no notes) the note is kept in ``__notes__`` as
+    PEP 678 specifies, where tracebacks of those versions do not show it."""
+    if hasattr(exc, "add_note"):
+        exc.add_note(note)
+    else:
+        notes = getattr(exc, "__notes__", None)
+        if not isinstance(notes, list):
+            notes = []
+            exc.__notes__ = notes  # type: ignore[attr-defined]
+        notes.append(note)
+
+
 def batch_error(exc: BaseException, index: int, epoch: int, position: int, worker: int) -> BaseException:
     """Builds the exception the consumer sees for a failed batch (called by the native core)."""
     if isinstance(exc, _C.BatchLayoutError):

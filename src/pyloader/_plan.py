@@ -19,6 +19,14 @@ from dataclasses import dataclass
 import numpy as np
 
 
+def fresh_seed() -> int:
+    """A seed drawn from the OS's entropy, for ``seed=None`` (recorded in the state, so that a
+    resumed run repeats the order)."""
+    entropy = np.random.SeedSequence().entropy
+    assert isinstance(entropy, int), "SeedSequence() draws an int when given no entropy"
+    return entropy % (1 << 63)
+
+
 @dataclass(frozen=True)
 class Plan:
     """The order of one shard's batches, epoch by epoch.

@@ -31,8 +31,9 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterator, TextIO
+from typing import Any, Callable, TextIO
 
 import numpy as np
 

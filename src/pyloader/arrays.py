@@ -20,11 +20,13 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-from typing import Any
+from os import PathLike
+from typing import Any, cast
 
 import numpy as np
 
 from . import _C
+from ._plan import fresh_seed
 
 __all__ = ["ArraySequence"]
 
@@ -36,7 +38,8 @@ def _check_array(name: str, a: object) -> np.ndarray:
             "wrap it with np.asarray(...) first"
         )
     if a.dtype.hasobject:
-        raise ValueError(f"{name} has dtype {a.dtype}, which holds Python objects: only fixed-size dtypes can be gathered")
+        raise ValueError(f"{name} has dtype {a.dtype}, which holds Python objects: only fixed-size "
+                         "dtypes can be gathered")
     if a.ndim < 1:
         raise ValueError(f"{name} is 0-dimensional: ArraySequence needs arrays of samples (first axis = samples)")
     expected = a.itemsize
@@ -80,7 +83,7 @@ class ArraySequence:
         if len(arrays) == 1 and isinstance(arrays[0], Mapping):
             mapping = dict(arrays[0])
             self._keys: tuple[Any, ...] | None = tuple(mapping)
-            named = list(mapping.items())
+            named: list[tuple[Any, Any]] = list(mapping.items())
         else:
             self._keys = None
             named = [(f"array {k}", a) for k, a in enumerate(arrays)]
@@ -100,7 +103,7 @@ class ArraySequence:
         if not isinstance(drop_last, (bool, np.bool_)):
             raise ValueError(f"drop_last must be True or False, got {drop_last!r}")
         if seed is None:
-            seed = int(np.random.SeedSequence().entropy % (1 << 63))
+            seed = fresh_seed()
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed must be None or an integer >= 0, got {seed!r}")
         if split_threads is None:
@@ -128,8 +131,10 @@ class ArraySequence:
             **options: ``shuffle``, ``seed``, ``drop_last``.
         """
         if len(paths) == 1 and isinstance(paths[0], Mapping):
-            return cls({k: np.load(p, mmap_mode="r") for k, p in paths[0].items()}, batch_size=batch_size, **options)
-        return cls(*[np.load(p, mmap_mode="r") for p in paths], batch_size=batch_size, **options)
+            named = {k: np.load(p, mmap_mode="r") for k, p in paths[0].items()}
+            return cls(named, batch_size=batch_size, **options)
+        return cls(*[np.load(cast(PathLike, p), mmap_mode="r") for p in paths], batch_size=batch_size,
+                   **options)
 
     def __len__(self) -> int:
         if self.drop_last:

@@ -60,8 +60,8 @@ def collate(samples: Sequence[Any]) -> Any:
         if any(not isinstance(s, np.ndarray) or s.shape != first.shape or s.dtype != first.dtype for s in samples):
             raise ValueError("collate: arrays must have equal shapes and dtypes to stack")
         return np.stack(samples)
-    for kind, dtype in ((bool, np.bool_), (int, np.int64), (float, np.float64)):
-        if all(type(s) is kind for s in samples):
+    for number, dtype in ((bool, np.bool_), (int, np.int64), (float, np.float64)):
+        if all(type(s) is number for s in samples):
             return np.asarray(samples, dtype=dtype)
     if all(isinstance(s, np.generic) and s.dtype == first.dtype and s.dtype.kind != "O" for s in samples):
         return np.asarray(samples, dtype=first.dtype)

@@ -30,7 +30,7 @@ import numpy as np
 from . import _C
 from . import process as _process
 from ._errors import EpochEndError, PoolExhaustedWarning, batch_error
-from ._plan import Plan, resolve_shard
+from ._plan import Plan, fresh_seed, resolve_shard
 from .arrays import ArraySequence
 
 __all__ = ["Prefetcher", "prefetch"]
@@ -192,7 +192,7 @@ class Prefetcher:
         self._max_pool_bytes = _check_int("max_pool_bytes", max_pool, 1)
         rank, world = resolve_shard(shard)
         if seed is None:
-            seed = 0 if world > 1 else int(np.random.SeedSequence().entropy % (1 << 63))
+            seed = 0 if world > 1 else fresh_seed()
         seed = _check_int("seed", seed, 0)
         self._plan = Plan(length, self.shuffle, seed, rank, world, self.drop_last)
         self._sequence = sequence
@@ -207,6 +207,7 @@ class Prefetcher:
         self._proc_loader: Any = None
         if mode == "process" and not self._native:
             # Now, before any thread of this Prefetcher runs: the zygote is forked from this image.
+            assert start_method is not None, "resolved above for mode='process'"
             self._workers = _process.WorkerPool(
                 sequence, workers=self.workers, pool=self._pool, start_method=start_method,
                 worker_init_fn=worker_init_fn, seed=seed, replay_hooks=self._on_epoch_end is not None,

@@ -37,7 +37,8 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Sequence
+from typing import Any, Callable
 
 from pyloader._bench import loaders as _loaders
 from pyloader._bench import workloads as _workloads

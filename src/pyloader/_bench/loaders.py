@@ -26,7 +26,8 @@ import functools
 import importlib.util
 import os
 import sys
-from typing import Any, Callable, Iterator, Protocol
+from collections.abc import Iterator
+from typing import Any, Callable, Protocol
 
 __all__ = [
     "LOADERS",
@@ -222,9 +223,10 @@ class _TorchSession:
     same batches for every DataLoader class measured)."""
 
     def __init__(self, seq: Any, *, workers: int, loader_class: Any = None, persistent: bool = False) -> None:
-        if loader_class is None:
-            from torch.utils.data import DataLoader as loader_class
         import torch
+
+        if loader_class is None:
+            loader_class = torch.utils.data.DataLoader
 
         batch_size = getattr(seq, "sample_batch_size", None)
         persistent = persistent and workers > 0

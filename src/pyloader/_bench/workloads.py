@@ -341,7 +341,7 @@ def _tensor_dataset(rows: int, sample_batch_size: int, seed: int = 0) -> Any:
 
     data, labels = _image_rows(rows, seed)
     dataset = TensorDataset(torch.from_numpy(data), torch.from_numpy(labels))
-    dataset.sample_batch_size = sample_batch_size  # type: ignore[attr-defined]
+    dataset.sample_batch_size = sample_batch_size
     return dataset
 
 

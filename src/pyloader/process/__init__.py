@@ -29,7 +29,7 @@ and :mod:`._fds` (the descriptors the consumer owns, closed in any process forke
 from __future__ import annotations
 
 from ._pool import WorkerPool, worker_error
-from ._wire import START_METHODS, default_start_method
+from ._wire import START_METHODS, UnpicklableError, default_start_method
 from ._zygote import describe_status  # noqa: F401 - pyloader.process.describe_status, as before
 
-__all__ = ["START_METHODS", "WorkerPool", "default_start_method", "worker_error"]
+__all__ = ["START_METHODS", "UnpicklableError", "WorkerPool", "default_start_method", "worker_error"]

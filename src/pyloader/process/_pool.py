@@ -21,7 +21,7 @@ import time
 from typing import Any, Callable
 
 from .. import _C
-from .._errors import WorkerDiedError, batch_error
+from .._errors import WorkerDiedError, add_note, batch_error
 from ._fds import _disown, _own
 from ._wire import _CTL_MAX, _HEADER, _UPDATE, _pickled, _Spec
 from ._zygote import _zygote_main, describe_status
@@ -61,7 +61,7 @@ class WorkerPool:
             # Not through multiprocessing's pipe: its writer holds the pipe's read end until the
             # write ends, so a zygote that dies before reading a large Sequence would hang us.
             spec, blob_fd = _pickled(spec, start_method)
-        ctx = multiprocessing.get_context(start_method)
+        ctx: Any = multiprocessing.get_context(start_method)  # typeshed's BaseContext lacks Process
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         _own(ours.fileno())
         self._ctl = ours
@@ -260,5 +260,5 @@ def worker_error(kind: str, blob: bytes, index: int, epoch: int, position: int, 
             exc = None
     if not isinstance(exc, BaseException):
         exc = RuntimeError(f"{type_name}: {text}")
-    exc.add_note(f"Traceback in worker process {pid} (worker {worker}):\n{trace.rstrip()}")
+    add_note(exc, f"Traceback in worker process {pid} (worker {worker}):\n{trace.rstrip()}")
     return batch_error(exc, index, epoch, position, worker)

@@ -71,10 +71,18 @@ class _Spec:
         self.pickled = False
 
 
+class UnpicklableError(TypeError):
+    """Spawn or forkserver was asked for, and the Sequence or worker_init_fn cannot be pickled.
+
+    A ``TypeError`` (what it was before it had a type of its own); the torch adapter recognises
+    it to say the same in torch's terms.
+    """
+
+
 def _pickled(spec: _Spec, start_method: str) -> tuple[_Spec, int]:
     """``spec`` without its Sequence and worker_init_fn, and a descriptor of a memory file holding
-    them pickled (see :meth:`_Spec.load`); or a TypeError that says which of them cannot be
-    pickled and what to do."""
+    them pickled (see :meth:`_Spec.load`); or an :class:`UnpicklableError` that says which of
+    them cannot be pickled and what to do."""
     from multiprocessing.reduction import ForkingPickler
 
     blobs = []
@@ -82,7 +90,7 @@ def _pickled(spec: _Spec, start_method: str) -> tuple[_Spec, int]:
         try:
             blobs.append(ForkingPickler.dumps(value))
         except Exception as exc:
-            raise TypeError(
+            raise UnpicklableError(
                 f"start_method={start_method!r} starts worker processes from a fresh interpreter, "
                 f"which receives the {what} pickled, and this {what} "
                 f"({type(value).__name__}) cannot be pickled: {type(exc).__name__}: {exc}. "

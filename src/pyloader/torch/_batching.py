@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import TensorDataset
 from torch.utils.data._utils import worker as _torch_worker
 
+from .._errors import add_note
 from ..arrays import ArraySequence
 from ..collate import stack
 from ._codec import _holds_tensor, _pack
@@ -55,7 +56,7 @@ class _SampleFailure(Exception):
             except Exception:
                 replica = RuntimeError(f"{type(cause).__qualname__}: {cause}")
                 for note in getattr(cause, "__notes__", ()):
-                    replica.add_note(note)
+                    add_note(replica, note)
                 cause = replica
         return _rebuild_failure, (self.sample_index, self.sample_indices, cause)
 
@@ -128,10 +129,12 @@ class _EpochBatches:
                 samples = [_pack(s) for s in samples]
             return stack(samples)
         if kind is _COLLATE:
+            assert self.collate_fn is not None
             batch = self.collate_fn(self.fetch(self.plan[i]))
         elif kind is _CONVERT:
             batch = self.get(self.plan[i])
         else:  # _CUSTOM: collate_fn(dataset[i])
+            assert self.collate_fn is not None
             batch = self.collate_fn(self.get(self.plan[i]))
         return _pack(batch) if _holds_tensor(batch) else batch
 
@@ -210,7 +213,8 @@ def _array_columns(dataset: Any) -> tuple[list[np.ndarray], bool] | None:
         return None
     columns = []
     for t in tensors:
-        if type(t) is not torch.Tensor or t.device.type != "cpu" or t.layout != torch.strided or t.requires_grad or t.ndim < 1:
+        if (type(t) is not torch.Tensor or t.device.type != "cpu" or t.layout != torch.strided
+                or t.requires_grad or t.ndim < 1):
             return None
         try:
             columns.append(t.numpy())

@@ -64,7 +64,9 @@ def _tensor_view(t: torch.Tensor) -> Any:
 def _restore(a: np.ndarray) -> torch.Tensor:
     """The tensor of a marked array (a zero-copy view of the same memory)."""
     t = torch.from_numpy(a)
-    name = a.dtype.metadata[_KEY]
+    metadata = a.dtype.metadata
+    assert metadata is not None, "only marked arrays are restored"
+    name = metadata[_KEY]
     return t.view(getattr(torch, name)) if name else t
 
 

@@ -9,6 +9,7 @@ stream and lifetime rules that make handing the copies over safe.
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -18,6 +19,10 @@ import torch
 from .. import _tree
 from ..prefetcher import Prefetcher
 from ._codec import _as_tensors
+
+
+def _record_stream(t: torch.Tensor, *, stream: Any) -> None:
+    t.record_stream(stream)
 
 
 def _tree_map(fn: Callable[[torch.Tensor], Any], obj: Any) -> Any:
@@ -51,6 +56,7 @@ class DevicePrefetcher:
         if isinstance(ahead, bool) or not isinstance(ahead, int) or ahead < 1:
             raise ValueError(f"ahead must be an integer >= 1, got {ahead!r}")
         if self._cuda:
+            assert self.device is not None
             if not torch.cuda.is_available():
                 raise RuntimeError(f"device {device!r} was requested but CUDA is not available")
             if self.device.index is None:
@@ -98,7 +104,7 @@ class DevicePrefetcher:
                 on_device, done, batch = queue.popleft()
                 consumer = torch.cuda.current_stream(device)
                 consumer.wait_event(done)
-                _tree_map(lambda t: t.record_stream(consumer), on_device)
+                _tree_map(functools.partial(_record_stream, stream=consumer), on_device)
                 copying.append((done, batch))
                 while copying and copying[0][0].query():
                     copying.popleft()

@@ -33,8 +33,10 @@ from torch.utils.data import (
 from torch.utils.data._utils.collate import default_collate, default_convert
 from torch.utils.data._utils.pin_memory import pin_memory as _torch_pin_memory
 
-from .._errors import BatchError
+from .. import _C
+from .._errors import BatchError, add_note
 from ..prefetcher import _MODES, Prefetcher
+from ..process import UnpicklableError
 from ._batching import (
     _COLLATE,
     _CONVERT,
@@ -429,6 +431,7 @@ class _LoaderIter:
                 plan.batches = self._index_batches()
                 plan.native = None
         else:
+            assert plan.batches is not None, "a plan holds index batches or native columns"
             self._count = len(plan.batches)
         self._base = 0  # plan position of the current Prefetcher's first batch
         self._prefetcher: Prefetcher | None = None
@@ -475,9 +478,8 @@ class _LoaderIter:
                 mode=mode,
                 **options,
             )
-        except TypeError as exc:
-            clearer = self._unpicklable(options["start_method"]) if options and str(exc).startswith(
-                "start_method=") else None
+        except UnpicklableError as exc:
+            clearer = self._unpicklable(options["start_method"]) if options else None
             if clearer is not None:
                 raise clearer from exc
             raise
@@ -522,6 +524,7 @@ class _LoaderIter:
         if self.plan.batches is not None:
             return self.plan.batches
         bs = self.loader.batch_size
+        assert self.plan.native is not None, "a plan holds index batches or native columns"
         n = len(self.plan.native[0][0])
         order = np.arange(n, dtype=np.int64) if self.plan.order is None else self.plan.order
         flat = order.tolist()
@@ -580,6 +583,7 @@ class _LoaderIter:
 
     def _sample_error(self, failure: _SampleFailure, position: int, worker: int) -> SampleError:
         original = failure.__cause__
+        assert original is not None, "a _SampleFailure is raised from the sample's exception"
         where = ("dataset.__getitems__(...)" if failure.sample_index is None
                  else f"dataset[{failure.sample_index!r}]")
         error = SampleError(
@@ -591,7 +595,7 @@ class _LoaderIter:
         error.__cause__ = original
         for note in getattr(failure, "__notes__", ()):  # process mode: the worker's traceback, as text
             if note not in getattr(original, "__notes__", ()):
-                original.add_note(note)
+                add_note(original, note)
         return error
 
     def _recover(self, err: BatchError) -> Any:
@@ -604,8 +608,7 @@ class _LoaderIter:
         cause = err.__cause__
         if isinstance(cause, _SampleFailure):
             raise self._sample_error(cause, err.position, err.worker)
-        if not (self._kind is _STACK and isinstance(cause, ValueError)
-                and str(cause).startswith("pyloader.stack:")):
+        if not (self._kind is _STACK and isinstance(cause, _C.StackError)):
             raise err
         # The native stack refused the samples: torch decides, in this thread, with its own
         # default_collate (the result, or the error, is then exactly torch's).
