@@ -41,8 +41,10 @@
 // Buffers: a worker's acquire passes its position as priority. The position the consumer needs
 // next may grow the pool past its bound while later positions hold buffers (in_flight_buffers_):
 // they are released only after it is consumed, so waiting would deadlock. When every buffer is
-// held by batches the user keeps, it waits (and the binding warns). take() wakes pool waiters
-// when the consumer advances. So the pool exceeds its bound by at most `depth` buffers.
+// held by batches the user keeps, it waits (and the binding warns). Both inputs of that rule
+// wake the pool's waiters when they change (buffer_pool.h, B1/B2): take() when the consumer
+// advances, and the first buffer a later position leases (in_flight_buffers_ from 0 to 1). So
+// the pool exceeds its bound by at most `depth` buffers.
 #pragma once
 
 #include <atomic>

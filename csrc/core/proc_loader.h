@@ -4,7 +4,7 @@
 // Roles
 //   engine worker thread w  owns slot w: the worker process at the other end of slot w's socket.
 //                           It sends each position's request, waits for the answer, and publishes.
-//   worker process          (pyloader/process.py) loads the Sequence index, writes the arrays into
+//   worker process          (process/_worker.py) loads the Sequence index, writes the arrays into
 //                           the buffer the thread names (an offset in the shared Arena), and
 //                           answers with the batch's layout (opaque bytes: ProcBatch::meta).
 //   replace callback        (the owner's) starts a new worker process for a slot whose worker
@@ -58,7 +58,8 @@ struct WireHeader {
   std::int64_t a = 0, b = 0, c = 0, d = 0;
   std::uint64_t length = 0;
 };
-static_assert(sizeof(WireHeader) == 48, "process.py packs the header as '=IIqqqqQ' (48 bytes)");
+static_assert(sizeof(WireHeader) == 48,
+              "process/_wire.py packs the header as '=IIqqqqQ' (48 bytes)");
 
 // kUpdate is the owner's, sent while no engine uses the socket (between engines): `d` is the
 // owner's epoch-hook count and `length` bytes of a call for the worker's Sequence follow. The

@@ -4,7 +4,7 @@
 //                callbacks; an Engine made over one decodes each batch's layout (meta) into
 //                views of the shared buffer.
 //   Packed       the worker process's side: one batch flattened, to be written into a buffer.
-//   WIRE_HEADER, WIRE_KINDS   the wire format's constants, so that process.py cannot disagree.
+//   WIRE_HEADER, WIRE_KINDS   the wire format's constants, read by process/_wire.py.
 #include <pybind11/stl.h>
 
 #include <memory>

@@ -1,6 +1,6 @@
 // Tests of ProcLoader (proc_loader.h) with real worker processes: the test forks children that
-// speak the wire protocol (in C++, as process.py does in Python), writes batches into a shared
-// Arena, and kills or hangs some of them.
+// speak the wire protocol (in C++, as process/_worker.py does in Python), writes batches into a
+// shared Arena, and kills or hangs some of them.
 //
 // The children only make syscalls and touch preallocated memory (no malloc after fork: the
 // parent has threads), and end with _exit.
@@ -77,8 +77,8 @@ void write_all(int fd, const void* src, std::size_t n) {
   for (;;) pause();
 }
 
-// A worker process: the protocol of process.py, with canned batches: batch i is batch_bytes(i)
-// bytes of value i, with meta "m<i>".
+// A worker process: the protocol of process/_worker.py, with canned batches: batch i is
+// batch_bytes(i) bytes of value i, with meta "m<i>".
 [[noreturn]] void child_main(int fd, std::byte* arena, Shared* shared, const Behaviour* how) {
   static char small[8192];
   WireHeader h;
@@ -157,7 +157,7 @@ class Workers {
   ProcWorker spawn() {
     // One spawn at a time (engine threads replace workers concurrently): a child forked by another
     // thread between this socketpair() and close(sv[1]) would hold a copy of this worker's end, so
-    // this worker's death would never read as EOF. (process.py forks from a single-threaded
+    // this worker's death would never read as EOF. (pyloader/process/ forks from a single-threaded
     // zygote.)
     std::lock_guard lock(mu_);
     int sv[2];
