@@ -1,6 +1,6 @@
 // arena.h: Arena, one shared-memory region (memfd) that a BufferPool carves its buffers from.
 //
-// Process mode (DESIGN.md): worker processes write each batch straight into a buffer of the
+// Process mode (ARCHITECTURE.md): worker processes write each batch straight into a buffer of the
 // consumer's pool, so the pool's memory must be shared. The arena is an anonymous memfd
 // (memfd_create: nothing is named in /dev/shm, so nothing can leak, even on SIGKILL), sized once
 // and sparse: a page costs memory only once written. The owner maps it here; a worker process

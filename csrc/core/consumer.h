@@ -26,7 +26,8 @@
 // Memory ordering: turn() exchanges busy_ to true with acquire (G1); ~Turn stores false with
 // release (G2). G1 pairs with the G2 of the previous Turn, so a Turn on another thread sees all
 // that the previous Turn did to the consumer-only state (the Engine's next position, its
-// stall figures, warned_). A failed exchange writes nothing and takes no role.
+// stall figures, warned_). An exchange that finds busy_ already true (re)writes true, which
+// changes nothing, and takes no role: the Turn that holds the role still ends with G2.
 //
 // Lifetime: a Consumer holds its Engine. Whoever may stop the engine from another thread while
 // a Turn waits (close()) must leave the Consumer alive until the Turn ends: the binding keeps a

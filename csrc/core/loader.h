@@ -78,7 +78,8 @@ class Loader {
   virtual ~Loader() = default;
   virtual void thread_start(int worker) = 0;
   virtual void thread_exit(int worker) = 0;  // not noexcept: see "Thread exit" above
-  // thread_start/enter/leave/thread_exit must not throw (an exception would end the process).
+  // thread_start/enter/leave/thread_exit report no errors by throwing (nothing would catch
+  // them); the only unwinding through them is the host's forced thread exit ("Thread exit").
   // enter() returns false when the worker must end instead (the host is shutting down); positions
   // it had claimed are then never published, so the consumer waits until stop().
   virtual bool enter(int worker) = 0;
@@ -89,7 +90,9 @@ class Loader {
   // Writes the batch into dst (capacity >= item.bytes). Called for failed items too (with dst
   // null, to release what they hold); dst is null whenever item.bytes is 0. Runs outside
   // enter()/leave(), except for a batch of at most kEarlyPublishBytes published inside a run.
-  virtual void fill(int worker, Prepared& item, std::byte* dst, std::size_t capacity) noexcept = 0;
+  // Never throws; not declared noexcept, for a fill() may wait for the GIL (process mode replaces
+  // a worker that died mid-write through the owner's callback): see "Thread exit" above.
+  virtual void fill(int worker, Prepared& item, std::byte* dst, std::size_t capacity) = 0;
   virtual bool has_epoch_end() const noexcept = 0;
   // At most this many positions are prepared per enter()/leave() (see run_budget).
   virtual std::size_t max_run() const noexcept { return static_cast<std::size_t>(-1); }

@@ -8,6 +8,9 @@
 #include <cerrno>
 #include <cstring>
 #include <system_error>
+#if defined(__GLIBCXX__)  // libstdc++ (known once a standard header is in)
+#include <cxxabi.h>       // abi::__forced_unwind
+#endif
 
 namespace pyloader {
 
@@ -179,7 +182,7 @@ bool ProcLoader::accept(Prepared& item, const WireHeader& h, std::string& body) 
   return true;
 }
 
-bool ProcLoader::replace(int worker, std::vector<std::string>& deaths) noexcept {
+bool ProcLoader::replace(int worker, std::vector<std::string>& deaths) {
   std::string death;
   ProcWorker fresh;
   try {
@@ -226,7 +229,7 @@ bool ProcLoader::retry_after_death(int worker, Prepared& item, std::vector<std::
 
 // ---- Loader ---------------------------------------------------------------------------------
 
-void ProcLoader::prepare(int worker, Prepared& item) noexcept {
+void ProcLoader::prepare(int worker, Prepared& item) {
   try {
     std::vector<std::string> deaths;
     for (;;) {
@@ -255,7 +258,7 @@ void ProcLoader::prepare(int worker, Prepared& item) noexcept {
   }
 }
 
-void ProcLoader::fill(int worker, Prepared& item, std::byte* dst, std::size_t capacity) noexcept {
+void ProcLoader::fill(int worker, Prepared& item, std::byte* dst, std::size_t capacity) {
   if (item.failed || !item.payload || item.bytes == 0 || dst == nullptr) return;
   auto* batch = static_cast<ProcBatch*>(item.payload.get());
   if (!batch->data.empty()) {  // inline: the bytes came with the answer
@@ -343,11 +346,15 @@ void ProcLoader::fill(int worker, Prepared& item, std::byte* dst, std::size_t ca
   }
 }
 
-std::unique_ptr<Payload> ProcLoader::epoch_end(int worker, std::int64_t epoch) noexcept {
+std::unique_ptr<Payload> ProcLoader::epoch_end(int worker, std::int64_t epoch) {
   std::unique_ptr<Payload> error;
   if (hook_) {
     try {
       error = hook_(worker, epoch);
+#if defined(__GLIBCXX__)
+    } catch (abi::__forced_unwind&) {
+      throw;  // the host ends this thread (loader.h, "Thread exit"): let it unwind
+#endif
     } catch (...) {
     }
   }

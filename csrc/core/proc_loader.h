@@ -10,16 +10,18 @@
 //   replace callback        (the owner's) starts a new worker process for a slot whose worker
 //                           died, and says how the old one ended.
 //
+// clang-format off
 // Wire protocol (one machine, native byte order): every message is a WireHeader followed by
 // `length` bytes. Every answer carries the position it answers in `d`.
 //   thread -> worker  kLoad   a=position b=epoch c=index d=epoch hooks run so far
 //   worker -> thread  kSize   a=bytes b=meta length; flags&kInline: the bytes follow the meta
 //                             (small batches: one round trip, the thread copies them)
 //                     kError  the exception, pickled by the worker (opaque here)
-//   thread -> worker  kWrite  a=offset in the arena b=capacity c=position (after a kSize not
-//   inline) worker -> thread  kDone
+//   thread -> worker  kWrite  a=offset in the arena b=capacity c=position (after a kSize not inline)
+//   worker -> thread  kDone
 // A worker that waits for kWrite and receives kLoad abandons the pending batch (the engine found
 // no buffer for it, or stopped); the thread skips answers about positions other than its own.
+// clang-format on
 //
 // Death: a worker process that dies closes its end of the socket, so the thread's read returns
 // at once (EOF) - whatever the worker was doing. The thread then has the replace callback start a
@@ -111,11 +113,13 @@ class ProcLoader final : public Loader {
   void thread_exit(int) noexcept override {}
   bool enter(int) override { return !interrupted_.load(std::memory_order_acquire); }
   void leave(int) override {}
-  void prepare(int worker, Prepared& item) noexcept override;
-  void fill(int worker, Prepared& item, std::byte* dst, std::size_t capacity) noexcept override;
+  // prepare(), fill() and epoch_end() call the owner's callbacks, which may wait for the GIL:
+  // not noexcept, so that the host's forced thread exit can unwind them (loader.h, "Thread exit").
+  void prepare(int worker, Prepared& item) override;
+  void fill(int worker, Prepared& item, std::byte* dst, std::size_t capacity) override;
   bool has_epoch_end() const noexcept override { return static_cast<bool>(hook_); }
   std::size_t max_run() const noexcept override { return 1; }  // one conversation at a time
-  std::unique_ptr<Payload> epoch_end(int worker, std::int64_t epoch) noexcept override;
+  std::unique_ptr<Payload> epoch_end(int worker, std::int64_t epoch) override;
   void interrupt() noexcept override;
 
   // Safe from any thread.
@@ -138,7 +142,7 @@ class ProcLoader final : public Loader {
   // Asks slot's worker to load the task; reads its first answer into `out`. kDead when it died.
   Io request(int worker, const Task& task, WireHeader& h, std::string& body) noexcept;
   // Replaces slot's worker after a death; appends how it died. False when no worker could start.
-  bool replace(int worker, std::vector<std::string>& deaths) noexcept;
+  bool replace(int worker, std::vector<std::string>& deaths);
   // Turns the first answer into the item (bytes and payload). False for a malformed answer.
   bool accept(Prepared& item, const WireHeader& h, std::string& body);
   void set_busy(int worker, bool busy);

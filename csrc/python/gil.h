@@ -11,8 +11,9 @@
 // Rule 3 never waits for the GIL, on purpose: a thread that waits for it when finalization begins
 // is ended by CPython (pthread_exit, a forced unwind), and in a destructor (noexcept) that unwind
 // ends the process with std::terminate. Functions that do wait for the GIL on engine threads
-// (PyLoader's enter, prepare, epoch_end, thread_exit) are kept out of noexcept for the same
-// reason: see loader.h, "Thread exit".
+// (PyLoader's enter, prepare, epoch_end, thread_exit; ProcLoader's prepare, fill, epoch_end,
+// whose callbacks take it) are kept out of noexcept for the same reason: see loader.h, "Thread
+// exit".
 #pragma once
 
 #include <pybind11/pybind11.h>

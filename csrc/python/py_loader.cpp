@@ -43,9 +43,10 @@ void PyLoader::thread_start(int worker) {
 void PyLoader::thread_exit(int worker) {
   WorkerState& s = states_[static_cast<std::size_t>(worker)];
   if (!s.tstate) return;
-  if (interpreter_finalizing()) {  // the interpreter is going away: taking the GIL would never
-                                   // return
-    drop_with_gil(s.trash);        // leaks them (gil.h)
+  // The interpreter is going away: taking the GIL would never return. drop_with_gil leaks the
+  // references instead (gil.h).
+  if (interpreter_finalizing()) {
+    drop_with_gil(s.trash);
     return;
   }
   PyEval_RestoreThread(s.tstate);
@@ -71,7 +72,7 @@ void PyLoader::prepare(int /*worker*/, Prepared& item) {
   try {
     py::object value = getitem_(index);
     auto batch = std::make_unique<PyBatch>();
-    flatten_returned(value, batch->layout, index);  // TypeError for a value that is no batch
+    flatten_returned(value, batch->layout, index);  // BatchLayoutError for a value that is no batch
     item.bytes = batch->layout.bytes;
     item.payload = std::move(batch);
   } catch (py::error_already_set& e) {  // raised by __getitem__, or by the checks of layout.h

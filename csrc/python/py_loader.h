@@ -1,8 +1,8 @@
 // py_loader.h: PyLoader, the core Loader that runs a Python Sequence's __getitem__.
 //
-// GIL rules (DESIGN.md): a worker holds the GIL only between enter() and leave(), to call user
-// code and walk its result (prepare). The copy into the buffer (fill) runs with the GIL released,
-// except for small batches (kEarlyPublishBytes) that the engine publishes inside a run.
+// GIL rules (ARCHITECTURE.md): a worker holds the GIL only between enter() and leave(), to call
+// user code and walk its result (prepare). The copy into the buffer (fill) runs with the GIL
+// released, except for small batches (kEarlyPublishBytes) that the engine publishes inside a run.
 // Each worker thread keeps one Python thread state for its whole life (thread_start/thread_exit),
 // so entering is one PyEval_RestoreThread, not a thread-state allocation per batch. References to
 // the arrays a worker copied are dropped at its next enter(), when it holds the GIL anyway.

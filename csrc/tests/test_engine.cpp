@@ -283,6 +283,28 @@ std::vector<std::int64_t> shuffled_plan(std::uint64_t seed, std::int64_t epoch, 
   return idx;
 }
 
+// An engine over `loader` whose pool (1 GiB) never bounds these tests.
+std::shared_ptr<Engine> make_engine(std::shared_ptr<pyloader::Loader> loader,
+                                    const EngineOptions& options) {
+  return Engine::create(options, BufferPool::create(std::size_t{1} << 30, PinRequest::kOff),
+                        std::move(loader));
+}
+
+// Appends `epochs` gated epochs to the engine, each `take` shuffled indices out of `len`, and
+// returns their segments.
+std::vector<Seg> append_gated_epochs(Engine& engine, std::uint64_t seed, int epochs,
+                                     std::int64_t len, std::int64_t take) {
+  std::vector<Seg> segs;
+  std::int64_t start = 0;
+  for (int e = 0; e < epochs; ++e) {
+    Seg s{e, start, shuffled_plan(seed, e, len, take), true};
+    start = s.end();
+    engine.append(s.epoch, s.indices, s.gated);
+    segs.push_back(std::move(s));
+  }
+  return segs;
+}
+
 // Waits for the engine's next position in one of three ways, and takes it.
 Delivery wait_and_take(Engine& e, std::mt19937_64& rng) {
   switch (rng() % 3) {
@@ -634,19 +656,8 @@ TEST(epoch_hook_gates_next_epoch) {
   cfg.hook_delay = 20ms;  // a slow hook: broken gating would let e+1 load meanwhile
   const int kWorkers = 4;
   auto loader = std::make_shared<TestLoader>(cfg, kWorkers);
-  EngineOptions opt;
-  opt.workers = kWorkers;
-  opt.depth = 16;
-  auto engine =
-      Engine::create(opt, BufferPool::create(std::size_t{1} << 30, PinRequest::kOff), loader);
-  std::vector<Seg> segs;
-  std::int64_t start = 0;
-  for (int e = 0; e < 5; ++e) {
-    Seg s{e, start, shuffled_plan(seed, e, 30, 20), true};
-    start = s.end();
-    engine->append(s.epoch, s.indices, s.gated);
-    segs.push_back(std::move(s));
-  }
+  auto engine = make_engine(loader, {.workers = kWorkers, .depth = 16});
+  const std::vector<Seg> segs = append_gated_epochs(*engine, seed, 5, 30, 20);
   engine->start();
   std::mt19937_64 rng(seed);
   int errors = 0;
@@ -687,19 +698,8 @@ TEST(skip_to_before_start) {
   cfg.hooks = true;
   const int kWorkers = 3;
   auto loader = std::make_shared<TestLoader>(cfg, kWorkers);
-  EngineOptions opt;
-  opt.workers = kWorkers;
-  opt.depth = 4;
-  auto engine =
-      Engine::create(opt, BufferPool::create(std::size_t{1} << 30, PinRequest::kOff), loader);
-  std::vector<Seg> segs;
-  std::int64_t start = 0;
-  for (int e = 0; e < 3; ++e) {
-    Seg s{e, start, shuffled_plan(seed, e, 20, 10), true};
-    start = s.end();
-    engine->append(s.epoch, s.indices, s.gated);
-    segs.push_back(std::move(s));
-  }
+  auto engine = make_engine(loader, {.workers = kWorkers, .depth = 4});
+  const std::vector<Seg> segs = append_gated_epochs(*engine, seed, 3, 20, 10);
   const std::int64_t kSkip = 14;  // all of epoch 0 and 4 positions of epoch 1
   engine->skip_to(kSkip);
   engine->skip_to(3);  // never lowers it
@@ -726,7 +726,7 @@ TEST(skip_to_before_start) {
   }
   engine->stop();
   engine->join();
-  CHECK_EQ(loader->prepares.load(), start - kSkip);
+  CHECK_EQ(loader->prepares.load(), segs.back().end() - kSkip);
   for (const Seg& seg : segs) CHECK_EQ(loader->hook_calls[seg.epoch].load(), 1);
   const auto st = engine->stats();
   CHECK_EQ(st.size(), 2u);  // epoch 0 was skipped entirely
@@ -747,12 +747,7 @@ TEST(skip_to_while_running) {
   cfg.prepare_delay = 2ms;
   const int kWorkers = 2;
   auto loader = std::make_shared<TestLoader>(cfg, kWorkers);
-  EngineOptions opt;
-  opt.workers = kWorkers;
-  opt.depth = 4;
-  opt.max_run = 1;
-  auto engine =
-      Engine::create(opt, BufferPool::create(std::size_t{1} << 30, PinRequest::kOff), loader);
+  auto engine = make_engine(loader, {.workers = kWorkers, .depth = 4, .max_run = 1});
   const auto plan = shuffled_plan(seed, 0, 80, 80);
   engine->append(0, plan, false);
   engine->start();
@@ -780,7 +775,7 @@ TEST(skip_to_while_running) {
   std::printf("  skipped %lld of the 40 positions below the mark\n",
               static_cast<long long>(skipped));
   // Only positions already claimed when skip_to() ran (at most depth + workers) can be loaded.
-  CHECK_GE(skipped, 40 - static_cast<std::int64_t>(opt.depth) - 2 * kWorkers);
+  CHECK_GE(skipped, 40 - static_cast<std::int64_t>(engine->depth()) - 2 * kWorkers);
   const auto st = engine->stats();
   CHECK_EQ(st.size(), 1u);
   CHECK_EQ(st[0].batches, 80 - skipped);

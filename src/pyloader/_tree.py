@@ -18,7 +18,7 @@ import enum
 from collections.abc import Callable, Iterator
 from typing import Any
 
-__all__ = ["Kind", "is_namedtuple", "kind", "leaves", "map_structure", "rebuild"]
+__all__ = ["Kind", "kind", "leaves", "map_structure", "rebuild"]
 
 
 class Kind(enum.Enum):
@@ -31,11 +31,6 @@ class Kind(enum.Enum):
 
 
 TUPLE, LIST, DICT, NAMEDTUPLE = Kind.TUPLE, Kind.LIST, Kind.DICT, Kind.NAMEDTUPLE
-
-
-def is_namedtuple(obj: Any) -> bool:
-    """Whether ``obj`` is a namedtuple (``collections.namedtuple`` or ``typing.NamedTuple``)."""
-    return isinstance(obj, tuple) and hasattr(type(obj), "_fields")
 
 
 def kind(obj: Any) -> Kind | None:

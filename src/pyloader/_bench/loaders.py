@@ -167,12 +167,7 @@ class _PyloaderSession:
             prefetcher = pyloader.Prefetcher
         except (ImportError, AttributeError) as exc:
             raise Unavailable(f"pyloader engine not importable: {exc}") from exc
-        try:
-            self.loader = prefetcher(seq, workers=workers, mode=mode)
-        except ValueError as exc:
-            if "mode" in str(exc):
-                raise Unavailable(f"mode={mode!r} not supported by this pyloader: {exc}") from exc
-            raise
+        self.loader = prefetcher(seq, workers=workers, mode=mode)
         self.epochs_started = 0
 
     def epoch(self) -> Iterator[Any]:

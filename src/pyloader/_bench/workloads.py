@@ -54,7 +54,16 @@ __all__ = [
 ]
 
 
-class LatencySequence:
+class _Batches:
+    """A Sequence's length: ``batches``, set by the subclass's constructor."""
+
+    batches: int
+
+    def __len__(self) -> int:
+        return self.batches
+
+
+class LatencySequence(_Batches):
     """Each batch waits ``delay_s`` with the GIL released, then does a little numpy.
 
     Args:
@@ -68,9 +77,6 @@ class LatencySequence:
         self.delay_s = delay_s
         self.rows = rows
 
-    def __len__(self) -> int:
-        return self.batches
-
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         time.sleep(self.delay_s)
         x = np.full((self.rows, 1024), float(index), dtype=np.float32)
@@ -82,7 +88,7 @@ class LatencySequence:
         return f"LatencySequence(batches={self.batches}, delay_s={self.delay_s}, rows={self.rows})"
 
 
-class TinySequence:
+class TinySequence(_Batches):
     """Almost free batches: a 16-float array and a 1-element label array.
 
     Args:
@@ -92,9 +98,6 @@ class TinySequence:
     def __init__(self, *, batches: int) -> None:
         self.batches = batches
 
-    def __len__(self) -> int:
-        return self.batches
-
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         return np.full(16, index, dtype=np.float32), np.array([index], dtype=np.int64)
 
@@ -102,7 +105,7 @@ class TinySequence:
         return f"TinySequence(batches={self.batches})"
 
 
-class LargeSequence:
+class LargeSequence(_Batches):
     """Ready-made large batches: the same ``mb`` MB float32 array, returned as is.
 
     Loading costs nothing, so the time per batch is what moving a batch to the consumer costs
@@ -117,9 +120,6 @@ class LargeSequence:
         self.batches = batches
         self.mb = mb
         self.data = np.random.default_rng(0).random(int(mb * 1e6) // 4, dtype=np.float32)
-
-    def __len__(self) -> int:
-        return self.batches
 
     def __getitem__(self, index: int) -> np.ndarray:
         return self.data
@@ -180,7 +180,7 @@ def _python_work(seed: int, iterations: int) -> list[float]:
     return feats
 
 
-class PythonSequence:
+class PythonSequence(_Batches):
     """Per-sample pure-Python work that holds the GIL, collated into arrays.
 
     Args:
@@ -193,9 +193,6 @@ class PythonSequence:
         self.batches = batches
         self.batch_size = batch_size
         self.iterations = iterations
-
-    def __len__(self) -> int:
-        return self.batches
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         base = index * self.batch_size
@@ -228,7 +225,7 @@ def _make_jpegs(count: int, size: int, seed: int) -> list[bytes]:
     return images
 
 
-class DecodeSequence:
+class DecodeSequence(_Batches):
     """Per-sample JPEG decoding with Pillow from in-memory bytes, stacked into NHWC uint8.
 
     Args:
@@ -246,9 +243,6 @@ class DecodeSequence:
         self.batch_size = batch_size
         self.size = size
         self.jpegs = _make_jpegs(images, size, seed)
-
-    def __len__(self) -> int:
-        return self.batches
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         from PIL import Image

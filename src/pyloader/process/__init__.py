@@ -1,7 +1,7 @@
 """Process mode: worker processes that write batches straight into shared memory.
 
 For a ``__getitem__`` that holds the GIL, threads cannot load in parallel; processes can. The
-design (DESIGN.md, "Process mode"):
+design (ARCHITECTURE.md, "Process mode"):
 
 - The buffer pool lives in one shared-memory arena (``memfd_create``, made by the native
   ``BufferPool``): a worker writes a batch's arrays into a buffer the consumer's process leased,

@@ -170,7 +170,11 @@ class WorkerPool:
         return [fd for fd, _ in self._slots]
 
     def pids(self) -> list[int]:
-        return [pid for _, pid in self._slots]
+        """The workers' pids, one per slot. A replacement in progress holds the lock until the
+        new worker's pid is known, so this never sees the 0 that marks a slot in between (unless
+        starting the replacement failed)."""
+        with self._lock:
+            return [pid for _, pid in self._slots]
 
     def loader(self, pool: Any, hook: Callable[[int], Any] | None, max_retries: int, hooks_before: int) -> Any:
         """A native ProcLoader over these workers, for one engine."""
