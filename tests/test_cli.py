@@ -86,6 +86,14 @@ def test_profile_target_must_give_a_sequence(capsys: pytest.CaptureFixture[str])
     assert "not a Sequence" in err
 
 
+def test_bench_without_psutil_names_the_extra(capsys: pytest.CaptureFixture[str],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "psutil", None)  # as if not installed: import raises
+    assert main(["bench", "--quick"]) == 2
+    err = capsys.readouterr().err
+    assert "needs psutil" in err and "pyloader[bench]" in err
+
+
 def test_list_names_every_workload_and_loader(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "--list"]) == 0
     out = capsys.readouterr().out
@@ -161,6 +169,18 @@ def test_quick_prints_machine_and_table_and_writes_files(quick_run: dict[str, An
         assert f.readline().startswith("| workload | loader |")
 
 
+def test_output_that_is_no_terminal_gets_a_line_up_front_and_one_per_row(
+        quick_run: dict[str, Any]) -> None:
+    lines = quick_run["proc"].stderr.splitlines()
+    rows = len(quick_run["doc"]["results"])
+    up_front = [line for line in lines if line.startswith("bench: ")]
+    assert up_front and up_front[0].startswith(f"bench: {rows} rows x 1 round(s)") and "roughly" in up_front[0]
+    progress = [line for line in lines if line.startswith("[")]
+    assert [line.split("]")[0] for line in progress] == [f"[{k}/{rows}" for k in range(1, rows + 1)]
+    assert all("batches/s" in line and "left)" in line for line in progress), progress
+    assert lines.index(up_front[0]) < lines.index(progress[0])
+
+
 def test_tables_render_from_the_json(quick_run: dict[str, Any]) -> None:
     doc = quick_run["doc"]
     assert "pyloader" in format_table(doc)
@@ -203,7 +223,26 @@ def test_profile_recommends_settings_for_the_sample(tmp_path: Any) -> None:
     assert rec["reasons"] and all(isinstance(r, str) for r in rec["reasons"])
     assert [s["workers"] for s in result["scaling"]] == [1, 2]
     assert result["load"]["batches"] == 8
+    assert result["process_scaling"] == []  # the GIL is released: nothing to measure processes for
     assert all(0.0 <= s["stall_fraction"] <= 1.0 for s in result["stall"])
+
+
+def test_profile_measures_process_mode_before_recommending_it(tmp_path: Any) -> None:
+    proc = run_cli(["profile", f"{SAMPLES}:make_busy", "--workers", "1,2", "--batches", "16",
+                    "--json", "profile.json"], str(tmp_path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads((tmp_path / "profile.json").read_text())
+    if result["cpus"] < 2:
+        pytest.skip("one CPU: no GIL share to measure, so no process mode to weigh")
+    assert result["gil_share"] >= 0.5, proc.stdout
+    assert "2b. process-mode throughput" in proc.stdout
+    processes = result["process_scaling"]
+    assert [s["workers"] for s in processes] == [1, 2]
+    assert all(s["batches_per_s"] > 0 for s in processes)
+    # The recommendation follows the measurement, whichever way it went on this machine.
+    faster = max(s["batches_per_s"] for s in processes) > max(s["batches_per_s"] for s in result["scaling"])
+    assert result["recommendation"]["mode"] == ("process" if faster else "thread")
+    assert "processes measured" in " ".join(result["recommendation"]["reasons"])
 
 
 def test_profile_imports_a_dotted_module_name(tmp_path: Any) -> None:

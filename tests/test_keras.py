@@ -141,6 +141,22 @@ def prefetched():
 # ---- fit -----------------------------------------------------------------------------------------
 
 
+def test_a_missing_backend_is_named_with_how_to_pick_another():
+    import importlib.util
+
+    if importlib.util.find_spec("jax") is not None:
+        pytest.skip("jax is installed: the missing-backend message needs a backend that is not")
+    done = run_python("""
+        try:
+            import pyloader.keras
+        except ImportError as exc:
+            print(exc)
+    """, env={"KERAS_BACKEND": "jax"})
+    assert done.returncode == 0, done.stderr
+    assert "keras could not import its backend, jax (KERAS_BACKEND='jax')" in done.stdout
+    assert "set KERAS_BACKEND to a backend you have installed" in done.stdout
+
+
 def test_fit_loss_falls(prefetched):
     keras.utils.set_random_seed(0)  # the initial weights: not whatever earlier tests left the RNG at
     model, _ = model_with_recorder(learning_rate=0.02)

@@ -22,7 +22,7 @@ def native_threads() -> int:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts threads in /proc")
 def test_no_native_thread_survives_close():
     before = native_threads()
-    loader = pyloader.Prefetcher(Counting(100), workers=6, depth=3)
+    loader = pyloader.Prefetcher(Counting(100), workers=6, depth=6)
     it = iter(loader)
     next(it)
     assert native_threads() >= before + 6

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import gc
+import os
 import time
 import traceback
 
@@ -82,6 +83,77 @@ def test_arrays_are_views_whose_base_is_a_lease():
         x, _ = next(iter(loader))
     assert isinstance(x.base, _C.Lease)
     assert x.base.nbytes >= x.nbytes and x.base.nbytes % 4096 == 0
+
+
+class _Subclasses:
+    """Batch i: a masked array (its mask means something), a record array (its fields are
+    attributes) and a memmap's rows."""
+
+    def __init__(self, path):
+        self.rows = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(4, 3))
+        self.rows[:] = np.arange(12, dtype=np.float32).reshape(4, 3)
+        self.rows.flush()
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        masked = np.ma.masked_array(np.arange(3) + i, mask=[False, True, i % 2 == 0])
+        return masked, np.rec.fromarrays([[i], [1.5]], names="a,b"), self.rows[i : i + 1]
+
+
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_array_subclasses_keep_their_meaning(mode, tmp_path):
+    with pyloader.Prefetcher(_Subclasses(str(tmp_path / "rows.npy")), workers=2, mode=mode) as loader:
+        for i, (masked, records, rows) in enumerate(loader):
+            # A masked array and a record array pass through as they are (a copy would drop the
+            # mask, and the fields' attributes).
+            assert type(masked) is np.ma.MaskedArray
+            assert masked.mask.tolist() == [False, True, i % 2 == 0]
+            assert masked.sum() == i + (0 if i % 2 == 0 else i + 2)
+            assert type(records) is np.recarray and records.a.tolist() == [i]
+            # A memmap's bytes mean what they say: copied into slot memory like any array.
+            assert isinstance(rows.base, _C.Lease)
+            np.testing.assert_array_equal(rows, [[3 * i, 3 * i + 1, 3 * i + 2]])
+
+
+class _Large:
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        return np.full(1 << 20, i, dtype=np.float32)  # 4 MiB
+
+
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_close_returns_the_pool_now_and_a_kept_batch_when_it_dies(mode):
+    loader = pyloader.Prefetcher(_Large(), workers=2, mode=mode)
+    batches = list(loader)
+    kept = batches[5]
+    del batches
+    gc.collect()
+    assert loader.memory_info()["buffers"] >= 2
+    loader.close()
+    info = loader.memory_info()
+    assert (info["buffers"], info["leased"], info["bytes"]) == (1, 1, kept.base.nbytes)
+    np.testing.assert_array_equal(kept, np.full(1 << 20, 5, dtype=np.float32))
+    del kept
+    gc.collect()
+    info = loader.memory_info()
+    assert (info["buffers"], info["leased"], info["bytes"]) == (0, 0, 0)
+
+
+def test_absurd_worker_counts_warn_and_start_only_the_threads_there_is_work_for():
+    before = len(os.listdir("/proc/self/task"))
+    with pytest.warns(UserWarning, match=r"workers=5000 is far more than the \d+ CPUs"):
+        loader = pyloader.Prefetcher(Counting(8), workers=5000)
+    with loader:
+        batches = iter(loader)
+        first = next(batches)
+        started = len(os.listdir("/proc/self/task")) - before
+        assert indices_of([first, *batches]) == list(range(8))
+    assert 1 <= started <= 16, started  # two epochs of 8 batches at most, not 5000 threads
+    assert loader.stats()["epochs"][0]["batches"] == 8
 
 
 def test_lease_keeps_the_buffer_alive_after_the_loader_and_the_lease_name_are_gone():
@@ -184,6 +256,29 @@ def test_state_dict_from_another_length_is_refused():
     state = pyloader.Prefetcher(Counting(10), workers=1).state_dict()
     with pytest.raises(ValueError, match="length=10"):
         pyloader.Prefetcher(Counting(11), workers=1).load_state_dict(state)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("epoch", 10**30, r"state\['epoch'\] must be at most"),
+        ("epoch", -1, r"state\['epoch'\] must be an integer >= 0, got -1"),
+        ("shuffle", "no", r"state\['shuffle'\] must be True or False, got 'no'"),
+        ("seed", 1.5, r"state\['seed'\] must be an integer >= 0, got 1.5"),
+        ("batches_consumed", None, r"state\['batches_consumed'\] must be an integer >= 0, got None"),
+        ("seed", KeyError, r"state_dict lacks 'seed'"),
+    ],
+)
+def test_load_state_dict_names_the_bad_field(field, value, match):
+    with pyloader.Prefetcher(Counting(10), workers=1) as loader:
+        state = loader.state_dict()
+        if value is KeyError:
+            del state[field]
+        else:
+            state[field] = value
+        with pytest.raises(ValueError, match=match):
+            loader.load_state_dict(state)
+        assert indices_of(list(loader)) == list(range(10))  # the refused state changed nothing
 
 
 def test_a_new_pass_after_break_starts_the_next_epoch_without_loading_the_rest():

@@ -139,8 +139,9 @@ BufferLease BufferPool::try_acquire(std::size_t bytes, std::int64_t priority) {
   if (!waiting_.empty() && *waiting_.begin() < priority) return {};
   const std::int32_t found = take_free_locked(need);
   if (found >= 0) return lease_locked(found);
+  const std::size_t had = bytes_;
   const bool grow = can_grow_locked(need, false);
-  if (!waiting_.empty()) notify();  // can_grow_locked may have dropped free buffers
+  if (bytes_ != had && !waiting_.empty()) notify();  // it dropped free buffers: room for a waiter
   if (!grow) return {};
   try {
     return allocate_unlocked(lock, need);
@@ -192,7 +193,11 @@ void BufferPool::release(std::int32_t id) noexcept {
     Buffer& b = buffers_[id];
     b.leased = false;
     --leased_;
-    free_.push_back(id);
+    if (closed_) {
+      drop_locked(id);
+    } else {
+      free_.push_back(id);
+    }
     publish_counts_locked();
     // A waiter that registers after this sees the free buffer in its check, under mu_.
     if (waiting_.empty()) return;
@@ -263,6 +268,18 @@ BufferLease BufferPool::allocate_unlocked(std::unique_lock<std::mutex>& lock, st
     id = static_cast<std::int32_t>(buffers_.size() - 1);
   }
   return lease_locked(id);
+}
+
+void BufferPool::close() noexcept {
+  {
+    std::lock_guard lock(mu_);
+    closed_ = true;
+    for (const std::int32_t id : free_) drop_locked(id);
+    free_.clear();
+    publish_counts_locked();
+    if (waiting_.empty()) return;
+  }
+  notify();
 }
 
 void BufferPool::drop_locked(std::int32_t id) noexcept {

@@ -138,6 +138,10 @@ class BufferPool : public std::enable_shared_from_this<BufferPool> {
   // flag, and after changing anything that a may_exceed reads. Lock-free; makes no syscall when
   // nobody waits.
   void wake_all() noexcept { notify(); }
+  // The owner is done with the pool: the free buffers' memory goes back to the OS now, and each
+  // leased buffer's when its lease returns (a user may keep batches long after the loader is
+  // closed). The pool stays usable: a later acquire() maps a new buffer, dropped on release.
+  void close() noexcept;
   PoolInfo info() const;
   // The shared arena, or null for a pool of private buffers.
   Arena* arena() const noexcept { return arena_.get(); }
@@ -186,6 +190,7 @@ class BufferPool : public std::enable_shared_from_this<BufferPool> {
   Pinner pinner_;
   std::vector<Buffer> buffers_;     // index = buffer id; dropped entries have data == nullptr
   std::vector<std::int32_t> free_;  // ids of allocated, unleased buffers (most recent last)
+  bool closed_ = false;             // under mu_: close() was called, released buffers are dropped
   std::size_t live_ = 0, bytes_ = 0, peak_bytes_ = 0, leased_ = 0, pinned_bytes_ = 0;
   std::size_t pin_failures_ = 0, allocations_ = 0;
   std::chrono::steady_clock::time_point wait_started_{};

@@ -65,9 +65,14 @@ void register_pool(py::module_& m) {
       .def_property_readonly(
           "arena_size",
           [](const PyPool& p) { return p.pool->arena() ? p.pool->arena()->size() : 0; })
-      .def("close_arena_fd", [](const PyPool& p) {
-        if (p.pool->arena()) p.pool->arena()->close_fd();
-      });
+      .def("close_arena_fd",
+           [](const PyPool& p) {
+             if (p.pool->arena()) p.pool->arena()->close_fd();
+           })
+      // With the GIL held: close() may run on an engine worker thread (a loader closed from its
+      // own __getitem__), where taking the GIL back during interpreter exit would end the thread
+      // inside a destructor (gil.h). Unmapping free buffers is quick.
+      .def("close", [](const PyPool& p) { p.pool->close(); });
 
   py::class_<Lease>(m, "Lease")
       .def_property_readonly("nbytes", [](const Lease& l) { return l.buffer.capacity(); })

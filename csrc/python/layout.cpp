@@ -13,8 +13,17 @@ namespace {
 constexpr int kMaxNesting = 64;
 constexpr std::size_t kAlign = 64;
 
+// A numpy array whose data means what its bytes say: an exact ndarray or a np.memmap (a file's
+// pages; a copy of them means the same). Other subclasses carry meaning beyond their bytes
+// (np.ma.MaskedArray's mask, np.recarray's fields as attributes), which a copy into slot memory
+// would drop: they pass through untouched, as objects.
 bool is_copyable_array(py::handle h) {
   if (!py::isinstance<py::array>(h)) return false;
+  static PyTypeObject* const ndarray = reinterpret_cast<PyTypeObject*>(
+      py::object(py::module_::import("numpy").attr("ndarray")).release().ptr());
+  static PyObject* const memmap =
+      py::object(py::module_::import("numpy").attr("memmap")).release().ptr();
+  if (Py_TYPE(h.ptr()) != ndarray && PyObject_IsInstance(h.ptr(), memmap) != 1) return false;
   auto arr = py::reinterpret_borrow<py::array>(h);
   const char kind = arr.dtype().kind();
   if (kind == 'O') return false;

@@ -3,7 +3,8 @@
 // flatten() walks the returned structure once (GIL held) and records it in preorder as Nodes:
 // containers (tuple, list, dict, namedtuple) with their child count, numpy arrays as Leaves (where
 // the array will live in the buffer: 64-byte aligned offsets, C order), everything else
-// (scalars, strings, None, objects, object-dtype arrays, other mappings) as a passthrough object.
+// (scalars, strings, None, objects, object-dtype arrays, ndarray subclasses other than np.memmap,
+// other mappings) as a passthrough object.
 // copy_leaves() copies the arrays into the buffer with the GIL released. build() makes the batch
 // the consumer sees (GIL held): the same structure, each array a view into the buffer whose base
 // is the lease.

@@ -180,6 +180,38 @@ TEST(leases_return_buffers) {
   CHECK(weak.expired());
 }
 
+// close() returns the free buffers' memory at once and a leased buffer's when its lease returns;
+// the lease's memory stays valid until then, and the pool stays usable.
+TEST(close_returns_free_memory_now_and_leased_memory_on_release) {
+  check::test_seed();
+  for (const std::size_t arena : {std::size_t{0}, std::size_t{64} << 20}) {
+    auto pool = BufferPool::create(64 << 20, PinRequest::kOff, arena);
+    BufferLease kept = pool->acquire(4 * kPage, kNoCancel);
+    fill_pattern(kept, 3);
+    BufferLease a = pool->acquire(2 * kPage, kNoCancel);
+    BufferLease b = pool->acquire(kPage, kNoCancel);
+    a.reset();
+    b.reset();
+    CHECK_EQ(pool->info().buffers, 3u);
+    pool->close();
+    pyloader::PoolInfo i = pool->info();
+    CHECK_EQ(i.buffers, 1u);
+    CHECK_EQ(i.leased, 1u);
+    CHECK_EQ(i.bytes, kept.capacity());
+    CHECK(has_pattern(kept, 3));
+    kept.reset();
+    i = pool->info();
+    CHECK_EQ(i.buffers, 0u);
+    CHECK_EQ(i.bytes, 0u);
+    BufferLease late = pool->acquire(kPage, kNoCancel);  // still usable
+    CHECK(late);
+    fill_pattern(late, 5);
+    CHECK(has_pattern(late, 5));
+    late.reset();
+    CHECK_EQ(pool->info().bytes, 0u);
+  }
+}
+
 // The pool grows while buffers are leased, up to max_bytes; then acquire() waits until a lease
 // comes back, and reuses that buffer.
 TEST(growth_to_bound_then_acquire_blocks) {

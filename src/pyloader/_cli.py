@@ -164,6 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stderr_line(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
 def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from pyloader._bench.loaders import LOADERS, default_loaders
     from pyloader._bench.workloads import WORKLOADS
@@ -178,6 +182,13 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             print(f"  {name:<18} {spec.description}{flag}")
         return 0
 
+    try:
+        import psutil  # noqa: F401 - the harness measures memory and CPU time with it
+    except ImportError:
+        print("python -m pyloader bench needs psutil, from pyloader's [bench] extra: "
+              "pip install \"pyloader[bench]\" (from a checkout: pip install \".[bench]\")",
+              file=sys.stderr)
+        return 2
     from pyloader._bench.harness import BenchConfig, run_bench
     from pyloader._bench.machine import format_machine
     from pyloader._bench.report import format_markdown, format_table, plot, validate
@@ -200,7 +211,9 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         )
     except ValueError as exc:
         parser.error(str(exc))
-    doc = run_bench(config, progress=not args.no_progress)
+    # A terminal shows the progress bar; other output (CI logs, | tee) gets a line per row.
+    log = None if args.no_progress or sys.stderr.isatty() else _stderr_line
+    doc = run_bench(config, progress=not args.no_progress, log=log)
     validate(doc)
     print(format_machine(doc["machine"]))
     print()

@@ -9,8 +9,9 @@ Four steps, each printed as it finishes:
    with one worker. Work that releases the GIL scales up to ``min(W, cpus / cpu_share)``; work
    that holds it does not scale at all. Amdahl's law on the observed speedup against that ideal
    gives an estimate of the share of ``__getitem__`` that holds the GIL.
-3. **Recommendation.** ``mode``: ``"process"`` when most of the time holds the GIL (threads
-   cannot run it in parallel), else ``"thread"``. ``workers``: the fewest that reach 90% of the best
+3. **Recommendation.** ``mode``: when most of the time holds the GIL (threads cannot run it in
+   parallel), process mode is measured at the same worker counts (step 2b) and recommended if
+   it loaded faster than threads; else ``"thread"``. ``workers``: the fewest that reach 90% of the best
    throughput, or, with ``--step-ms``, that feed the training step with 10% to spare.
    ``depth``: twice the workers (the default), more when load times are uneven (p95/p50 > 2),
    so that a slow batch does not stall the ones behind it; capped by memory.
@@ -315,6 +316,7 @@ def profile(
         scaling.append(entry)
         say(f"   workers={w:<3} {r['batches_per_s']:9.1f} batches/s  "
             f"speedup {entry['speedup']:.2f}x (GIL-free ideal {entry['ideal_speedup']:.2f}x)")
+    thread_scaling = scaling
     informative = [s for s in scaling if s["ideal_speedup"] >= 1.2]
     gil: float | None = None
     if informative:
@@ -326,20 +328,40 @@ def profile(
     else:
         say("   => GIL share not measurable here (one CPU, or one worker only)")
 
-    # 3. recommendation ---------------------------------------------------------------------------
+    # 2b. process mode, measured where the GIL share says it may help -----------------------------
     reasons: list[str] = []
     best = max(scaling, key=lambda s: s["batches_per_s"])
-    process_ok = _process_mode_supported()
+    process_ok = engine and _process_mode_supported()
+    process_scaling: list[dict[str, Any]] = []
     mode = "thread"
-    if gil is not None and gil >= 0.5 and cpus > 1:
-        if process_ok:
+    if gil is not None and gil >= 0.5 and cpus > 1 and process_ok:
+        say()
+        say("2b. process-mode throughput by workers (most of the load time holds the GIL)")
+        for w in worker_counts:
+            r = _run_pyloader(head, workers=w, depth=None, step_s=0.0, mode="process")
+            process_scaling.append({"workers": w, "batches_per_s": r["batches_per_s"],
+                                    "stall_fraction": r["stall_fraction"]})
+            say(f"   workers={w:<3} {r['batches_per_s']:9.1f} batches/s")
+        best_process = max(process_scaling, key=lambda s: s["batches_per_s"])
+        if best_process["batches_per_s"] > best["batches_per_s"]:
             mode = "process"
-            reasons.append(f"mode='process': about {gil:.0%} of __getitem__ holds the GIL, so "
-                           "threads cannot run it in parallel; processes can")
+            reasons.append(f"mode='process': about {gil:.0%} of __getitem__ holds the GIL, and "
+                           f"processes measured {best_process['batches_per_s']:.1f} batches/s "
+                           f"against threads' {best['batches_per_s']:.1f}")
+            scaling, best = process_scaling, best_process
         else:
-            reasons.append(f"about {gil:.0%} of __getitem__ holds the GIL: mode='process' would "
-                           "run it in parallel, but this pyloader does not support it yet, so "
-                           "mode='thread' (fewer workers cost nothing here)")
+            reasons.append(f"mode='thread': about {gil:.0%} of __getitem__ holds the GIL, but "
+                           f"processes measured only {best_process['batches_per_s']:.1f} "
+                           f"batches/s against threads' {best['batches_per_s']:.1f} (the cost of "
+                           "starting them, or of the batches' size)")
+
+    # 3. recommendation ---------------------------------------------------------------------------
+    if process_scaling:
+        pass  # the mode was decided above, by measurement
+    elif gil is not None and gil >= 0.5 and cpus > 1:  # and process mode is not available
+        reasons.append(f"about {gil:.0%} of __getitem__ holds the GIL: mode='process' would "
+                       "run it in parallel, but this pyloader does not support it yet, so "
+                       "mode='thread' (fewer workers cost nothing here)")
     else:
         share = "unknown" if gil is None else f"about {gil:.0%}"
         reasons.append(f"mode='thread': {share} of the load time holds the GIL, threads load in "
@@ -403,5 +425,6 @@ def profile(
         say("   (no --step-ms: the consumer only loads, so it always waits; pass your training "
             "step time to see the stall your loop will see)")
     return {"sequence": type(seq).__name__, "length": total, "cpus": cpus, "engine": engine,
-            "load": load, "scaling": scaling, "gil_share": gil,
+            "load": load, "scaling": thread_scaling, "process_scaling": process_scaling,
+            "gil_share": gil,
             "recommendation": recommendation, "stall": stall, "step_ms": step_ms}

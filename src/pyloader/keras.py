@@ -54,6 +54,7 @@ buffers, which Keras's ``convert_to_tensor`` passes through (it would copy a num
 from __future__ import annotations
 
 import inspect
+import os
 import random
 import sys
 import threading
@@ -63,8 +64,20 @@ from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
 
-import keras
 import numpy as np
+
+try:
+    import keras
+except ModuleNotFoundError as _exc:  # keras imports its backend on import: say which, and how
+    if _exc.name not in ("tensorflow", "jax", "torch"):
+        raise
+    _backend = os.environ.get("KERAS_BACKEND")
+    raise ImportError(
+        f"keras could not import its backend, {_exc.name} "
+        f"(KERAS_BACKEND={'unset, so tensorflow' if _backend is None else repr(_backend)}). Install "
+        f"{_exc.name}, or set KERAS_BACKEND to a backend you have installed: torch, jax or "
+        f"tensorflow (pyloader's [keras] extra installs keras alone)"
+    ) from _exc
 
 from . import _tree
 from ._errors import BatchError

@@ -1,6 +1,6 @@
 """The Prefetcher: loads a Sequence's batches ahead of the training loop, in order.
 
-Design in brief (see DESIGN.md): an epoch is a run of *positions*; the plan (:mod:`pyloader._plan`)
+Design in brief (see ARCHITECTURE.md): an epoch is a run of *positions*; the plan (:mod:`pyloader._plan`)
 maps each to a Sequence index. The native engine (``pyloader._C.Engine``) loads up to ``depth``
 positions ahead on ``workers`` native threads into reusable buffers and hands them over strictly
 in position order. This module owns the plan, the epochs and the state: it appends each epoch's
@@ -21,6 +21,7 @@ from __future__ import annotations
 import atexit
 import os
 import threading
+import warnings
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -36,6 +37,9 @@ from .arrays import ArraySequence
 __all__ = ["Prefetcher", "prefetch"]
 
 _STATE_VERSION = 1
+_STATE_KEYS = ("epoch", "batches_consumed", "seed", "shuffle", "length", "rank", "world_size", "drop_last")
+_MANY_WORKERS = 64  # workers above this and 8 per CPU earn a warning
+_MAX_EPOCH = 1 << 62  # positions are 64-bit: epochs beyond this could not be planned
 _RUN_BUDGET_US = 200.0  # a worker holding the GIL keeps loading ready batches while cheaper than this
 _MODES = ("thread", "process")
 _ARENA_SLACK = 1 << 30  # the arena's room beyond twice the pool's bound (it is sparse: costs nothing)
@@ -165,6 +169,15 @@ class Prefetcher:
             )
         length = len(sequence)
         self.workers = _check_int("workers", workers, 1)
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        if self.workers > max(_MANY_WORKERS, 8 * cpus):
+            warnings.warn(
+                f"workers={self.workers} is far more than the {cpus} CPUs this process may use: "
+                f"each worker is a native thread (or, in process mode, a process); a few per CPU "
+                f"(for I/O-bound batches) is plenty. Thread mode starts at most depth and at most "
+                f"two epochs' batches' worth of them.",
+                stacklevel=2,
+            )
         self.depth = 2 * self.workers if depth is None else _check_int("depth", depth, 1)
         self.shuffle = _check_bool("shuffle", shuffle)
         self.drop_last = _check_bool("drop_last", drop_last)
@@ -204,6 +217,7 @@ class Prefetcher:
         arena = 2 * self._max_pool_bytes + _ARENA_SLACK if mode == "process" and not self._native else 0
         self._pool = _C.BufferPool(self._max_pool_bytes, self._pin, arena)
         self._hooks_run = 0  # epoch hooks run so far (process mode: workers replay them)
+        self._threads = self.workers  # the engine's threads (set again as each engine starts)
         self._proc_loader: Any = None
         if mode == "process" and not self._native:
             # Now, before any thread of this Prefetcher runs: the zygote is forked from this image.
@@ -268,13 +282,18 @@ class Prefetcher:
             source = self._proc_loader = self._workers.loader(
                 self._pool, None if hook is None else (lambda _epoch: hook()), self.max_retries, self._hooks_run
             )
+            threads = self.workers  # one thread drives each worker process
         else:
             source = self._sequence.native_source() if self._native else self._sequence
+            # More threads than positions that can be loading at once would only wait: at most
+            # depth are in flight, and at most two epochs are planned (this one and the next).
+            threads = min(self.workers, self.depth, max(1, 2 * self._plan.epoch_length))
+        self._threads = threads
         engine = _C.Engine(
             source,
             None if hook is None else (lambda _epoch: hook()),
             self._pool,
-            self.workers,
+            threads,
             self.depth,
             _RUN_BUDGET_US,
             batch_error,
@@ -373,22 +392,28 @@ class Prefetcher:
         self._check_open()
         if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
             raise ValueError(f"not a pyloader state_dict (version {_STATE_VERSION}): {state!r}")
+        missing = [key for key in _STATE_KEYS if key not in state]
+        if missing:
+            raise ValueError(f"state_dict lacks {', '.join(map(repr, missing))}: it has {sorted(state)}")
         p = self._plan
         for key, mine in (("length", p.length), ("rank", p.rank), ("world_size", p.world_size),
                           ("drop_last", p.drop_last)):
-            if state.get(key) != mine:
+            if state[key] != mine:
                 raise ValueError(
-                    f"state_dict was taken with {key}={state.get(key)!r} but this Prefetcher has "
+                    f"state_dict was taken with {key}={state[key]!r} but this Prefetcher has "
                     f"{key}={mine!r}: it can only resume the same Sequence and sharding"
                 )
-        epoch = _check_int("state['epoch']", state.get("epoch"), 0)
-        consumed = _check_int("state['batches_consumed']", state.get("batches_consumed"), 0)
+        epoch = _check_int("state['epoch']", state["epoch"], 0)
+        if epoch > _MAX_EPOCH:
+            raise ValueError(f"state['epoch'] must be at most {_MAX_EPOCH}, got {epoch!r}")
+        consumed = _check_int("state['batches_consumed']", state["batches_consumed"], 0)
         if consumed > p.epoch_length:
             raise ValueError(
                 f"state['batches_consumed']={consumed} is more than the {p.epoch_length} batches of an epoch"
             )
-        self._plan = Plan(p.length, bool(state["shuffle"]), _check_int("state['seed']", state["seed"], 0),
-                          p.rank, p.world_size, p.drop_last)
+        shuffle = _check_bool("state['shuffle']", state["shuffle"])
+        seed = _check_int("state['seed']", state["seed"], 0)
+        self._plan = Plan(p.length, shuffle, seed, p.rank, p.world_size, p.drop_last)
         self.shuffle = self._plan.shuffle
         self._stop_engine()
         self._resume = (epoch + 1, 0) if consumed == p.epoch_length and consumed else (epoch, consumed)
@@ -455,7 +480,7 @@ class Prefetcher:
             "pool_bytes": raw["pool_bytes"],
             "peak_in_flight": raw["peak_in_flight"],
             "worker_busy_fraction": (
-                min(1.0, raw["busy_ns"] / (raw["wall_ns"] * self.workers)) if raw["wall_ns"] > 0 else 0.0
+                min(1.0, raw["busy_ns"] / (raw["wall_ns"] * self._threads)) if raw["wall_ns"] > 0 else 0.0
             ),
         }
 
@@ -494,7 +519,9 @@ class Prefetcher:
         self._skipped = 0
 
     def close(self) -> None:
-        """Stops and joins every worker thread. Idempotent; batches already delivered stay valid."""
+        """Stops and joins every worker thread (and process) and returns the buffer pool's memory
+        to the OS: at once for buffers no batch uses, and as each batch you kept dies for the
+        rest. Idempotent; batches already delivered stay valid."""
         if getattr(self, "_closed", True):
             return
         self._closed = True
@@ -503,6 +530,7 @@ class Prefetcher:
         if workers is not None:
             workers.close()
             self._pool.close_arena_fd()
+        self._pool.close()  # its memory goes back now, a kept batch's when the batch dies
         with _live_lock:
             _live.discard(self)
 

@@ -400,11 +400,33 @@ def _add_ratios(results: list[dict[str, Any]]) -> None:
                 row["ratios"][peer["loader"]] = row["batches_per_s"] / peer["batches_per_s"]
 
 
+_ROUGH_ROW_S = 15.0  # seconds a row takes, all rounds' epochs and its process start included
+_ROUGH_ROW_S_QUICK = 2.0
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
+def _row_line(row: dict[str, Any], done: int, rows: int, pace: tuple[int, int, float]) -> str:
+    """One finished row for the log: what it measured, and the time left at the pace so far
+    (``pace``: measurements made, measurements planned, seconds spent)."""
+    what = f"{row['workload']} / {row['loader']}" + (f" w{row['workers']}" if row["workers"] else "")
+    if row["status"] == "ok":
+        figure = f"{row['batches_per_s']:,.1f} batches/s"
+    else:
+        figure = f"{row['status']}: {row['note']}"
+    measured, planned, elapsed_s = pace
+    left = elapsed_s / max(measured, 1) * (planned - measured)
+    return f"[{done}/{rows}] {what}: {figure} ({_minutes(elapsed_s)} so far, ~{_minutes(left)} left)"
+
+
 def run_bench(
     config: BenchConfig,
     *,
     progress: bool = True,
     on_result: Callable[[dict[str, Any]], None] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run every planned measurement and return the report document.
 
@@ -412,6 +434,9 @@ def run_bench(
         config: What to measure.
         progress: Show a tqdm progress bar on stderr (if tqdm is installed and stderr is a tty).
         on_result: Called with each result entry as soon as it is measured.
+        log: Called with a line of text up front (what will run, and roughly how long) and one
+            per finished row (its figure, and the time left at the pace so far): for output
+            that is no terminal (CI logs, ``| tee``), where the progress bar does not show.
 
     Returns:
         The report document (schema in :mod:`pyloader._bench.report`).
@@ -430,9 +455,15 @@ def run_bench(
                         file=sys.stderr, disable=None if progress else True, dynamic_ncols=True)
     except ImportError:
         bar = None
+    rows = sum(len(p.workloads) for p in plan)
+    if log is not None:
+        per_row = _ROUGH_ROW_S_QUICK if config.quick else _ROUGH_ROW_S
+        log(f"bench: {rows} rows x {config.rounds} round(s), each loader in a fresh process; "
+            f"roughly {_minutes(rows * config.rounds * per_row)} on a 2-CPU machine")
     results: list[dict[str, Any]] = []
     events: dict[tuple[str, str, int | None], list[dict[str, Any]]] = {}  # by row, one per round
     finished: set[tuple[str, str, int | None]] = set()  # rows in results (all rounds, or failed)
+    measured = [0]  # measurements made (a row's rounds count one each)
     started = time.time()
     try:
         for round_ in range(config.rounds):
@@ -448,6 +479,7 @@ def run_bench(
                          last: bool = last) -> None:
                     key = (workload, planned.loader, planned.workers)
                     events.setdefault(key, []).append(event)
+                    measured[0] += 1
                     if bar is not None:
                         bar.update(1)
                     if last or event["event"] != "result":  # its row is complete
@@ -456,6 +488,9 @@ def run_bench(
                         finished.add(key)
                         if on_result is not None:
                             on_result(row)
+                        if log is not None:
+                            pace = (measured[0], rows * config.rounds, time.time() - started)
+                            log(_row_line(row, len(finished), rows, pace))
 
                 todo = [w for w in planned.workloads if (w, planned.loader, planned.workers) not in finished]
                 if bar is not None and len(todo) < len(planned.workloads):
