@@ -283,6 +283,12 @@ std::vector<std::int64_t> shuffled_plan(std::uint64_t seed, std::int64_t epoch, 
   return idx;
 }
 
+// Drops the engine (and what it still holds) and checks that every payload was destroyed.
+void expect_every_payload_gone(std::shared_ptr<Engine>& engine) {
+  engine.reset();
+  CHECK_EQ(TestPayload::live(), 0);
+}
+
 // An engine over `loader` whose pool (1 GiB) never bounds these tests.
 std::shared_ptr<Engine> make_engine(std::shared_ptr<pyloader::Loader> loader,
                                     const EngineOptions& options) {
@@ -415,8 +421,7 @@ struct StressParams {
 // changes threads between epochs) checks every delivery; a monitor thread reads stats meanwhile.
 void stress_round(std::uint64_t seed, const StressParams& sp) {
   std::mt19937_64 rng(seed);
-  LoaderConfig cfg;
-  cfg.seed = seed;
+  LoaderConfig cfg{.seed = seed};
   cfg.hooks = rng() % 3 != 0;
   cfg.fail_permille = static_cast<int>(rng() % 100);
   cfg.hook_fail_permille = cfg.hooks ? 400 : 0;
@@ -647,8 +652,7 @@ TEST(stress_ordered_exactly_once) {
 // take_epoch_error(e) once.
 TEST(epoch_hook_gates_next_epoch) {
   const std::uint64_t seed = check::test_seed();
-  LoaderConfig cfg;
-  cfg.seed = seed;
+  LoaderConfig cfg{.seed = seed};
   cfg.hooks = true;
   cfg.hook_fail_permille = 500;
   cfg.sleep_permille = 200;
@@ -685,16 +689,14 @@ TEST(epoch_hook_gates_next_epoch) {
     }
     CHECK_GT(first, loader->hook_end[segs[s - 1].epoch].load());
   }
-  engine.reset();
-  CHECK_EQ(TestPayload::live(), 0);
+  expect_every_payload_gone(engine);
 }
 
 // skip_to() before start: positions below it are delivered skipped and never loaded; the epoch
 // hooks still run (the gates open); stats count only loaded batches.
 TEST(skip_to_before_start) {
   const std::uint64_t seed = check::test_seed();
-  LoaderConfig cfg;
-  cfg.seed = seed;
+  LoaderConfig cfg{.seed = seed};
   cfg.hooks = true;
   const int kWorkers = 3;
   auto loader = std::make_shared<TestLoader>(cfg, kWorkers);
@@ -734,16 +736,14 @@ TEST(skip_to_before_start) {
   CHECK_EQ(st[0].batches, 6);
   CHECK_EQ(st[1].epoch, 2);
   CHECK_EQ(st[1].batches, 10);
-  engine.reset();
-  CHECK_EQ(TestPayload::live(), 0);
+  expect_every_payload_gone(engine);
 }
 
 // skip_to() while loading: positions already loaded are delivered as loaded, the rest below the
 // mark skipped; nothing at or past the mark is skipped.
 TEST(skip_to_while_running) {
   const std::uint64_t seed = check::test_seed();
-  LoaderConfig cfg;
-  cfg.seed = seed;
+  LoaderConfig cfg{.seed = seed};
   cfg.prepare_delay = 2ms;
   const int kWorkers = 2;
   auto loader = std::make_shared<TestLoader>(cfg, kWorkers);
@@ -781,8 +781,7 @@ TEST(skip_to_while_running) {
   CHECK_EQ(st[0].batches, 80 - skipped);
   engine->stop();
   engine->join();
-  engine.reset();
-  CHECK_EQ(TestPayload::live(), 0);
+  expect_every_payload_gone(engine);
 }
 
 namespace {
@@ -824,13 +823,9 @@ struct StopFixture {
 // published but undelivered batches are released with the engine.
 TEST(stop_while_ring_full_and_destroy_undelivered) {
   const std::uint64_t seed = check::test_seed();
-  LoaderConfig cfg;
-  cfg.seed = seed;
+  LoaderConfig cfg{.seed = seed};
   cfg.zero_bytes_permille = 0;
-  EngineOptions opt;
-  opt.workers = 4;
-  opt.depth = 3;
-  StopFixture f(cfg, opt, std::size_t{1} << 30);
+  StopFixture f(cfg, {.workers = 4, .depth = 3}, std::size_t{1} << 30);
   f.engine->append(0, shuffled_plan(seed, 0, 100, 100), false);
   f.engine->start();
   CHECK(f.engine->wait_ready(10s));
@@ -852,12 +847,8 @@ TEST(stop_while_ring_full_and_destroy_undelivered) {
 // blocked in wait_ready(forever): stop() wakes all of them.
 TEST(stop_while_waiting_for_plan) {
   const std::uint64_t seed = check::test_seed();
-  LoaderConfig cfg;
-  cfg.seed = seed;
-  EngineOptions opt;
-  opt.workers = 3;
-  opt.depth = 8;
-  StopFixture f(cfg, opt, std::size_t{1} << 30);
+  LoaderConfig cfg{.seed = seed};
+  StopFixture f(cfg, {.workers = 3, .depth = 8}, std::size_t{1} << 30);
   f.engine->start();
   f.engine->append(0, {0, 1}, false);
   std::atomic<int> outcome{-1};
@@ -913,13 +904,9 @@ TEST(stop_while_waiting_in_pool) {
 // A worker inside the Loader finishes its call, then returns.
 TEST(stop_while_in_loader) {
   const std::uint64_t seed = check::test_seed();
-  LoaderConfig cfg;
-  cfg.seed = seed;
+  LoaderConfig cfg{.seed = seed};
   cfg.prepare_delay = 300ms;
-  EngineOptions opt;
-  opt.workers = 2;
-  opt.depth = 4;
-  StopFixture f(cfg, opt, std::size_t{1} << 30);
+  StopFixture f(cfg, {.workers = 2, .depth = 4}, std::size_t{1} << 30);
   f.engine->append(0, shuffled_plan(seed, 0, 10, 10), false);
   f.engine->start();
   CHECK(check::eventually([&] { return f.loader->prepares.load() == 2; }));
@@ -931,8 +918,7 @@ TEST(stop_while_in_loader) {
 // A batch whose buffer the OS refuses arrives as an error at its position; the others load.
 TEST(out_of_memory_is_delivered_as_error) {
   const std::uint64_t seed = check::test_seed();
-  LoaderConfig cfg;
-  cfg.seed = seed;
+  LoaderConfig cfg{.seed = seed};
   const auto plan = shuffled_plan(seed, 0, 20, 20);
   cfg.oom_index = plan[7];
   const int kWorkers = 2;
@@ -953,8 +939,7 @@ TEST(out_of_memory_is_delivered_as_error) {
   }
   engine->stop();
   engine->join();
-  engine.reset();
-  CHECK_EQ(TestPayload::live(), 0);
+  expect_every_payload_gone(engine);
 }
 
 // enter() returning false (the host is shutting down) ends that worker: with one worker, the
@@ -1013,8 +998,7 @@ TEST(enter_refused_ends_workers) {
 // consumer needs next then grows the pool instead of waiting forever.
 TEST(pool_bound_below_depth_never_deadlocks) {
   const std::uint64_t seed = check::test_seed();
-  LoaderConfig cfg;
-  cfg.seed = seed;
+  LoaderConfig cfg{.seed = seed};
   cfg.fixed_bytes = kPage;
   cfg.slow_position = 0;  // positions 1 and 2 take both buffers first
   cfg.slow_delay = 200ms;
@@ -1057,8 +1041,7 @@ TEST(pool_bound_below_depth_never_deadlocks) {
 TEST(take_wakes_a_worker_that_checked_before_it) {
   const std::uint64_t seed = check::test_seed();
   std::atomic<bool> gate{false};
-  LoaderConfig cfg;
-  cfg.seed = seed;
+  LoaderConfig cfg{.seed = seed};
   cfg.fixed_bytes = kPage;
   cfg.gated_position = 1;  // positions 0 and 2 take both buffers first
   cfg.gate_open = &gate;
