@@ -169,7 +169,7 @@ def _stderr_line(text: str) -> None:
 
 
 def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from pyloader._bench.loaders import LOADERS, default_loaders
+    from pyloader._bench.loaders import LOADERS, default_loaders, probe
     from pyloader._bench.workloads import WORKLOADS
 
     if args.list:
@@ -182,10 +182,9 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             print(f"  {name:<18} {spec.description}{flag}")
         return 0
 
-    try:
-        import psutil  # noqa: F401 - the harness measures memory and CPU time with it
-    except ImportError:
-        print("python -m pyloader bench needs psutil, from pyloader's [bench] extra: "
+    missing = probe(("psutil",))  # the harness measures memory and CPU time with it
+    if missing is not None:
+        print(f"python -m pyloader bench needs psutil, from pyloader's [bench] extra ({missing}): "
               "pip install \"pyloader[bench]\" (from a checkout: pip install \".[bench]\")",
               file=sys.stderr)
         return 2

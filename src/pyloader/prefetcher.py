@@ -536,12 +536,12 @@ class Prefetcher:
 
     def worker_pids(self) -> list[int]:
         """Process mode: the process ids of the current workers, one per worker (a replaced worker's
-        successor takes its place; while it is being started, that worker is left out). Thread
-        mode: ``[]``."""
+        successor takes its place, once started; a worker that could not be replaced is left
+        out). Thread mode: ``[]``."""
         if self._workers is None:
             return []
-        # A slot whose worker is being replaced holds pid 0 until the zygote answers: never hand
-        # that out, for os.kill(0, sig) signals the caller's whole process group.
+        # WorkerPool.pids() waits out a replacement in progress; a slot whose replacement failed
+        # holds pid 0, never handed out: os.kill(0, sig) signals the caller's whole process group.
         return [pid for pid in self._workers.pids() if pid > 0]
 
     def __enter__(self) -> Prefetcher:
