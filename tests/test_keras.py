@@ -819,7 +819,9 @@ def test_process_mode_options_reach_the_worker_processes(tmp_path):
         raise AssertionError("max_retries=0 should fail on the first death")
     ds.close()
     ids = sorted(int(name.split("-")[0]) for name in os.listdir(marks))
-    assert set(ids) == {{0, 1}} and len(ids) <= 3, ids  # init ran in each worker (a replacement may add one)
+    # init ran in each worker, and in each replacement: batch 1 kills one worker in epoch 0 and, when
+    # the plan has loaded epoch 1 ahead before close(), another one there (timing decides which)
+    assert set(ids) == {{0, 1}} and len(ids) <= 4, ids
     try:
         pk.prefetch(Samples(2, workers=2, use_multiprocessing=True), start_method="nope")
     except ValueError as e:
