@@ -31,7 +31,8 @@ Arena::Arena(int fd, std::byte* base, std::size_t size) : fd_(fd), base_(base), 
 }
 
 Arena::~Arena() {
-  munmap(base_, size_);
+  munmap(base_, size_);        // this process's mapping only
+  if (!owner_.here()) return;  // a forked child's copy: mu_ may be held by a thread not here
   close_fd();
 }
 
@@ -56,6 +57,9 @@ std::byte* Arena::allocate(std::size_t bytes, std::size_t align) {
 }
 
 void Arena::free(std::byte* p, std::size_t bytes) noexcept {
+  // A forked child's copy (fork.h): the pages are the parent's too, and mu_ may be held by a
+  // parent's thread that is not here. The copy is never used again: nothing to keep in order.
+  if (!owner_.here()) return;
   std::size_t off = static_cast<std::size_t>(p - base_);
   std::size_t len = bytes;
   std::lock_guard lock(mu_);

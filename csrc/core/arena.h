@@ -7,7 +7,8 @@
 // maps the same file (or inherits the mapping by fork) and addresses buffers by their offset.
 //
 // Ranges are handed out first-fit from a free list (coalesced on free). A freed range's pages go
-// back to the kernel at once (fallocate PUNCH_HOLE), as munmap does for the private buffers.
+// back to the kernel at once (fallocate PUNCH_HOLE), as munmap does for the private buffers;
+// except in a forked child, where the pages are still the parent's (fork.h).
 //
 // Thread safety: allocate() and free() are safe to call from any thread (one mutex).
 #pragma once
@@ -16,6 +17,8 @@
 #include <map>
 #include <memory>
 #include <mutex>
+
+#include "fork.h"
 
 namespace pyloader {
 
@@ -45,6 +48,7 @@ class Arena {
   int fd_;
   std::byte* const base_;
   const std::size_t size_;
+  const OwnerProcess owner_;
   mutable std::mutex mu_;
   std::map<std::size_t, std::size_t> free_;  // offset -> length, disjoint, never adjacent
 };

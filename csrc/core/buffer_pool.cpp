@@ -90,6 +90,7 @@ void BufferPool::unmap(void* p, std::size_t bytes) noexcept {
 }
 
 BufferPool::~BufferPool() {
+  if (!owner_.here()) return;  // a forked child's copy: see release()
   // No lease can be alive: each holds a shared_ptr to the pool.
   for (std::size_t id = 0; id < buffers_.size(); ++id) {
     if (buffers_[id].data) drop_locked(static_cast<std::int32_t>(id));
@@ -188,6 +189,10 @@ void BufferPool::notify() noexcept {
 }
 
 void BufferPool::release(std::int32_t id) noexcept {
+  // A forked child's copy of the pool (a batch taken before the fork, dropped in the child): mu_
+  // may be held by a parent's thread that is not here, and the memory may be the parent's
+  // (fork.h). The copy is never used again: leave it as it is.
+  if (!owner_.here()) return;
   {
     std::lock_guard lock(mu_);
     Buffer& b = buffers_[id];

@@ -49,6 +49,9 @@
 //
 // Shutdown: acquire() takes a cancel flag; after setting it, call wake_all() and every waiter
 // returns an empty lease at once.
+//
+// Fork (fork.h): in a forked child the pool is a copy whose mu_ may be held by a parent's thread
+// that is not there and whose arena is the parent's: release() and the destructor do nothing.
 #pragma once
 
 #include <atomic>
@@ -65,6 +68,7 @@
 
 #include "arena.h"
 #include "config.h"
+#include "fork.h"
 #include "pin.h"
 #include "wait.h"
 
@@ -186,6 +190,7 @@ class BufferPool : public std::enable_shared_from_this<BufferPool> {
 
   const std::size_t max_bytes_;
   std::unique_ptr<Arena> arena_;
+  const OwnerProcess owner_;
   mutable std::mutex mu_;
   Pinner pinner_;
   std::vector<Buffer> buffers_;     // index = buffer id; dropped entries have data == nullptr

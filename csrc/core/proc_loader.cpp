@@ -49,6 +49,8 @@ ProcLoader::~ProcLoader() {
 
 void ProcLoader::interrupt() noexcept {
   interrupted_.store(true, std::memory_order_release);
+  // A forked child's copy: the eventfd is shared, a write would stop the parent's (fork.h).
+  if (!owner_.here()) return;
   const std::uint64_t one = 1;
   [[maybe_unused]] const ssize_t n = ::write(stop_fd_, &one, sizeof one);
 }

@@ -51,6 +51,7 @@
 #include <vector>
 
 #include "engine.h"
+#include "fork.h"
 
 namespace pyloader {
 
@@ -158,7 +159,8 @@ class ProcLoader final : public Loader {
   const Replace replace_;
   const Hook hook_;
   const int max_retries_;
-  int stop_fd_ = -1;  // eventfd: readable once interrupted
+  int stop_fd_ = -1;  // eventfd: readable once interrupted (shared with forked children)
+  const OwnerProcess owner_;
   std::atomic<bool> interrupted_{false};
   std::atomic<std::int64_t> hooks_;
   std::atomic<std::int64_t> deaths_{0};

@@ -18,6 +18,7 @@ import select
 import socket
 import threading
 import time
+import weakref
 from typing import Any, Callable
 
 from .. import _C
@@ -28,6 +29,25 @@ from ._zygote import _zygote_main, describe_status
 
 _ZYGOTE_TIMEOUT_S = 10.0
 _UPDATE_TIMEOUT_S = 10.0
+
+# The zygotes of live pools: multiprocessing.Process objects, which multiprocessing itself lists in
+# multiprocessing.process._children. A process forked by the user's own os.fork() inherits that
+# list, and at its exit multiprocessing's atexit handler would SIGTERM every daemonic "child" on it
+# (our parent's zygote: its workers would be gone for the parent) and then fail to join it. So the
+# child forgets them (the Prefetchers that own them are orphaned there: prefetcher._orphan_live).
+_zygotes: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _forget_zygotes_in_child() -> None:
+    children = getattr(multiprocessing.process, "_children", None)
+    for proc in list(_zygotes):
+        if isinstance(children, set):
+            children.discard(proc)
+    _zygotes.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_zygotes_in_child)
 
 
 class WorkerPool:
@@ -69,6 +89,7 @@ class WorkerPool:
             proc = ctx.Process(target=_zygote_main, args=(theirs, spec), name="pyloader-zygote", daemon=True)
             proc.start()
             self._proc = proc  # only once started: close() joins it
+            _zygotes.add(proc)
             theirs.close()
             ours.settimeout(_ZYGOTE_TIMEOUT_S)
             try:
