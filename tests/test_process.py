@@ -586,3 +586,23 @@ def test_array_sequence_is_gathered_natively_in_process_mode():
             return next(iter(p)).tolist()
 
     assert first("process") == first("thread")
+
+
+def test_abandoned_passes_leave_no_worker_traceback():
+    """Abandoning a pass (a new iter() or set_epoch() mid-epoch) replaces the workers left
+    mid-conversation by closing their sockets with a message unread: the worker gets
+    ConnectionResetError and must exit quietly (issue 14, item 11), not print a traceback."""
+    r = run_python(PRELUDE + textwrap.dedent("""
+    seq = ProcSeq(40, shape=(1 << 14,), sleep=0.002)
+    with pyloader.Prefetcher(seq, workers=2, mode="process", depth=8) as loader:
+        for trial in range(6):
+            it = iter(loader)
+            next(it), next(it)
+            loader.set_epoch(trial + 3)
+            next(iter(loader))
+            next(iter(loader))  # abandons the pass before
+        assert [int(b[1]) for b in loader] == list(range(40))
+    print("OK")
+    """), timeout=120)
+    assert r.returncode == 0 and "OK" in r.stdout, f"exit {r.returncode}\nstdout:\n{r.stdout}\nstderr:\n{r.stderr}"
+    assert "Traceback" not in r.stderr and "Error" not in r.stderr, r.stderr

@@ -119,6 +119,8 @@ def _fork_worker(ctl: socket.socket, spec: _Spec, slot: int, address: int) -> tu
             ours.close()
             ctl.close()
             _worker_main(theirs, spec, slot, address, zygote)
+        except ConnectionError:
+            pass  # the consumer closed our socket with a message unread (an abandoned pass): done
         except BaseException:
             traceback.print_exc()
             code = 1
