@@ -75,6 +75,7 @@ void Engine::start() {
 // ---- planner --------------------------------------------------------------------------------
 
 void Engine::append(std::int64_t epoch, std::vector<std::int64_t> indices, bool gated) {
+  std::vector<std::shared_ptr<Segment>> pruned;  // destroyed below, outside plan_mu_
   {
     std::lock_guard lock(plan_mu_);
     auto seg = std::make_shared<Segment>();
@@ -86,7 +87,7 @@ void Engine::append(std::int64_t epoch, std::vector<std::int64_t> indices, bool 
     // An empty segment has nothing to load: its hook (if any) is the owner's to call.
     seg->hook_done = seg->indices.empty();
     segments_.push_back(std::move(seg));
-    prune_locked();
+    pruned = prune_locked();
     recompute_open_locked();
   }
   bump_plan_word();
@@ -109,14 +110,20 @@ bool Engine::replan(std::int64_t epoch, std::vector<std::int64_t> indices) {
   return true;
 }
 
-// NOTE [ Engine prunes segments behind the consumer ] (engine.h).
-void Engine::prune_locked() {
+// NOTE [ Engine prunes segments behind the consumer ] (engine.h). Ordering: a worker's last use
+// of a job's raw Segment* (count_finished, run_epoch_hook) comes before it publishes the position
+// (R1); the consumer takes it (A1) before it stores consumer_next_ past it (release, U1); so a
+// segment that ends before the consumer_next_ loaded here (acquire, U1) is no worker's any more.
+std::vector<std::shared_ptr<Engine::Segment>> Engine::prune_locked() {
   const std::int64_t consumer = consumer_next_.load(std::memory_order_acquire);  // U1
   std::size_t drop = 0;
   while (drop < open_segments_ && segments_[drop]->end() < consumer) ++drop;
-  if (drop == 0) return;
-  segments_.erase(segments_.begin(), segments_.begin() + static_cast<std::ptrdiff_t>(drop));
+  const auto cut = segments_.begin() + static_cast<std::ptrdiff_t>(drop);
+  std::vector<std::shared_ptr<Segment>> pruned(std::make_move_iterator(segments_.begin()),
+                                               std::make_move_iterator(cut));
+  segments_.erase(segments_.begin(), cut);
   open_segments_ -= drop;
+  return pruned;
 }
 
 std::int64_t Engine::planned_end() const {

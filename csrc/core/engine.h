@@ -239,7 +239,9 @@ class Engine : public std::enable_shared_from_this<Engine> {
   std::shared_ptr<Segment> segment_of(std::int64_t position,
                                       const std::shared_ptr<Segment>& cached) const;
   const std::shared_ptr<Segment>* segment_locked(std::int64_t position) const;  // plan_mu_ held
-  void prune_locked();
+  // Takes the segments to drop out of segments_ (the caller destroys them after unlocking: a
+  // hook error's payload may need the GIL to die).
+  std::vector<std::shared_ptr<Segment>> prune_locked();
   bool deliver(int worker, Job& job);
   // Publishes a prepared job now if that needs no wait; false leaves it for deliver().
   // *deferred receives a job whose epoch hook must first run (outside enter()/leave()).

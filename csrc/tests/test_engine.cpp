@@ -788,8 +788,10 @@ TEST(append_prunes_segments_behind_the_consumer) {
     CHECK_EQ(as_test(err)->epoch, e);
     const auto kept = engine->segments();
     most = std::max(most, kept.size());
-    CHECK_EQ(kept.front().epoch, e);  // the one just finished is the first kept
-    if (e >= 1) CHECK_EQ(engine->task_at((e - 1) * kLen).position, -1);
+    if (e + 2 < kEpochs) {  // append() pruned: the epoch just finished is the first kept
+      CHECK_EQ(kept.front().epoch, e);
+      if (e >= 1) CHECK_EQ(engine->task_at((e - 1) * kLen).position, -1);
+    }
   }
   std::printf("  at most %zu segments kept over %d epochs\n", most, kEpochs);
   CHECK_LE(most, 3u);

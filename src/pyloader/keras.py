@@ -32,6 +32,13 @@ Each loaded epoch gets one ``on_epoch_begin`` and one ``on_epoch_end``; the epoc
 ``steps_per_epoch`` spreads over several Keras epochs is one epoch here. Sequences that define
 neither hook (Keras's base class defines no-ops) load across epoch boundaries without waiting.
 
+A Sequence whose ``len()`` changes in ``on_epoch_end`` gets each epoch with its own length (see
+:mod:`pyloader.prefetcher`). Keras's generator reads ``len(dataset)`` when it starts, before its
+first batch: the pass begins right then, so the generator sees its epoch's length. Keras (3.x,
+torch backend) reads the number of steps of ``fit`` only once, though: a shorter epoch ends early
+(with Keras's "ran out of data" warning), and one longer than the first is cut to that many steps
+by Keras, which then skips the rest of it, as on its own path.
+
 Process mode (``mode="process"``, the default for a PyDataset made with
 ``use_multiprocessing=True``): the workers are processes, forked (through the Prefetcher's zygote)
 from a copy of this process taken when the Prefetcher is made, that run the Sequence's
