@@ -267,8 +267,10 @@ class Prefetcher:
     def _length_at(self, epoch: int, consumed: int) -> int:
         """``len(sequence)`` of the epoch at this position: the one it was planned with once it has
         begun (a pass started, or batches consumed), else what its start would read now."""
-        if consumed or epoch == self._pass_epoch or (self._on_epoch_end is not None and epoch in self._lengths):
-            return self._lengths.get(epoch, self._plan.length)  # with a hook: read after the last one
+        begun = consumed or epoch == self._pass_epoch
+        # With a hook, an epoch begins once the hook before it ran, which re-planned it.
+        if begun or (self._on_epoch_end is not None and epoch in self._lengths):
+            return self._lengths.get(epoch, self._plan.length)
         return _read_length(self._sequence)
 
     def __iter__(self) -> Iterator[Any]:
@@ -462,7 +464,7 @@ class Prefetcher:
         length = self._length_at(epoch, consumed)
         if consumed and consumed == self._plan_of(length).epoch_length:
             epoch, consumed = epoch + 1, 0
-            length = _read_length(self._sequence)
+            length = self._length_at(epoch, consumed)
         p = self._plan
         return {
             "version": _STATE_VERSION,
@@ -692,11 +694,8 @@ class _EpochIterator:
 
 
 def _read_length(sequence: Any) -> int:
-    """``len(sequence)``, checked: the number of batches of the epoch that starts now."""
-    length = len(sequence)
-    if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < 0:
-        raise TypeError(f"len(sequence) must be an integer >= 0, got {length!r}")
-    return int(length)
+    """``len(sequence)``: the number of batches of an epoch, read when it starts (or is planned)."""
+    return len(sequence)
 
 
 def prefetch(sequence: Any, **options: Any) -> Prefetcher:
