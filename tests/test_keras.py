@@ -269,6 +269,73 @@ def test_epoch_hooks_run_once_per_epoch_around_its_loads(prefetched):
     assert log[epochs * (n + 2)] == "begin"
 
 
+class Resizing(keras.utils.PyDataset):
+    """Epoch e (counted by on_epoch_end) has lens[e] batches; batch i: x = rows of [i, e]. Asking
+    for an index past the current length raises IndexError (and is logged in ``bad``)."""
+
+    def __init__(self, lens: list[int]) -> None:
+        super().__init__()
+        self.lens = lens
+        self.epoch = 0
+        self.bad: list[tuple[int, int]] = []
+
+    def __len__(self) -> int:
+        return self.lens[min(self.epoch, len(self.lens) - 1)]
+
+    def __getitem__(self, i: int):
+        if not 0 <= i < len(self):
+            self.bad.append((self.epoch, i))
+            raise IndexError(f"batch {i} of {len(self)} (epoch {self.epoch})")
+        x = np.empty((ROWS, 2), np.float32)
+        x[:, 0] = i
+        x[:, 1] = self.epoch
+        return x, np.ones((ROWS, 1), np.float32)
+
+    def on_epoch_end(self) -> None:
+        self.epoch += 1
+
+
+class EpochRows(keras.layers.Layer):
+    """Identity layer that records (Sequence epoch, index) of each training batch, per Keras epoch."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.epochs: list[list[tuple[int, int]]] = []
+
+    def call(self, x, training=None):
+        if training and isinstance(x, torch.Tensor) and not x.is_meta:
+            self.epochs[-1].append((int(x[0, 1].item()), int(x[0, 0].item())))
+        return x
+
+
+# Keras (3.15, torch backend) reads the number of steps once per fit; a shorter epoch ends when its
+# generator (which reads len() when it starts) runs out, with this warning.
+@pytest.mark.filterwarnings("ignore:Your input ran out of data:UserWarning")
+@pytest.mark.parametrize("path", ["thread", "process", "keras"])
+def test_a_length_on_epoch_end_changes_gives_each_fit_epoch_every_batch_of_its_epoch_once(prefetched, path):
+    lens = [4, 2, 3, 1, 4]
+    seq = Resizing(lens)
+    rows = EpochRows()
+    model = keras.Sequential([keras.Input((2,)), rows, keras.layers.Dense(1)])
+    model.compile(keras.optimizers.SGD(0.01), "mse")
+    begin = keras.callbacks.LambdaCallback(on_epoch_begin=lambda *_: rows.epochs.append([]))
+    data = seq if path == "keras" else prefetched(seq, workers=2, depth=3, mode=path)
+    model.fit(data, epochs=len(lens), verbose=0, shuffle=True, callbacks=[begin])
+    assert seq.bad == [], "no index past its epoch's length was asked for"
+    assert len(rows.epochs) == len(lens)
+    seq_epochs = []
+    for got in rows.epochs:
+        (e,) = {e for e, _ in got}  # one Sequence epoch per fit epoch
+        assert sorted(i for _, i in got) == list(range(lens[min(e, len(lens) - 1)])), rows.epochs
+        seq_epochs.append(e)
+    if path == "keras":
+        # Keras's own path: its reset() after the model-building peek calls on_epoch_end once
+        # more, so fit's epochs are the Sequence's epochs 1, 2, ...
+        assert seq_epochs == list(range(1, len(lens) + 1))
+    else:
+        assert seq_epochs == list(range(len(lens)))
+
+
 def test_pydataset_without_hooks_is_not_gated(prefetched):
     # Keras's PyDataset defines no-op hooks: they must not reach the engine (which would gate the
     # next epoch's loads on them).

@@ -75,9 +75,10 @@ void Engine::start() {
 // ---- planner --------------------------------------------------------------------------------
 
 void Engine::append(std::int64_t epoch, std::vector<std::int64_t> indices, bool gated) {
+  std::vector<std::shared_ptr<Segment>> pruned;  // destroyed below, outside plan_mu_
   {
     std::lock_guard lock(plan_mu_);
-    auto seg = std::make_unique<Segment>();
+    auto seg = std::make_shared<Segment>();
     seg->epoch = epoch;
     seg->start = segments_.empty() ? 0 : segments_.back()->end();
     seg->indices = std::move(indices);
@@ -86,9 +87,43 @@ void Engine::append(std::int64_t epoch, std::vector<std::int64_t> indices, bool 
     // An empty segment has nothing to load: its hook (if any) is the owner's to call.
     seg->hook_done = seg->indices.empty();
     segments_.push_back(std::move(seg));
+    pruned = prune_locked();
     recompute_open_locked();
   }
   bump_plan_word();
+}
+
+bool Engine::replan(std::int64_t epoch, std::vector<std::int64_t> indices) {
+  {
+    std::lock_guard lock(plan_mu_);
+    // Shut: gated behind a hook not yet done. Every position of it is at or past open_end_, so no
+    // worker has looked it up (see "Re-planning" in engine.h).
+    if (segments_.empty() || open_segments_ >= segments_.size()) return false;
+    Segment& seg = *segments_.back();
+    if (seg.epoch != epoch || open_segments_ + 1 != segments_.size()) return false;
+    seg.indices = std::move(indices);
+    seg.remaining.store(static_cast<std::int64_t>(seg.indices.size()), std::memory_order_relaxed);
+    seg.hook_done = seg.indices.empty();
+    recompute_open_locked();
+  }
+  bump_plan_word();
+  return true;
+}
+
+// NOTE [ Engine prunes segments behind the consumer ] (engine.h). Ordering: a worker's last use
+// of a job's raw Segment* (count_finished, run_epoch_hook) comes before it publishes the position
+// (R1); the consumer takes it (A1) before it stores consumer_next_ past it (release, U1); so a
+// segment that ends before the consumer_next_ loaded here (acquire, U1) is no worker's any more.
+std::vector<std::shared_ptr<Engine::Segment>> Engine::prune_locked() {
+  const std::int64_t consumer = consumer_next_.load(std::memory_order_acquire);  // U1
+  std::size_t drop = 0;
+  while (drop < open_segments_ && segments_[drop]->end() < consumer) ++drop;
+  const auto cut = segments_.begin() + static_cast<std::ptrdiff_t>(drop);
+  std::vector<std::shared_ptr<Segment>> pruned(std::make_move_iterator(segments_.begin()),
+                                               std::make_move_iterator(cut));
+  segments_.erase(segments_.begin(), cut);
+  open_segments_ -= drop;
+  return pruned;
 }
 
 std::int64_t Engine::planned_end() const {
@@ -97,9 +132,11 @@ std::int64_t Engine::planned_end() const {
 }
 
 Task Engine::task_at(std::int64_t position) const {
-  Segment* seg = segment_of(position, nullptr);
-  if (!seg) return {};
-  return {position, seg->epoch, seg->indices[static_cast<std::size_t>(position - seg->start)]};
+  std::lock_guard lock(plan_mu_);  // the segment may be re-planned (replan) while shut
+  const std::shared_ptr<Segment>* found = segment_locked(position);
+  if (!found) return {};
+  const Segment& seg = **found;
+  return {position, seg.epoch, seg.indices[static_cast<std::size_t>(position - seg.start)]};
 }
 
 std::vector<SegmentSpan> Engine::segments() const {
@@ -110,15 +147,21 @@ std::vector<SegmentSpan> Engine::segments() const {
   return out;
 }
 
-Engine::Segment* Engine::segment_of(std::int64_t position, Segment* cached) const {
+std::shared_ptr<Engine::Segment> Engine::segment_of(std::int64_t position,
+                                                    const std::shared_ptr<Segment>& cached) const {
   if (cached && position >= cached->start && position < cached->end()) return cached;
   std::lock_guard lock(plan_mu_);
+  const std::shared_ptr<Segment>* seg = segment_locked(position);
+  return seg ? *seg : nullptr;
+}
+
+const std::shared_ptr<Engine::Segment>* Engine::segment_locked(std::int64_t position) const {
   auto it = std::upper_bound(
       segments_.begin(), segments_.end(), position,
-      [](std::int64_t p, const std::unique_ptr<Segment>& s) { return p < s->start; });
+      [](std::int64_t p, const std::shared_ptr<Segment>& s) { return p < s->start; });
   while (it != segments_.begin()) {
     --it;
-    if (position >= (*it)->start && position < (*it)->end()) return it->get();
+    if (position >= (*it)->start && position < (*it)->end()) return &*it;
     if (position >= (*it)->end()) break;
   }
   return nullptr;
@@ -162,7 +205,7 @@ void Engine::worker_main(int worker) {
   std::vector<Job> run;
   run.reserve(max_run);
   std::vector<std::pair<Delivery, Segment*>> deferred;
-  Segment* cached = nullptr;
+  std::shared_ptr<Segment> cached;  // keeps a segment pruned meanwhile alive (see the NOTE)
   while (!stopping()) {
     const std::int64_t p = ring_.claim();
     if (!wait_loadable(p)) break;
@@ -174,7 +217,7 @@ void Engine::worker_main(int worker) {
       cached = segment_of(q, cached);
       Job& job = run.emplace_back();
       ++taken;
-      job.segment = cached;
+      job.segment = cached.get();
       job.prep.task = {q, cached->epoch,
                        cached->indices[static_cast<std::size_t>(q - cached->start)]};
       job.skip = q < skip_before_.load(std::memory_order_acquire);
@@ -331,14 +374,19 @@ Delivery Engine::take() noexcept {
   if (!d.skipped) {
     std::lock_guard lock(stats_mu_);
     if (stats_.empty() || stats_.back().epoch != d.task.epoch) {
+      if (stats_.size() >= std::max<std::size_t>(options_.stats_window, 1)) {
+        earlier_stats_.merge(stats_.front());
+        stats_.pop_front();
+      }
       EpochStats& e = stats_.emplace_back();
-      e.epoch = d.task.epoch;
+      e.epoch = e.first_epoch = d.task.epoch;
+      e.epochs = 1;
       e.first_ns = asked_ns_ ? asked_ns_ : now;
       e.busy_first_ns = worker_busy_ns();
     }
     EpochStats& e = stats_.back();
     ++e.batches;
-    e.load_us.push_back(static_cast<std::uint32_t>(
+    e.load_us.record(static_cast<std::uint32_t>(
         std::min<std::int64_t>(d.load_ns / 1000, std::numeric_limits<std::uint32_t>::max())));
     e.wait_ns += pending_wait_ns_;
     e.last_ns = now;
@@ -368,9 +416,9 @@ std::unique_ptr<Payload> Engine::take_epoch_error(std::int64_t epoch) {
   return nullptr;
 }
 
-std::vector<EpochStats> Engine::stats() const {
+StatsWindow Engine::stats() const {
   std::lock_guard lock(stats_mu_);
-  return stats_;
+  return {{stats_.begin(), stats_.end()}, earlier_stats_};
 }
 
 std::int64_t Engine::worker_busy_ns() const noexcept {

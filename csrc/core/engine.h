@@ -38,6 +38,18 @@
 // last outside reference alone leaves the workers running. The destructor (which runs once the
 // workers have ended) calls both again, harmlessly.
 //
+// Re-planning: replan() replaces the indices of the last segment while its gate is still shut
+// (gated, the previous segment's hook not yet done). No worker can have looked such a segment up:
+// a worker looks up a position only once it is below open_end_, and the consumer's task_at() reads
+// under plan_mu_; so the segment may change size. The owner calls it from inside the previous
+// epoch's hook (which runs before the gate opens), to plan the next epoch with what the hook left
+// (the Sequence's length).
+//
+// Memory in long runs: append() drops the segments that end before the consumer's position
+// (NOTE [ Engine prunes segments behind the consumer ]), and stats() keeps `stats_window`
+// epochs in detail and merges older ones into one record; a batch's load time goes into a
+// fixed-size histogram (histogram.h). So neither grows with the number of epochs or batches.
+//
 // Buffers: a worker's acquire passes its position as priority. The position the consumer needs
 // next may grow the pool past its bound while later positions hold buffers (in_flight_buffers_):
 // they are released only after it is consumed, so waiting would deadlock. When every buffer is
@@ -47,9 +59,11 @@
 // the pool exceeds its bound by at most `depth` buffers.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <deque>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -57,6 +71,7 @@
 
 #include "buffer_pool.h"
 #include "config.h"
+#include "histogram.h"
 #include "loader.h"
 #include "ring.h"
 #include "thread_pool.h"
@@ -68,6 +83,7 @@ struct EngineOptions {
   std::size_t depth = 2;
   std::chrono::nanoseconds run_budget{std::chrono::microseconds(200)};
   std::size_t max_run = 64;
+  std::size_t stats_window = 64;  // epochs stats() keeps in detail; older ones are merged
 };
 
 // An appended epoch segment: positions [start, end) load epoch `epoch`.
@@ -77,19 +93,49 @@ struct SegmentSpan {
   std::int64_t end = 0;
 };
 
-// Per-epoch figures, kept by the consumer's calls.
+// Per-epoch figures, kept by the consumer's calls. A record may also stand for several epochs
+// merged (merge(): epochs > 1, first_epoch..epoch).
 struct EpochStats {
-  std::int64_t epoch = -1;
+  std::int64_t epoch = -1;        // the (last) epoch counted
+  std::int64_t first_epoch = -1;  // the first epoch counted
+  std::int64_t epochs = 0;        // epochs counted (1 but for a merged record)
   std::int64_t batches = 0;
-  std::vector<std::uint32_t> load_us;  // per batch, in delivery order
-  std::int64_t wait_ns = 0;            // consumer time spent waiting for batches
-  std::int64_t first_ns = 0;           // steady clock: the consumer first asked for a batch
-  std::int64_t last_ns = 0;            // steady clock: the consumer took the latest batch
-  std::int64_t busy_first_ns = 0;      // sum of worker busy time at first_ns / last_ns
+  LoadHistogram load_us;           // per-batch load time, microseconds
+  std::int64_t wait_ns = 0;        // consumer time spent waiting for batches
+  std::int64_t first_ns = 0;       // steady clock: the consumer first asked for a batch
+  std::int64_t last_ns = 0;        // steady clock: the consumer took the latest batch
+  std::int64_t busy_first_ns = 0;  // sum of worker busy time at first_ns / last_ns
   std::int64_t busy_last_ns = 0;
+  std::int64_t merged_wall_ns = 0;  // wall and busy time of the epochs merged into this record
+  std::int64_t merged_busy_ns = 0;
   std::int64_t peak_in_flight = 0;  // most batches loaded and not yet taken
   std::size_t pool_buffers = 0;     // buffer pool size at the latest batch
   std::size_t pool_bytes = 0;
+
+  std::int64_t wall_ns() const noexcept { return merged_wall_ns + (last_ns - first_ns); }
+  std::int64_t busy_ns() const noexcept { return merged_busy_ns + (busy_last_ns - busy_first_ns); }
+  // Adds a later record `o` into this one (an empty record, epochs == 0, becomes a copy of it).
+  void merge(const EpochStats& o) noexcept {
+    if (epochs == 0) first_epoch = o.first_epoch;
+    merged_wall_ns = wall_ns() + o.wall_ns();
+    merged_busy_ns = busy_ns() + o.busy_ns();
+    first_ns = last_ns = busy_first_ns = busy_last_ns = 0;
+    epoch = o.epoch;
+    epochs += o.epochs;
+    batches += o.batches;
+    load_us.merge(o.load_us);
+    wait_ns += o.wait_ns;
+    peak_in_flight = std::max(peak_in_flight, o.peak_in_flight);
+    pool_buffers = o.pool_buffers;
+    pool_bytes = o.pool_bytes;
+  }
+};
+
+// What stats() returns: the latest epochs in detail, in order, and the epochs before them merged
+// into one record (earlier.epochs == 0: none).
+struct StatsWindow {
+  std::vector<EpochStats> recent;
+  EpochStats earlier;
 };
 
 class Engine : public std::enable_shared_from_this<Engine> {
@@ -106,12 +152,37 @@ class Engine : public std::enable_shared_from_this<Engine> {
   std::size_t depth() const noexcept { return options_.depth; }
 
   // ---- planner ----
+  // NOTE [ Engine prunes segments behind the consumer ]
+  //
+  // append() drops every segment that ends before the consumer's position (next_position): so a
+  // run of any number of epochs keeps about three segments, the one the consumer just finished
+  // (ending at its position), the one it is in, the one planned ahead. That is safe because:
+  //   1. a worker's job for position p keeps a raw Segment* only until it publishes p, and the
+  //      consumer is below p until then, so p's segment is not finished; a worker's cached
+  //      segment (segment_of) is a shared_ptr, which keeps a pruned segment's memory valid;
+  //   2. the consumer's own calls need only its current segment (task_at of its next position)
+  //      and the one it just finished (take_epoch_error, asked when the epoch is taken, before
+  //      the consumer takes anything more: the segment then ends at the consumer's position,
+  //      and is kept);
+  //   3. the owner (src/pyloader/prefetcher.py, which cites this note) looks segments up only at
+  //      or after the consumer's position, and counts the batches skipped before the engine's
+  //      first position by that first *epoch*, not by the first segment kept.
+  // Pruning runs only in append(), the planner's call: positions and the epoch table of a stopped
+  // or finished run stay as they were. Segments planned ahead are never pruned: an owner that
+  // plans further ahead than one epoch keeps more of them. (The gather's sample orders are
+  // pruned by the plan instead: NOTE [ Gather prunes sample orders two epochs behind the plan ].)
   // Appends the next epoch's positions. `gated`: its positions wait for the previous segment's
   // epoch_end() hook (only meaningful when the Loader has one).
+  // Drops the segments that end before the consumer's position
+  // (NOTE [ Engine prunes segments behind the consumer ]).
   void append(std::int64_t epoch, std::vector<std::int64_t> indices, bool gated);
+  // Replaces the indices of the last segment, if it is epoch `epoch` and still gated shut (see
+  // "Re-planning" above); false (and no change) otherwise. An empty segment's hook is the owner's
+  // to call, as with append().
+  bool replan(std::int64_t epoch, std::vector<std::int64_t> indices);
   std::int64_t planned_end() const;
-  Task task_at(std::int64_t position) const;  // position -1 when not planned
-  std::vector<SegmentSpan> segments() const;  // every appended segment, in position order
+  Task task_at(std::int64_t position) const;  // position -1 when not planned (or pruned)
+  std::vector<SegmentSpan> segments() const;  // the segments kept, in position order
 
   // ---- consumer ----
   std::int64_t next_position() const noexcept { return next_; }
@@ -126,7 +197,7 @@ class Engine : public std::enable_shared_from_this<Engine> {
   void skip_to(std::int64_t position) noexcept;
   // The error raised by the epoch_end() hook of `epoch`, once (null if none).
   std::unique_ptr<Payload> take_epoch_error(std::int64_t epoch);
-  std::vector<EpochStats> stats() const;
+  StatsWindow stats() const;
   std::int64_t worker_busy_ns() const noexcept;
 
   // ---- shutdown ----
@@ -163,7 +234,14 @@ class Engine : public std::enable_shared_from_this<Engine> {
 
   void worker_main(int worker);
   bool wait_loadable(std::int64_t position) noexcept;
-  Segment* segment_of(std::int64_t position, Segment* cached) const;
+  // The segment holding `position` (null if none). `cached` is returned if it holds it; a worker
+  // keeps its last segment alive through it, for a pruned segment's memory must stay valid there.
+  std::shared_ptr<Segment> segment_of(std::int64_t position,
+                                      const std::shared_ptr<Segment>& cached) const;
+  const std::shared_ptr<Segment>* segment_locked(std::int64_t position) const;  // plan_mu_ held
+  // Takes the segments to drop out of segments_ (the caller destroys them after unlocking: a
+  // hook error's payload may need the GIL to die).
+  std::vector<std::shared_ptr<Segment>> prune_locked();
   bool deliver(int worker, Job& job);
   // Publishes a prepared job now if that needs no wait; false leaves it for deliver().
   // *deferred receives a job whose epoch hook must first run (outside enter()/leave()).
@@ -184,7 +262,7 @@ class Engine : public std::enable_shared_from_this<Engine> {
   std::unique_ptr<PaddedCounter[]> busy_ns_;  // one per worker, written only by its worker
 
   mutable std::mutex plan_mu_;
-  std::vector<std::unique_ptr<Segment>> segments_;  // under plan_mu_, in position order
+  std::vector<std::shared_ptr<Segment>> segments_;  // under plan_mu_, in position order
   std::size_t open_segments_ = 0;                   // under plan_mu_: segments [0, n) are open
 
   static constexpr std::uint32_t kStopBit = 1u << 31;
@@ -201,8 +279,9 @@ class Engine : public std::enable_shared_from_this<Engine> {
   alignas(kCacheLine) std::int64_t next_ = 0;
   std::int64_t asked_ns_ = 0;
   std::int64_t pending_wait_ns_ = 0;
-  mutable std::mutex stats_mu_;  // stats() may be called from any thread
-  std::vector<EpochStats> stats_;
+  mutable std::mutex stats_mu_;   // stats() may be called from any thread
+  std::deque<EpochStats> stats_;  // under stats_mu_: at most stats_window, the latest last
+  EpochStats earlier_stats_;      // under stats_mu_: the epochs dropped from stats_, merged
 #ifndef NDEBUG
   std::atomic<bool> consumer_busy_{false};  // fires when two threads take the consumer role
 #endif

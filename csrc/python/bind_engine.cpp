@@ -52,6 +52,25 @@ class SequenceSource final : public PySource {
   py::object error_factory_;
 };
 
+// One EpochStats as a dict; load_us is the histogram's counts (bucket b holds the load times in
+// [LOAD_US_BUCKETS[b], LOAD_US_BUCKETS[b + 1]) microseconds).
+py::dict stats_record(const EpochStats& s) {
+  py::dict d;
+  d["epoch"] = s.epoch;
+  d["first_epoch"] = s.first_epoch;
+  d["epochs"] = s.epochs;
+  d["batches"] = s.batches;
+  const auto& counts = s.load_us.counts();
+  d["load_us"] = py::array_t<std::uint64_t>(static_cast<py::ssize_t>(counts.size()), counts.data());
+  d["wait_ns"] = s.wait_ns;
+  d["wall_ns"] = s.wall_ns();
+  d["busy_ns"] = s.busy_ns();
+  d["peak_in_flight"] = s.peak_in_flight;
+  d["pool_buffers"] = s.pool_buffers;
+  d["pool_bytes"] = s.pool_bytes;
+  return d;
+}
+
 class PyEngine {
  public:
   PyEngine(py::object sequence, py::object epoch_end, const PyPool& pool, int workers,
@@ -80,6 +99,13 @@ class PyEngine {
               bool gated) {
     std::vector<std::int64_t> v(indices.data(), indices.data() + indices.size());
     live()->engine().append(epoch, std::move(v), gated);
+  }
+
+  // Called from inside an epoch hook (on an engine thread, GIL held): see Engine::replan.
+  bool replan(std::int64_t epoch,
+              py::array_t<std::int64_t, py::array::c_style | py::array::forcecast> indices) {
+    std::vector<std::int64_t> v(indices.data(), indices.data() + indices.size());
+    return live()->engine().replan(epoch, std::move(v));
   }
 
   py::list segments() {
@@ -127,22 +153,14 @@ class PyEngine {
     return static_cast<PyBatch*>(p.get())->error;  // every source's hook reports a PyBatch
   }
 
-  py::list stats() {
-    py::list out;
-    for (const EpochStats& s : live()->engine().stats()) {
-      py::dict d;
-      d["epoch"] = s.epoch;
-      d["batches"] = s.batches;
-      d["load_us"] =
-          py::array_t<std::uint32_t>(static_cast<py::ssize_t>(s.load_us.size()), s.load_us.data());
-      d["wait_ns"] = s.wait_ns;
-      d["wall_ns"] = s.last_ns - s.first_ns;
-      d["busy_ns"] = s.busy_last_ns - s.busy_first_ns;
-      d["peak_in_flight"] = s.peak_in_flight;
-      d["pool_buffers"] = s.pool_buffers;
-      d["pool_bytes"] = s.pool_bytes;
-      out.append(std::move(d));
-    }
+  // {"recent": [record per epoch, in order], "earlier": the older epochs merged, or None}
+  py::dict stats() {
+    const StatsWindow w = live()->engine().stats();
+    py::list recent;
+    for (const EpochStats& s : w.recent) recent.append(stats_record(s));
+    py::dict out;
+    out["recent"] = std::move(recent);
+    out["earlier"] = w.earlier.epochs > 0 ? py::object(stats_record(w.earlier)) : py::none();
     return out;
   }
 
@@ -215,6 +233,11 @@ class PyEngine {
 }  // namespace
 
 void register_engine(py::module_& m) {
+  std::vector<std::uint64_t> bounds(LoadHistogram::kBuckets + 1);
+  for (std::size_t b = 0; b < bounds.size(); ++b) bounds[b] = LoadHistogram::bucket_low(b);
+  m.attr("LOAD_US_BUCKETS") =
+      py::array_t<std::uint64_t>(static_cast<py::ssize_t>(bounds.size()), bounds.data());
+
   py::class_<PySource, std::shared_ptr<PySource>>(
       m, "Source", "A native source an Engine loads from (made by pyloader only).");
 
@@ -226,6 +249,7 @@ void register_engine(py::module_& m) {
            py::arg("warning_category"))
       .def("start", &PyEngine::start)
       .def("append", &PyEngine::append, py::arg("epoch"), py::arg("indices"), py::arg("gated"))
+      .def("replan", &PyEngine::replan, py::arg("epoch"), py::arg("indices"))
       .def("segments", &PyEngine::segments)
       .def_property_readonly("next_position", &PyEngine::next_position)
       .def("next_batch", &PyEngine::next_batch, py::arg("timeout") = py::none(),

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <csignal>
 #include <deque>
+#include <functional>
 #include <limits>
 #include <memory>
 #include <numeric>
@@ -20,6 +21,7 @@ using pyloader::Delivery;
 using pyloader::Engine;
 using pyloader::EngineOptions;
 using pyloader::EpochStats;
+using pyloader::LoadHistogram;
 using pyloader::Payload;
 using pyloader::PinRequest;
 using pyloader::Prepared;
@@ -235,9 +237,13 @@ class TestLoader final : public pyloader::Loader {
     if (cfg_.hook_delay.count() > 0) std::this_thread::sleep_for(cfg_.hook_delay);
     maybe_sleep(epoch, 3);
     hook_end[epoch].store(seq.fetch_add(1, kRelaxed), kRelaxed);
+    if (on_hook) on_hook(epoch);  // still inside the hook: the next epoch's gate is shut
     if (hook_fails(epoch)) return std::make_unique<TestPayload>(-1, epoch, true);
     return nullptr;
   }
+
+  // Called at the end of each epoch hook, on the worker that runs it (set before start()).
+  std::function<void(std::int64_t)> on_hook;
 
   std::atomic<int> started{0}, exited{0};
   std::atomic<std::int64_t> seq{0}, prepares{0}, enters{0}, refused{0}, admitted{0};
@@ -485,13 +491,18 @@ void stress_round(std::uint64_t seed, const StressParams& sp) {
   std::thread monitor([&] {
     std::mt19937_64 mrng(check::mix(seed, 77));
     while (!done.load(std::memory_order_acquire)) {
-      const auto st = engine->stats();
-      for (const auto& e : st) CHECK_EQ(e.load_us.size(), static_cast<std::size_t>(e.batches));
+      const auto st = engine->stats().recent;
+      for (const auto& e : st) CHECK_EQ(e.load_us.total(), static_cast<std::uint64_t>(e.batches));
       CHECK_GE(engine->worker_busy_ns(), 0);
       const std::int64_t end = engine->planned_end();
       if (end > 0) {
         const auto p = static_cast<std::int64_t>(mrng() % static_cast<std::uint64_t>(end));
-        CHECK_EQ(engine->task_at(p).position, p);
+        const Task t = engine->task_at(p);
+        if (t.position != p) {  // pruned: behind the consumer (engine.h's NOTE)
+          CHECK_EQ(t.position, -1);
+          const auto kept = engine->segments();
+          CHECK_LT(p, kept.front().start);
+        }
       }
       CHECK_EQ(engine->task_at(start + 5).position, -1);
       (void)pool->info();
@@ -552,7 +563,7 @@ void stress_round(std::uint64_t seed, const StressParams& sp) {
   monitor.join();
 
   // Stats: one entry per non-empty epoch, in order, counting its batches.
-  const std::vector<EpochStats> st = engine->stats();
+  const std::vector<EpochStats> st = engine->stats().recent;
   std::size_t k = 0;
   for (const Seg& seg : segs) {
     if (seg.indices.empty()) continue;
@@ -560,7 +571,7 @@ void stress_round(std::uint64_t seed, const StressParams& sp) {
     const EpochStats& e = st[k++];
     CHECK_EQ(e.epoch, seg.epoch);
     CHECK_EQ(e.batches, static_cast<std::int64_t>(seg.indices.size()));
-    CHECK_EQ(e.load_us.size(), seg.indices.size());
+    CHECK_EQ(e.load_us.total(), seg.indices.size());
     CHECK_GE(e.wait_ns, 0);
     CHECK_LE(e.first_ns, e.last_ns);
     CHECK_LE(e.busy_first_ns, e.busy_last_ns);
@@ -692,6 +703,162 @@ TEST(epoch_hook_gates_next_epoch) {
   expect_every_payload_gone(engine);
 }
 
+// replan() from inside the hook of epoch 0 resizes epoch 1, which is gated on it and shut: workers
+// waiting for positions past its new end load them for epoch 2 instead; every position is loaded
+// once, with the new plan. Once the gate is open (or for another epoch), replan() refuses.
+TEST(replan_resizes_the_shut_segment_from_the_hook_before_it) {
+  const std::uint64_t seed = check::test_seed();
+  for (const std::int64_t resized : {25, 3, 0}) {
+    LoaderConfig cfg{.seed = seed};
+    cfg.hooks = true;
+    cfg.sleep_permille = 200;
+    cfg.max_sleep_us = 300;
+    const int kWorkers = 4;
+    auto loader = std::make_shared<TestLoader>(cfg, kWorkers);
+    auto engine = make_engine(loader, {.workers = kWorkers, .depth = 8});
+    Engine* raw = engine.get();  // the loader must not own its engine
+    const std::vector<std::int64_t> plan0 = shuffled_plan(seed, 0, 40, 10);
+    const std::vector<std::int64_t> stale = shuffled_plan(seed, 1, 40, 10);
+    const std::vector<std::int64_t> plan1 = shuffled_plan(seed, 11, 40, resized);
+    const std::vector<std::int64_t> plan2 = shuffled_plan(seed, 2, 40, 7);
+    std::atomic<int> replanned{0};
+    loader->on_hook = [&](std::int64_t epoch) {
+      if (epoch != 0) return;
+      CHECK(!raw->replan(0, plan1));  // not the last segment
+      CHECK(raw->replan(1, plan1));
+      replanned.fetch_add(1, kRelaxed);
+    };
+    engine->append(0, plan0, false);
+    engine->append(1, stale, true);
+    engine->start();
+    std::mt19937_64 rng(seed);
+    for (std::int64_t p = 0; p < 10; ++p) {
+      verify_loaded(*loader, wait_and_take(*engine, rng), {p, 0, plan0[p]}, kWorkers);
+    }
+    CHECK_EQ(replanned.load(kRelaxed), 1);
+    CHECK_EQ(engine->planned_end(), 10 + resized);
+    CHECK(!engine->replan(1, stale));  // open now
+    engine->append(2, plan2, true);
+    for (std::int64_t p = 10; p < 10 + resized; ++p) {
+      verify_loaded(*loader, wait_and_take(*engine, rng), {p, 1, plan1[p - 10]}, kWorkers);
+    }
+    // An empty epoch 1 has no last load: its hook is the owner's to call, and epoch 2 is open.
+    CHECK_EQ(loader->hook_calls[1].load(), resized > 0 ? 1 : 0);
+    for (std::int64_t p = 10 + resized; p < 17 + resized; ++p) {
+      verify_loaded(*loader, wait_and_take(*engine, rng), {p, 2, plan2[p - 10 - resized]},
+                    kWorkers);
+    }
+    CHECK(!engine->wait_ready(1ms));
+    engine->stop();
+    engine->join();
+    loader->on_hook = nullptr;
+    for (std::int64_t p = 0; p < 17 + resized; ++p) CHECK_EQ(loader->prepared[p].load(), 1);
+    expect_every_payload_gone(engine);
+  }
+}
+
+// A planner that appends each epoch as the consumer reaches the one before (as the Prefetcher
+// does) leaves at most three segments in the engine, however many epochs run; the epoch just
+// finished keeps its hook error, and a pruned position has no task.
+TEST(append_prunes_segments_behind_the_consumer) {
+  const std::uint64_t seed = check::test_seed();
+  LoaderConfig cfg{.seed = seed};
+  cfg.hooks = true;
+  cfg.hook_fail_permille = 1000;
+  const int kWorkers = 2;
+  auto loader = std::make_shared<TestLoader>(cfg, kWorkers);
+  auto engine = make_engine(loader, {.workers = kWorkers, .depth = 4});
+  const int kEpochs = 300;
+  const std::int64_t kLen = 3;
+  auto plan = [&](int e) { return shuffled_plan(seed, e, 10, kLen); };
+  engine->append(0, plan(0), false);
+  engine->append(1, plan(1), true);
+  engine->start();
+  std::mt19937_64 rng(seed);
+  std::size_t most = 0;
+  for (int e = 0; e < kEpochs; ++e) {
+    const std::vector<std::int64_t> indices = plan(e);
+    for (std::int64_t k = 0; k < kLen; ++k) {
+      const std::int64_t p = e * kLen + k;
+      verify_loaded(*loader, wait_and_take(*engine, rng), {p, e, indices[k]}, kWorkers);
+    }
+    if (e + 2 < kEpochs) engine->append(e + 2, plan(e + 2), true);  // the next pass plans ahead
+    auto err = engine->take_epoch_error(e);
+    CHECK(err != nullptr);
+    CHECK_EQ(as_test(err)->epoch, e);
+    const auto kept = engine->segments();
+    most = std::max(most, kept.size());
+    if (e + 2 < kEpochs) {  // append() pruned: the epoch just finished is the first kept
+      CHECK_EQ(kept.front().epoch, e);
+      if (e >= 1) CHECK_EQ(engine->task_at((e - 1) * kLen).position, -1);
+    }
+  }
+  std::printf("  at most %zu segments kept over %d epochs\n", most, kEpochs);
+  CHECK_LE(most, 3u);
+  engine->stop();
+  engine->join();
+  expect_every_payload_gone(engine);
+}
+
+// stats() keeps stats_window epochs in detail and merges the older ones into `earlier`; each
+// record's load-time histogram counts its batches.
+TEST(stats_keep_a_window_and_merge_older_epochs) {
+  const std::uint64_t seed = check::test_seed();
+  LoaderConfig cfg{.seed = seed};
+  const int kWorkers = 2;
+  auto loader = std::make_shared<TestLoader>(cfg, kWorkers);
+  auto engine = make_engine(loader, {.workers = kWorkers, .depth = 4, .stats_window = 4});
+  const int kEpochs = 10;
+  const std::int64_t kLen = 5;
+  for (int e = 0; e < kEpochs; ++e) engine->append(e, shuffled_plan(seed, e, 10, kLen), false);
+  engine->start();
+  std::mt19937_64 rng(seed);
+  for (std::int64_t p = 0; p < kEpochs * kLen; ++p) (void)wait_and_take(*engine, rng);
+  const pyloader::StatsWindow st = engine->stats();
+  CHECK_EQ(st.recent.size(), 4u);
+  for (std::size_t k = 0; k < st.recent.size(); ++k) {
+    const EpochStats& e = st.recent[k];
+    CHECK_EQ(e.epoch, static_cast<std::int64_t>(kEpochs - 4 + k));
+    CHECK_EQ(e.first_epoch, e.epoch);
+    CHECK_EQ(e.epochs, 1);
+    CHECK_EQ(e.batches, kLen);
+    CHECK_EQ(e.load_us.total(), static_cast<std::uint64_t>(kLen));
+  }
+  CHECK_EQ(st.earlier.epochs, kEpochs - 4);
+  CHECK_EQ(st.earlier.first_epoch, 0);
+  CHECK_EQ(st.earlier.epoch, kEpochs - 5);
+  CHECK_EQ(st.earlier.batches, (kEpochs - 4) * kLen);
+  CHECK_EQ(st.earlier.load_us.total(), static_cast<std::uint64_t>((kEpochs - 4) * kLen));
+  CHECK_GE(st.earlier.wall_ns(), 0);
+  CHECK_GE(st.earlier.busy_ns(), 0);
+  engine->stop();
+  engine->join();
+  expect_every_payload_gone(engine);
+}
+
+// Every uint32 value lies in its bucket; a log-scale bucket is at most 1/16 of its low end wide.
+TEST(load_histogram_buckets_hold_their_values) {
+  std::mt19937_64 rng(check::test_seed());
+  auto check_value = [](std::uint32_t v) {
+    const std::size_t b = LoadHistogram::bucket_of(v);
+    CHECK_LT(b, LoadHistogram::kBuckets);
+    const std::uint64_t lo = LoadHistogram::bucket_low(b), hi = LoadHistogram::bucket_low(b + 1);
+    CHECK_LE(lo, v);
+    CHECK_LT(v, hi);
+    if (v >= LoadHistogram::kExact) CHECK_LE((hi - lo) * LoadHistogram::kSub, lo);
+  };
+  for (std::uint32_t v = 0; v < 5000; ++v) check_value(v);
+  for (int i = 0; i < 100000; ++i) check_value(static_cast<std::uint32_t>(rng()));
+  check_value(std::numeric_limits<std::uint32_t>::max());
+  LoadHistogram h;
+  for (std::uint32_t v = 0; v < 100; ++v) h.record(v);
+  LoadHistogram g;
+  g.merge(h);
+  g.merge(h);
+  CHECK_EQ(g.total(), 200u);
+  CHECK_EQ(g.counts()[LoadHistogram::bucket_of(7)], 2u);
+}
+
 // skip_to() before start: positions below it are delivered skipped and never loaded; the epoch
 // hooks still run (the gates open); stats count only loaded batches.
 TEST(skip_to_before_start) {
@@ -730,7 +897,7 @@ TEST(skip_to_before_start) {
   engine->join();
   CHECK_EQ(loader->prepares.load(), segs.back().end() - kSkip);
   for (const Seg& seg : segs) CHECK_EQ(loader->hook_calls[seg.epoch].load(), 1);
-  const auto st = engine->stats();
+  const auto st = engine->stats().recent;
   CHECK_EQ(st.size(), 2u);  // epoch 0 was skipped entirely
   CHECK_EQ(st[0].epoch, 1);
   CHECK_EQ(st[0].batches, 6);
@@ -776,7 +943,7 @@ TEST(skip_to_while_running) {
               static_cast<long long>(skipped));
   // Only positions already claimed when skip_to() ran (at most depth + workers) can be loaded.
   CHECK_GE(skipped, 40 - static_cast<std::int64_t>(engine->depth()) - 2 * kWorkers);
-  const auto st = engine->stats();
+  const auto st = engine->stats().recent;
   CHECK_EQ(st.size(), 1u);
   CHECK_EQ(st[0].batches, 80 - skipped);
   engine->stop();

@@ -32,6 +32,13 @@ Each loaded epoch gets one ``on_epoch_begin`` and one ``on_epoch_end``; the epoc
 ``steps_per_epoch`` spreads over several Keras epochs is one epoch here. Sequences that define
 neither hook (Keras's base class defines no-ops) load across epoch boundaries without waiting.
 
+A Sequence whose ``len()`` changes in ``on_epoch_end`` gets each epoch with its own length (see
+:mod:`pyloader.prefetcher`). Keras's generator reads ``len(dataset)`` when it starts, before its
+first batch: the pass begins right then, so the generator sees its epoch's length. Keras (3.x,
+torch backend) reads the number of steps of ``fit`` only once, though: a shorter epoch ends early
+(with Keras's "ran out of data" warning), and one longer than the first is cut to that many steps
+by Keras, which then skips the rest of it, as on its own path.
+
 Process mode (``mode="process"``, the default for a PyDataset made with
 ``use_multiprocessing=True``): the workers are processes, forked (through the Prefetcher's zygote)
 from a copy of this process taken when the Prefetcher is made, that run the Sequence's
@@ -176,10 +183,10 @@ class _Source:
 
     def __init__(self, sequence: Any) -> None:
         self._sequence = sequence
-        self._length = _length(sequence)
+        _length(sequence)  # checked now: a Sequence without a length fails here, not in a pass
 
     def __len__(self) -> int:
-        return self._length
+        return _length(self._sequence)  # read at each epoch's start: it may change between epochs
 
     def __getitem__(self, index: int) -> Any:
         return self._sequence[index]
@@ -340,8 +347,20 @@ class PrefetchedDataset(keras.utils.PyDataset):
         raise _pyloader_setting(f"max_queue_size of a pyloader dataset is pyloader's depth (got {value!r})", "depth=")
 
     def __len__(self) -> int:
-        """Batches per epoch (for this shard)."""
-        return len(self.loader)
+        """Batches per epoch (for this shard): of the current pass, or else of the next one.
+
+        Keras's adapter reads it when one of its generators starts, before it asks for a batch:
+        the pass that generator gets begins then, so that the length is that pass's epoch's (a
+        Sequence's length may change between epochs).
+        """
+        found = _keras_generator(sys._getframe(1), self)
+        if found is None:
+            return len(self.loader)
+        if found[0] is not self._frame:
+            self._enter(*found)
+        if not self._rewind and (self._pass is None or self._served >= self._pass_length):
+            self._start_pass()
+        return self._pass_length
 
     def __getitem__(self, index: int) -> Any:
         """The next batch of the current pass when Keras's adapter asks, else ``seq[index]``.
@@ -356,12 +375,8 @@ class PrefetchedDataset(keras.utils.PyDataset):
             found = _keras_generator(caller, self)
             if found is None:
                 return self._sequence[index]
-            frame, adapter = found
-            if frame is not self._frame:
-                self._frame = frame
-                # With class_weight, Keras reads y back to numpy: leave y as it is for that.
-                self._numpy_targets = getattr(adapter, "class_weight", None) is not None
-                self._begin_pass(bool(getattr(adapter, "shuffle", False)))
+            if found[0] is not self._frame:
+                self._enter(*found)
         batch = self._take()
         return self._for_keras(batch)
 
@@ -380,8 +395,16 @@ class PrefetchedDataset(keras.utils.PyDataset):
 
     # ---- passes --------------------------------------------------------------------------------
 
+    def _enter(self, frame: FrameType, adapter: Any) -> None:
+        """A new Keras generator (``frame``, of ``adapter``) starts iterating this dataset."""
+        self._frame = frame
+        # With class_weight, Keras reads y back to numpy: leave y as it is for that.
+        self._numpy_targets = getattr(adapter, "class_weight", None) is not None
+        self._begin_pass(bool(getattr(adapter, "shuffle", False)))
+
     def _reset_stream(self, *, enter: bool) -> None:
         self._pass: Iterator[Any] | None = None
+        self._pass_length = 0  # its batches: len(loader) when it began (the next one's may differ)
         self._served = 0  # batches of the current pass handed out
         self._first: Any = None  # its first batch, kept until the second is taken (rewind)
         self._rewind = False
@@ -403,7 +426,7 @@ class PrefetchedDataset(keras.utils.PyDataset):
             )
         if loader.shuffle != want:
             self._rebuild(want)
-        elif 0 < self._served < len(loader):
+        elif 0 < self._served < self._pass_length:
             if self._served == 1 and self._first is not None:
                 self._served, self._rewind = 0, True  # a peek: serve its batch again
             else:
@@ -451,18 +474,10 @@ class PrefetchedDataset(keras.utils.PyDataset):
             self._rewind = False
             self._served = 1
             return self._first
-        loader = self.loader
-        n = len(loader)
-        if self._pass is None or self._served >= n:
-            if self._needs_enter:
-                if self._process and self._hooks.would_call(loader.epoch):
-                    self._open(loader.shuffle, loader.epoch)  # the hooks, then new workers
-                    loader = self.loader
-                else:
-                    self._hooks.enter(loader.epoch)
-                    self._needs_enter = False
-            self._pass = iter(loader)
-            self._served = 0
+        if self._pass is None or self._served >= self._pass_length:
+            self._start_pass()
+        assert self._pass is not None
+        n = self._pass_length
         try:
             batch = next(self._pass)
         except BatchError as error:
@@ -474,6 +489,19 @@ class PrefetchedDataset(keras.utils.PyDataset):
         if self._served == n:
             next(self._pass, None)  # ends the pass: raises EpochEndError if a hook failed
         return batch
+
+    def _start_pass(self) -> None:
+        loader = self.loader
+        if self._needs_enter:
+            if self._process and self._hooks.would_call(loader.epoch):
+                self._open(loader.shuffle, loader.epoch)  # the hooks, then new workers
+                loader = self.loader
+            else:
+                self._hooks.enter(loader.epoch)
+                self._needs_enter = False
+        self._pass = iter(loader)
+        self._pass_length = len(loader)  # the epoch iter() began: its length, read at its start
+        self._served = 0
 
     def _for_keras(self, batch: Any) -> Any:
         from_numpy = self._from_numpy

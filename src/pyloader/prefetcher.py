@@ -8,7 +8,17 @@ positions to the engine one epoch ahead (so loading runs across the boundary), t
 position into ``(epoch, batches consumed)`` for :meth:`Prefetcher.state_dict`, and restarts the
 engine when the state is loaded. The table of appended epochs (which positions load which epoch) is
 the engine's (``Engine.segments()``); this module keeps only what the engine cannot know: how many
-batches of the engine's first epoch were consumed before it started.
+batches of the engine's first epoch were consumed before it started, and the ``len(sequence)`` each
+planned epoch was planned with.
+
+Length: each epoch's length is ``len(sequence)`` read at the epoch's start, as Keras reads it. The
+next epoch is planned (and loads) ahead, so its length is read early and checked again at its start:
+- with ``on_epoch_end``, an epoch starts where its hooks put it: once the previous epoch's hook has
+  run (when loading crosses over, ahead of the consumer). The next epoch is gated on that hook, and
+  the hook's callback (on the engine thread that ran it, before the gate opens) plans it again
+  with the length the hook left (``Engine.replan``): no bubble, nothing loaded in vain;
+- without, an epoch starts at ``iter()``: a length that differs from the one the epoch was planned
+  with then restarts the engine at the epoch's start (rare: the length changed between passes).
 
 Iteration: one pass over the Prefetcher is one epoch. A new ``iter()`` after a pass that was left
 unfinished (``break``, an exception) starts the next epoch: the rest of the unfinished one is
@@ -19,6 +29,7 @@ epoch exactly where it stopped.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import os
 import threading
 import warnings
@@ -28,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _C
+from . import _C, _stats
 from . import process as _process
 from ._errors import EpochEndError, PoolExhaustedWarning, batch_error
 from ._plan import Plan, fresh_seed, resolve_shard
@@ -167,7 +178,7 @@ class Prefetcher:
                 f"sequence must have __len__ and __getitem__ (a Sequence of batches), "
                 f"got {type(sequence).__name__}"
             )
-        length = len(sequence)
+        length = _read_length(sequence)
         self.workers = _check_int("workers", workers, 1)
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         if self.workers > max(_MANY_WORKERS, 8 * cpus):
@@ -236,7 +247,12 @@ class Prefetcher:
         # Plan (and load) the next epoch while this one ends: no bubble at the boundary. Off for an
         # owner that renews the Sequence before every pass (pyloader.torch).
         self._plan_ahead = True
-        self._past_stats: list[dict[str, Any]] = []
+        self._past_stats = _stats.EpochRecords()  # of the engines that have stopped
+        # len(sequence) each epoch of the running engine was planned with (the latest few).
+        self._lengths: dict[int, int] = {}
+        self._plan_lock = threading.Lock()  # planning an epoch vs. the hook re-planning it
+        self._first_epoch = 0  # the running engine's first epoch (which _skipped applies to)
+        self._pass_epoch: int | None = None  # the epoch the latest iter() started
         self._closed = False
         with _live_lock:
             _live.add(self)
@@ -244,27 +260,54 @@ class Prefetcher:
     # ---- iteration -----------------------------------------------------------------------------
 
     def __len__(self) -> int:
-        """Batches per epoch (for this shard)."""
-        return self._plan.epoch_length
+        """Batches per epoch (for this shard): of the epoch being iterated, or else of the next one,
+        as its start would read ``len(sequence)`` now."""
+        return self._plan_of(self._length_at(*self._position())).epoch_length
+
+    def _length_at(self, epoch: int, consumed: int) -> int:
+        """``len(sequence)`` of the epoch at this position: the one it was planned with once it has
+        begun (a pass started, or batches consumed), else what its start would read now."""
+        begun = consumed or epoch == self._pass_epoch
+        # With a hook, an epoch begins once the hook before it ran, which re-planned it.
+        if begun or (self._on_epoch_end is not None and epoch in self._lengths):
+            return self._lengths.get(epoch, self._plan.length)
+        return _read_length(self._sequence)
 
     def __iter__(self) -> Iterator[Any]:
         """One epoch of batches, in plan order. See the module docstring for resumption."""
         self._check_open()
         self._token += 1
-        if self._plan.epoch_length == 0:
-            return self._empty_epoch()
-        if self._engine is None:
-            self._start_engine()
+        self._pass_epoch = None
         engine = self._engine
-        assert engine is not None
-        epoch, start, end = self._segment_at(engine.next_position)
-        if engine.next_position > start:  # an unfinished pass: skip the rest of that epoch
-            engine.drain_to(end)
-            epoch += 1
+        if engine is not None:
+            epoch, start, end = self._segment_at(engine.next_position)
+            if engine.next_position > start:  # an unfinished pass: skip the rest of that epoch
+                engine.drain_to(end)
+                epoch, start, end = self._segment_at(end)
+            resumed = epoch == self._first_epoch and self._skipped > 0
+            if not resumed and (start == end or self._length_changed(epoch)):
+                # The length changed since the epoch was planned, or on_epoch_end's callback
+                # emptied it (its hook is ours to call): start again at the epoch's start.
+                self._stop_engine()
+                engine = None
+        if engine is None:
+            epoch, offset = self._resume
+            if offset == 0:  # an epoch's start: its length is read now
+                self._plan = self._plan_of(_read_length(self._sequence))
+            if self._plan.epoch_length == 0:
+                return self._empty_epoch()
+            self._start_engine()
+            engine = self._engine
+            assert engine is not None
         # At most one ahead: NOTE [ Gather prunes sample orders two epochs behind the plan ] (gather.h)
         if self._plan_ahead:
             self._plan_through(epoch + 1)  # keep one epoch planned ahead: no bubble at the boundary
+        self._pass_epoch = epoch
         return _EpochIterator(self, engine, epoch, self._end_of(epoch), self._token)
+
+    def _length_changed(self, epoch: int) -> bool:
+        """Without a hook an epoch starts at iter(): whether len(sequence) differs from its plan's."""
+        return self._on_epoch_end is None and self._lengths.get(epoch) != _read_length(self._sequence)
 
     def _empty_epoch(self) -> Iterator[Any]:
         epoch, _ = self._resume
@@ -277,11 +320,10 @@ class Prefetcher:
 
     def _start_engine(self) -> None:
         epoch, offset = self._resume
-        hook = self._on_epoch_end
+        cell: list[Any] = [None]  # a weak reference to the engine, once made
+        hook = None if self._on_epoch_end is None else self._epoch_hook(cell)
         if self._workers is not None:
-            source = self._proc_loader = self._workers.loader(
-                self._pool, None if hook is None else (lambda _epoch: hook()), self.max_retries, self._hooks_run
-            )
+            source = self._proc_loader = self._workers.loader(self._pool, hook, self.max_retries, self._hooks_run)
             threads = self.workers  # one thread drives each worker process
         else:
             source = self._sequence.native_source() if self._native else self._sequence
@@ -291,7 +333,7 @@ class Prefetcher:
         self._threads = threads
         engine = _C.Engine(
             source,
-            None if hook is None else (lambda _epoch: hook()),
+            hook,
             self._pool,
             threads,
             self.depth,
@@ -299,6 +341,7 @@ class Prefetcher:
             batch_error,
             PoolExhaustedWarning,
         )
+        cell[0] = weakref.ref(engine)
         try:
             indices = self._plan.indices(epoch)[offset:]
             self._register_epoch(epoch)
@@ -309,6 +352,41 @@ class Prefetcher:
             raise
         self._engine = engine
         self._skipped = offset
+        self._first_epoch = epoch
+        self._lengths = {epoch: self._plan.length}
+
+    def _epoch_hook(self, cell: list[Any]) -> Any:
+        """The engine's epoch hook: the Sequence's ``on_epoch_end``, then the next epoch planned
+        again with the length it left. Runs on the engine thread that loaded the epoch's last
+        batch, before the next epoch's gate opens (engine.h: "Re-planning"); in process mode, in
+        this process (the workers replay the hook on their copies: the length is this process's).
+        """
+        hook = self._on_epoch_end
+        assert hook is not None
+        me = weakref.ref(self)
+
+        def epoch_end(epoch: int) -> None:
+            try:
+                hook()
+            finally:
+                loader = me()
+                engine: _C.Engine | None = cell[0]() if cell[0] is not None else None
+                if loader is not None and engine is not None and loader._engine is engine:
+                    loader._replan(epoch + 1)
+
+        return epoch_end
+
+    def _replan(self, epoch: int) -> None:
+        """Plans ``epoch`` (gated, not loaded yet) again if ``len(sequence)`` changed."""
+        engine = self._engine
+        assert engine is not None, "called by the running engine's hook"
+        with self._plan_lock:  # not between _plan_through's read of the length and its append
+            planned = self._lengths.get(epoch)
+            if planned is None:
+                return  # not planned yet: its length is read when it is, after this hook
+            length = _read_length(self._sequence)
+            if length != planned and engine.replan(epoch, self._plan_of(length).indices(epoch)):
+                self._lengths[epoch] = length
 
     def _segments(self) -> list[tuple[int, int, int]]:
         """The engine's epochs, in position order: ``(epoch, first position, end position)``."""
@@ -320,9 +398,21 @@ class Prefetcher:
         last_epoch = self._segments()[-1][0]
         while last_epoch < epoch:
             last_epoch += 1
-            indices = self._plan.indices(last_epoch)
-            self._register_epoch(last_epoch)
-            self._engine.append(last_epoch, indices, True)
+            # Read ahead of the epoch's start: on_epoch_end's callback (_replan) or the next
+            # iter() checks it again. Under the lock: a hook that runs meanwhile (on an engine
+            # thread) must find the epoch appended, or not yet read.
+            with self._plan_lock:
+                plan = self._plan = self._plan_of(_read_length(self._sequence))
+                indices = plan.indices(last_epoch)
+                self._register_epoch(last_epoch)
+                self._lengths[last_epoch] = plan.length
+                for old in [e for e in self._lengths if e < last_epoch - 2]:
+                    del self._lengths[old]
+                self._engine.append(last_epoch, indices, True)
+
+    def _plan_of(self, length: int) -> Plan:
+        """The plan with this ``len(sequence)`` (and the order and sharding of every epoch)."""
+        return self._plan if length == self._plan.length else dataclasses.replace(self._plan, length=length)
 
     def _register_epoch(self, epoch: int) -> None:
         """Tells a native source the epoch's sample order before its positions can load."""
@@ -337,10 +427,11 @@ class Prefetcher:
         raise AssertionError(f"epoch {epoch} is not planned")
 
     def _segment_at(self, position: int) -> tuple[int, int, int]:
-        """The segment the consumer is in: a finished segment counts as the start of the next."""
+        """The segment the consumer is in: a finished segment counts as the start of the next (an
+        empty one, re-planned so by on_epoch_end, included)."""
         segments = self._segments()
         for seg in segments:
-            if position < seg[2]:
+            if position < seg[2] or position == seg[1] == seg[2]:
                 return seg
         self._plan_through(segments[-1][0] + 1)
         return self._segments()[-1]
@@ -352,10 +443,13 @@ class Prefetcher:
         if self._engine is None:
             return self._resume
         pos = self._engine.next_position
+        # The engine keeps the segments from the one that ends at the consumer's position on
+        # (NOTE [ Engine prunes segments behind the consumer ], engine.h): the first one kept need
+        # not be the engine's first epoch, which alone was resumed after _skipped batches.
         segments = self._segments()
-        for k, (epoch, start, end) in enumerate(segments):
-            if pos < end:
-                return epoch, (self._skipped if k == 0 else 0) + pos - start
+        for epoch, start, end in segments:
+            if pos < end or pos == start == end:
+                return epoch, (self._skipped if epoch == self._first_epoch else 0) + pos - start
         return segments[-1][0] + 1, 0
 
     @property
@@ -367,8 +461,10 @@ class Prefetcher:
         """Where the consumer is: loading it into a new Prefetcher over the same Sequence yields
         exactly the batches this one would have yielded next, this epoch and the following ones."""
         epoch, consumed = self._position()
-        if consumed == self._plan.epoch_length and consumed:
+        length = self._length_at(epoch, consumed)
+        if consumed and consumed == self._plan_of(length).epoch_length:
             epoch, consumed = epoch + 1, 0
+            length = self._length_at(epoch, consumed)
         p = self._plan
         return {
             "version": _STATE_VERSION,
@@ -376,7 +472,7 @@ class Prefetcher:
             "batches_consumed": consumed,
             "seed": p.seed,
             "shuffle": p.shuffle,
-            "length": p.length,
+            "length": length,
             "rank": p.rank,
             "world_size": p.world_size,
             "drop_last": p.drop_last,
@@ -384,6 +480,10 @@ class Prefetcher:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continues from a :meth:`state_dict`: the next pass resumes that epoch where it stopped.
+
+        The state's ``length`` is the ``len(sequence)`` of the epoch it resumes (the one its start
+        read, or would read): the Sequence must have that length when the state is loaded (for a
+        Sequence whose length changes between epochs, restore its own state first).
 
         Raises:
             ValueError: the state is malformed or was taken over a different Sequence length or
@@ -395,7 +495,7 @@ class Prefetcher:
         missing = [key for key in _STATE_KEYS if key not in state]
         if missing:
             raise ValueError(f"state_dict lacks {', '.join(map(repr, missing))}: it has {sorted(state)}")
-        p = self._plan
+        p = self._plan_of(_read_length(self._sequence))
         for key, mine in (("length", p.length), ("rank", p.rank), ("world_size", p.world_size),
                           ("drop_last", p.drop_last)):
             if state[key] != mine:
@@ -431,8 +531,7 @@ class Prefetcher:
         getattr(self._sequence, name)(*args)
         if self._workers is not None:
             self._workers.update(name, args, self._hooks_run)
-        p = self._plan
-        self._plan = Plan(len(self._sequence), p.shuffle, p.seed, p.rank, p.world_size, p.drop_last)
+        self._plan = self._plan_of(_read_length(self._sequence))
         epoch, consumed = self._resume
         self._resume = (epoch + 1, 0) if consumed else (epoch, 0)
 
@@ -456,33 +555,17 @@ class Prefetcher:
         it is loaded, taking the GIL back, and the hand-off (building the batch's arrays). Python's
         own iteration overhead around it is not counted.
 
-        Returns:
-            ``{"epochs": [dict per epoch], "current": the latest epoch's dict or None}``.
-        """
-        epochs = list(self._past_stats)
-        if self._engine is not None:
-            epochs += [self._summarize(s) for s in self._engine.stats()]
-        return {"epochs": epochs, "current": epochs[-1] if epochs else None}
+        Memory stays bounded however long the run: the latest 64 epochs are listed, older ones are
+        merged into ``"earlier"`` (the same keys, plus ``first_epoch`` and ``epochs``, the number
+        merged). Load-time percentiles come from a log-scale histogram: exact below 16 µs, else
+        within 3.1% of the order statistic at rank ``floor(q * (n - 1))``.
 
-    def _summarize(self, raw: dict[str, Any]) -> dict[str, Any]:
-        load_ms = raw["load_us"] / 1000.0
-        wall_s = raw["wall_ns"] / 1e9
-        wait_s = raw["wait_ns"] / 1e9
-        return {
-            "epoch": raw["epoch"],
-            "batches": raw["batches"],
-            "load_ms_p50": float(np.percentile(load_ms, 50)) if len(load_ms) else 0.0,
-            "load_ms_p95": float(np.percentile(load_ms, 95)) if len(load_ms) else 0.0,
-            "wait_s": wait_s,
-            "wall_s": wall_s,
-            "stall_fraction": min(1.0, wait_s / wall_s) if wall_s > 0 else 0.0,
-            "pool_buffers": raw["pool_buffers"],
-            "pool_bytes": raw["pool_bytes"],
-            "peak_in_flight": raw["peak_in_flight"],
-            "worker_busy_fraction": (
-                min(1.0, raw["busy_ns"] / (raw["wall_ns"] * self._threads)) if raw["wall_ns"] > 0 else 0.0
-            ),
-        }
+        Returns:
+            ``{"epochs": [dict per epoch], "current": the latest epoch's dict or None, "earlier":
+            the older epochs merged, or None}``.
+        """
+        live = self._engine.stats() if self._engine is not None else None
+        return self._past_stats.view(live, self._threads)
 
     def memory_info(self) -> dict[str, Any]:
         """What the buffer pool holds and what was pinned, how, and why.
@@ -506,8 +589,10 @@ class Prefetcher:
         engine = self._engine
         if engine is not None:
             self._resume = self._position()  # where the next engine starts
+            if self._resume[1]:  # mid-epoch: the next engine resumes it over the length it began with
+                self._plan = self._plan_of(self._lengths.get(self._resume[0], self._plan.length))
             try:
-                self._past_stats += [self._summarize(s) for s in engine.stats()]
+                self._past_stats.add(engine.stats(), self._threads)
             finally:  # a summary that fails (numpy gone at exit) must not leave the engine running
                 self._engine = None
                 engine.close()
@@ -517,6 +602,8 @@ class Prefetcher:
             if not self._closed:
                 self._workers.discard(loader.dirty())  # workers left mid-conversation
         self._skipped = 0
+        self._lengths = {}
+        self._pass_epoch = None
 
     def close(self) -> None:
         """Stops and joins every worker thread (and process) and returns the buffer pool's memory
@@ -604,6 +691,11 @@ class _EpochIterator:
 
     def __length_hint__(self) -> int:
         return max(0, self._end - self._engine.next_position)
+
+
+def _read_length(sequence: Any) -> int:
+    """``len(sequence)``: the number of batches of an epoch, read when it starts (or is planned)."""
+    return len(sequence)
 
 
 def prefetch(sequence: Any, **options: Any) -> Prefetcher:
