@@ -214,7 +214,8 @@ void Engine::worker_main(int worker) {
     bool entered = false;
     std::size_t taken = 0;
     for (std::int64_t q = p;;) {
-      cached = segment_of(q, cached);
+      // A hit copies no shared_ptr: no reference-count traffic per position.
+      if (!cached || q < cached->start || q >= cached->end()) cached = segment_of(q, nullptr);
       Job& job = run.emplace_back();
       ++taken;
       job.segment = cached.get();
