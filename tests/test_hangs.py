@@ -298,6 +298,28 @@ def test_a_new_iter_after_a_timeout_starts_the_next_epoch_at_once(mode, tmp_path
     """ % (str(tmp_path / "stuck"), mode))
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_a_new_iter_after_a_break_does_not_wait_for_ever_for_a_stuck_batch(mode, tmp_path):
+    # The pass is left (break) while batch 2 is stuck in __getitem__: skipping the rest of the
+    # epoch waits for it at most `timeout`, then gives the rest up and goes on. Before: for ever.
+    run_ok(STUCK_ONCE + """
+    marker = %r
+    warnings.simplefilter("ignore", pyloader.StallWarning)
+    with pyloader.Prefetcher(StuckOnce(6, marker), workers=2, depth=2, timeout=1.0, mode=%r) as p:
+        p.close_grace_s = 0.2
+        for batch in p:
+            if int(batch[1]["i"]) == 1:
+                break
+        deadline = time.monotonic() + 30
+        while not os.path.exists(marker) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert os.path.exists(marker), "batch 2 never started loading"
+        assert indices(p) == list(range(6))
+        assert p.epoch == 2
+    print("OK")
+    """ % (str(tmp_path / "stuck"), mode))
+
+
 def test_a_timeout_on_the_last_batch_ends_the_pass_and_runs_on_epoch_end(tmp_path):
     run_ok(STUCK_ONCE + """
     class WithHook(StuckOnce):

@@ -124,12 +124,13 @@ class PyEngine {
   }
 
   // Skips every position below `position`: they are not loaded (those already loaded are dropped).
-  void drain_to(std::int64_t position) {
+  // A position whose load was in progress is waited for, at most `timeout` (TimeoutError).
+  void drain_to(std::int64_t position, std::optional<double> timeout) {
     const std::shared_ptr<Consumer> consumer = live();
     Consumer::Turn turn = consumer->turn();
     turn.skip_to(position);
     while (turn.next_position() < position) {
-      if (!turn.ready()) wait(*consumer, turn, std::nullopt);
+      if (!turn.ready()) wait(*consumer, turn, timeout);
       Delivery d = turn.take();  // dropped here, with the GIL held
     }
   }
@@ -279,7 +280,7 @@ void register_engine(py::module_& m) {
       .def_property_readonly("next_position", &PyEngine::next_position)
       .def("next_batch", &PyEngine::next_batch, py::arg("timeout") = py::none(),
            py::arg("end") = py::none())
-      .def("drain_to", &PyEngine::drain_to, py::arg("position"))
+      .def("drain_to", &PyEngine::drain_to, py::arg("position"), py::arg("timeout") = py::none())
       .def("epoch_error", &PyEngine::epoch_error, py::arg("epoch"))
       .def("stats", &PyEngine::stats)
       .def("stop", &PyEngine::stop)

@@ -295,12 +295,36 @@ class Prefetcher:
         # An unfinished pass: skip the rest of that epoch. (After a timeout the engine restarted
         # past the abandoned batch, so its position alone does not tell.)
         if engine.next_position > start or abandoned == epoch:
-            engine.drain_to(end)
+            engine = self._skip_rest(engine, epoch, end)
             epoch += 1
         # At most one ahead: NOTE [ Gather prunes sample orders two epochs behind the plan ] (gather.h)
         if self._plan_ahead:
             self._plan_through(epoch + 1)  # keep one epoch planned ahead: no bubble at the boundary
         return _EpochIterator(self, engine, epoch, self._end_of(epoch), self._token)
+
+    def _skip_rest(self, engine: _C.Engine, epoch: int, end: int) -> _C.Engine:
+        """Skips the rest of an unfinished pass: its positions are not loaded, and those being
+        loaded are waited for, at most ``timeout``. When one of them takes longer (a stuck
+        ``__getitem__``) the engine restarts at the next epoch instead (its stuck thread joined
+        or abandoned within ``close_grace_s``, a stuck worker process killed) and the epoch's
+        ``on_epoch_end`` runs here, as the engine would have run it. Returns the engine."""
+        try:
+            engine.drain_to(end, self.timeout)
+            return engine
+        except TimeoutError:
+            pass
+        self._retire_engine()
+        self._resume = (epoch + 1, 0)
+        self._warn_abandoned(self._join_retired())
+        if self._on_epoch_end is not None:
+            self._hooks_run += 1
+            try:
+                self._on_epoch_end()
+            except Exception:
+                pass  # as for any skipped epoch: the hook's error ends no pass
+        self._start_engine()
+        assert self._engine is not None
+        return self._engine
 
     def _empty_epoch(self) -> Iterator[Any]:
         epoch, _ = self._resume
