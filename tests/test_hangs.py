@@ -298,6 +298,25 @@ def test_a_new_iter_after_a_timeout_starts_the_next_epoch_at_once(mode, tmp_path
     """ % (str(tmp_path / "stuck"), mode))
 
 
+def test_set_epoch_after_a_timeout_gives_that_epoch_whole(tmp_path):
+    run_ok(STUCK_ONCE + """
+    warnings.simplefilter("ignore", pyloader.StallWarning)
+    with pyloader.Prefetcher(StuckOnce(6, %r), workers=2, depth=2, timeout=1.0) as p:
+        p.close_grace_s = 0.2
+        it = iter(p)
+        assert indices([next(it), next(it)]) == [0, 1]
+        try:
+            next(it)
+        except TimeoutError:
+            pass
+        else:
+            raise AssertionError("no TimeoutError")
+        p.set_epoch(0)
+        assert indices(p) == list(range(6))  # a fresh pass: not the rest of the abandoned one
+    print("OK")
+    """ % str(tmp_path / "stuck"))
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_a_new_iter_after_a_break_does_not_wait_for_ever_for_a_stuck_batch(mode, tmp_path):
     # The pass is left (break) while batch 2 is stuck in __getitem__: skipping the rest of the

@@ -37,13 +37,6 @@ std::string seconds(std::int64_t ns) {
 }
 }  // namespace
 
-WorkerActivity Consumer::activity_on(std::int64_t position) const {
-  for (const WorkerActivity& a : engine_->activity()) {
-    if (a.phase != WorkerPhase::kIdle && a.task.position == position) return a;
-  }
-  return {};
-}
-
 std::string Consumer::exhausted_message() const {
   const PoolInfo i = pool_->info();
   const Task t = engine_->task_at(exhausted_position_);
@@ -64,8 +57,9 @@ std::string Consumer::stall_message(bool timeout_set) const {
   std::string out = "pyloader: batch " + std::to_string(t.index) + " (epoch " +
                     std::to_string(t.epoch) + ") has not arrived after " + seconds(stalled_ns_) +
                     ": ";
-  const WorkerActivity a = activity_on(stalled_position_);
+  WorkerActivity a = engine_->activity_on(stalled_position_);
   if (a.worker >= 0) {
+    a.task = t;
     out += engine_->describe(a) + ".";
   } else {
     out += "no worker is on it now (it waits for a batch loaded before it, or for a worker);";
@@ -113,7 +107,7 @@ WaitOutcome Consumer::Turn::wait_slice(std::optional<std::chrono::nanoseconds> t
   const std::int64_t exhausted_after = c.options_.exhausted_after.count();
   if (exhausted_after > 0 && c.warned_ && starved.count() >= exhausted_after &&
       waited >= exhausted_after) {
-    const WorkerActivity a = c.activity_on(position);
+    const WorkerActivity a = c.engine_->activity_on(position);
     if (a.phase == WorkerPhase::kBuffer && a.elapsed.count() >= exhausted_after) {
       c.exhausted_position_ = position;
       c.exhausted_ns_ = std::min(a.elapsed.count(), waited);

@@ -137,9 +137,6 @@ class Consumer {
   std::string stall_message(bool timeout_set) const;
 
  private:
-  // The activity of the worker on `position` (phase kIdle and worker -1 when none is).
-  WorkerActivity activity_on(std::int64_t position) const;
-
   std::shared_ptr<Engine> engine_;
   std::shared_ptr<BufferPool> pool_;
   const ConsumerOptions options_;

@@ -402,24 +402,36 @@ void Engine::set_activity(int worker, WorkerPhase phase, std::int64_t position) 
   slot.since_ns = now;
 }
 
+// The task is left with only its position set; callers look the rest up (task_at) if they need it.
+WorkerActivity Engine::read_activity(int worker, std::int64_t now) const noexcept {
+  const ActivitySlot& slot = activity_[static_cast<std::size_t>(worker)];
+  WorkerActivity a;
+  a.worker = worker;
+  std::lock_guard lock(slot.mu);
+  a.phase = slot.phase;
+  a.task.position = slot.position;
+  a.elapsed = std::chrono::nanoseconds(std::max<std::int64_t>(0, now - slot.since_ns));
+  return a;
+}
+
 std::vector<WorkerActivity> Engine::activity() const {
   std::vector<WorkerActivity> out;
   const std::int64_t now = now_ns();
   for (int w = 0; w < options_.workers; ++w) {
-    const ActivitySlot& slot = activity_[static_cast<std::size_t>(w)];
-    WorkerActivity a;
-    a.worker = w;
-    std::int64_t position = -1;
-    {
-      std::lock_guard lock(slot.mu);
-      a.phase = slot.phase;
-      position = slot.position;
-      a.elapsed = std::chrono::nanoseconds(std::max<std::int64_t>(0, now - slot.since_ns));
-    }
-    a.task = position >= 0 ? task_at(position) : Task{};
+    WorkerActivity a = read_activity(w, now);
+    if (a.task.position >= 0) a.task = task_at(a.task.position);
     out.push_back(a);
   }
   return out;
+}
+
+WorkerActivity Engine::activity_on(std::int64_t position) const noexcept {
+  const std::int64_t now = now_ns();
+  for (int w = 0; w < options_.workers; ++w) {
+    const WorkerActivity a = read_activity(w, now);
+    if (a.phase != WorkerPhase::kIdle && a.task.position == position) return a;
+  }
+  return {};
 }
 
 std::string Engine::describe(const WorkerActivity& a) const {

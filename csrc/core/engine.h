@@ -158,6 +158,8 @@ class Engine : public std::enable_shared_from_this<Engine> {
 
   // ---- diagnostics (any thread) ----
   std::vector<WorkerActivity> activity() const;
+  // The worker busy with `position` (worker -1 when none is). Allocates nothing.
+  WorkerActivity activity_on(std::int64_t position) const noexcept;
   // In plain words: "worker thread 2 (inside __getitem__(7), epoch 0, for 61.2 s)".
   std::string describe(const WorkerActivity& a) const;
 
@@ -204,6 +206,7 @@ class Engine : public std::enable_shared_from_this<Engine> {
 
   void worker_main(int worker);
   void set_activity(int worker, WorkerPhase phase, std::int64_t position) noexcept;
+  WorkerActivity read_activity(int worker, std::int64_t now) const noexcept;
   bool wait_loadable(std::int64_t position) noexcept;
   Segment* segment_of(std::int64_t position, Segment* cached) const;
   bool deliver(int worker, Job& job);

@@ -567,8 +567,10 @@ class Prefetcher:
             raise RuntimeError("this Prefetcher is closed")
 
     def _stop_engine(self) -> None:
-        """Stops and joins the engine; the next one starts where the consumer is."""
+        """Stops and joins the engine for a restart whose caller then sets ``_resume`` (a state,
+        an epoch, a renewal): no pass is left unfinished after it."""
         self._retire_engine()
+        self._abandoned_epoch = None
         self._warn_abandoned(self._join_retired())
 
     def _retire_engine(self) -> None:
