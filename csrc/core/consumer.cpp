@@ -62,7 +62,9 @@ std::string Consumer::stall_message(bool timeout_set) const {
     a.task = t;
     out += engine_->describe(a) + ".";
   } else {
-    out += "no worker is on it now (it waits for a batch loaded before it, or for a worker);";
+    out +=
+        "no worker is busy with it alone (the worker that loaded it may be loading the next "
+        "batch of its run first, or every worker is busy);";
     bool any = false;
     for (const WorkerActivity& w : engine_->activity()) {
       if (w.phase == WorkerPhase::kIdle) continue;

@@ -300,7 +300,9 @@ bool Engine::count_finished(Segment* segment) {
 
 void Engine::run_epoch_hook(int worker, Segment* segment) {
   std::unique_ptr<Payload> error;
-  if (loader_->has_epoch_end()) error = loader_->epoch_end(worker, segment->epoch);
+  // Not after stop(): a worker whose user call returned late (abandoned by join_for) must not run
+  // more user code, e.g. a hook the owner has run itself meanwhile.
+  if (loader_->has_epoch_end() && !stopping()) error = loader_->epoch_end(worker, segment->epoch);
   {
     std::lock_guard lock(plan_mu_);
     segment->hook_error = std::move(error);

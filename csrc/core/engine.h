@@ -33,6 +33,7 @@
 // Shutdown: stop() sets the stop flag, stops the ring, sets the stop bit of plan_word_ and wakes
 // the pool: every blocked worker returns at once; a worker inside the Loader returns after the
 // call in progress (the Loader's interrupt() cuts short a call that waits on another process).
+// After stop() no epoch hook runs, so a worker that returns from user code late runs no more of it.
 // join() waits for the workers (detaches them if called from one of them). join_for(grace) waits
 // at most `grace` and then abandons (detaches) the workers still running - in practice, workers
 // stuck inside a Loader call that never returns (user code: a __getitem__ blocked forever) - and

@@ -963,6 +963,31 @@ TEST(join_for_abandons_a_worker_stuck_in_the_loader) {
   CHECK_EQ(TestPayload::live(), 0);
 }
 
+// The abandoned worker was loading its epoch's last position: when its call returns after the
+// stop it runs no epoch hook (the owner may have run it itself meanwhile).
+TEST(an_abandoned_worker_runs_no_epoch_hook_when_its_call_returns) {
+  const std::uint64_t seed = check::test_seed();
+  std::atomic<bool> gate_open{false};
+  LoaderConfig cfg{.seed = seed, .hooks = true};
+  cfg.gated_position = 3;  // the last position of epoch 0
+  cfg.gate_open = &gate_open;
+  cfg.zero_bytes_permille = 1000;  // no buffer to wait for after the stop: straight to the hook
+  StopFixture f(cfg, {.workers = 2, .depth = 4}, std::size_t{1} << 30);
+  f.engine->append(0, shuffled_plan(seed, 0, 4, 4), false);
+  f.engine->start();
+  std::mt19937_64 rng(seed);
+  for (std::int64_t p = 0; p < 3; ++p) CHECK_EQ(wait_and_take(*f.engine, rng).task.position, p);
+  CHECK(check::eventually([&] { return f.loader->prepares.load() == 4; }));
+  f.engine->stop();
+  CHECK_EQ(f.engine->join_for(20ms).size(), 1u);
+  std::weak_ptr<Engine> weak = f.engine;
+  f.engine.reset();
+  gate_open.store(true, kRelaxed);
+  CHECK(check::eventually([&] { return weak.expired(); }));
+  CHECK_EQ(f.loader->hook_calls[0].load(kRelaxed), 0);
+  CHECK_EQ(TestPayload::live(), 0);
+}
+
 // join_for() of workers that all end within the grace joins them all and abandons none.
 TEST(join_for_joins_workers_that_end_in_time) {
   const std::uint64_t seed = check::test_seed();
