@@ -212,6 +212,34 @@ def test_a_stopped_worker_process_is_named_with_its_pid_and_state():
 
 # ---- item 4: after a TimeoutError the position is abandoned and the loader goes on ------------
 
+
+def test_a_stopped_worker_process_is_killed_and_replaced_after_a_timeout():
+    run_ok("""
+    with pyloader.Prefetcher(Counting(10), mode="process", workers=1, depth=2, timeout=1.0) as p:
+        it = iter(p)
+        got = [int(next(it)[1]["i"])]
+        (pid,) = p.worker_pids()
+        os.kill(pid, signal.SIGSTOP)
+        lost = []
+        while True:
+            try:
+                got.append(int(next(it)[1]["i"]))
+            except StopIteration:
+                break
+            except TimeoutError as exc:
+                lost.append(exc)
+        assert len(lost) == 1, lost
+        lost_index = int(str(lost[0]).split("batch ")[1].split()[0])
+        assert sorted(got + [lost_index]) == list(range(10)), (got, lost_index)  # nothing twice
+        (new_pid,) = p.worker_pids()
+        assert new_pid != pid
+        deadline = time.monotonic() + 10
+        while os.path.exists("/proc/%d" % pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not os.path.exists("/proc/%d" % pid), "the stopped worker was not killed"
+    print("OK")
+    """)
+
 STUCK_ONCE = """
     class StuckOnce:
         # The first load of index 2 never returns (in process mode: the first worker to load it).
