@@ -161,7 +161,7 @@ class Engine : public std::enable_shared_from_this<Engine> {
   std::vector<WorkerActivity> activity() const;
   // The worker busy with `position` (worker -1 when none is). Allocates nothing.
   WorkerActivity activity_on(std::int64_t position) const noexcept;
-  // In plain words: "worker thread 2 (inside __getitem__(7), epoch 0, for 61.2 s)".
+  // In plain words: "worker thread 2, inside __getitem__(7) (epoch 0, for 61.2 s)".
   std::string describe(const WorkerActivity& a) const;
 
   // ---- shutdown ----

@@ -150,7 +150,8 @@ class Prefetcher:
             a worker thread inside user code (``__getitem__``, ``on_epoch_end``) before it
             abandons the thread with a :class:`~pyloader.StallWarning` naming the batch and how
             long it has run. An abandoned thread ends on its own when its call returns (or with
-            the process). Process mode never waits: a stuck worker process is killed. Default 5.
+            the process). Process mode never waits: a stuck worker process is killed. ``None``:
+            wait for ever. Default 5.
         stall_warning_s: seconds one batch may keep the loop waiting before a
             :class:`~pyloader.StallWarning` names it, its epoch, the worker (thread, or process
             pid and whether it is stopped) and the time waited; once per batch, and the wait goes
@@ -166,7 +167,7 @@ class Prefetcher:
         ValueError: an option has a bad value (the message shows it).
     """
 
-    close_grace_s: float = 5.0
+    close_grace_s: float | None = 5.0
     stall_warning_s: float | None = 60.0
     pool_wait_s: float | None = 30.0
 
