@@ -16,8 +16,19 @@
 //                                                                    the task)
 //   3. a worker has waited `starved_after` for a free buffer (every buffer holds a batch the
 //      user still references): once per Consumer                 -> kPoolStarved
-//   4. otherwise                                                  -> kSlice: call again
+//   4. the worker of the position this wait is for has waited for a free buffer for
+//      `exhausted_after`, counted within this wait (a release lets it go on, so only a pool whose
+//      every buffer the user still holds gets here), after kPoolStarved was reported (the
+//      warning comes first), every time                           -> kPoolExhausted
+//                                                                    (exhausted_message())
+//   5. this wait has lasted `stall_after` (a worker stuck in user code, a stopped worker process):
+//      once per position, across waits                            -> kStalled (stall_message())
+//   6. otherwise                                                  -> kSlice: call again
 // A wait begins at the first wait_slice() after a take (or the Turn's start) and ends at take().
+// kPoolExhausted, kStalled and kTimedOut leave the position as it is: the caller decides (the
+// Python binding raises PoolExhaustedError, warns, raises TimeoutError) and a later wait goes on
+// with the same position. (The Prefetcher abandons a timed-out position by restarting the
+// engine; nothing here skips one.) `exhausted_after` and `stall_after` of zero or less: never.
 //
 // Stall accounting: the time spent in wait_slice() counts as the consumer's stall (the Engine's
 // wait_ready); so does the time from a slice's end to resumed() (taking the GIL back) and from
@@ -57,14 +68,18 @@ class ConcurrentConsumerError : public std::logic_error {
 struct ConsumerOptions {
   std::chrono::nanoseconds slice{std::chrono::milliseconds(20)};  // the longest wait_slice()
   std::chrono::nanoseconds starved_after{std::chrono::seconds(2)};
+  std::chrono::nanoseconds exhausted_after{0};  // <= 0: never kPoolExhausted
+  std::chrono::nanoseconds stall_after{0};      // <= 0: never kStalled
 };
 
 enum class WaitOutcome : std::uint8_t {
-  kReady,        // the next position can be taken
-  kSlice,        // not yet: call wait_slice() again
-  kStopped,      // the engine was stopped: it will never be ready
-  kTimedOut,     // the wait's timeout passed
-  kPoolStarved,  // not yet, and workers starve for buffers (reported once per Consumer)
+  kReady,          // the next position can be taken
+  kSlice,          // not yet: call wait_slice() again
+  kStopped,        // the engine was stopped: it will never be ready
+  kTimedOut,       // the wait's timeout passed
+  kPoolStarved,    // not yet, and workers starve for buffers (reported once per Consumer)
+  kPoolExhausted,  // not yet, and the position's worker has waited exhausted_after for a buffer
+  kStalled,        // not yet, after stall_after (reported once per position)
 };
 
 class Consumer {
@@ -115,6 +130,11 @@ class Consumer {
 
   // What kPoolStarved means, in plain words (the pool's state now), for the caller's warning.
   std::string starvation_message() const;
+  // What kPoolExhausted means, in plain words: what the user holds, the bound, how to raise it.
+  std::string exhausted_message() const;
+  // What kStalled means, in plain words: the position, how long, and what the workers are doing.
+  // `timeout_set`: whether the wait had a timeout (else: say how to get one).
+  std::string stall_message(bool timeout_set) const;
 
  private:
   std::shared_ptr<Engine> engine_;
@@ -122,6 +142,11 @@ class Consumer {
   const ConsumerOptions options_;
   bool warned_ = false;          // consumer-only: kPoolStarved was reported
   std::int64_t starved_ns_ = 0;  // consumer-only: how long workers had waited then
+  // Consumer-only: the position of the latest kPoolExhausted / kStalled, and how long then.
+  std::int64_t exhausted_position_ = -1;
+  std::int64_t exhausted_ns_ = 0;
+  std::int64_t stalled_position_ = -1;  // also: kStalled is reported once per position
+  std::int64_t stalled_ns_ = 0;
   alignas(kCacheLine) std::atomic<bool> busy_{false};  // G1 / G2
 };
 

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cassert>
+#include <cstdio>
 #include <functional>
 #include <limits>
 #include <new>
@@ -57,7 +58,8 @@ Engine::Engine(const EngineOptions& options, std::shared_ptr<BufferPool> pool,
       pool_(std::move(pool)),
       loader_(std::move(loader)),
       ring_(options.depth),
-      busy_ns_(new PaddedCounter[static_cast<std::size_t>(std::max(options.workers, 1))]) {
+      busy_ns_(new PaddedCounter[static_cast<std::size_t>(std::max(options.workers, 1))]),
+      activity_(new ActivitySlot[static_cast<std::size_t>(std::max(options.workers, 1))]) {
   if (options.workers < 1) throw std::invalid_argument("an engine needs at least one worker");
 }
 
@@ -232,6 +234,7 @@ void Engine::worker_main(int worker) {
           entered = true;
         }
         const std::int64_t t0 = now_ns();
+        set_activity(worker, WorkerPhase::kLoading, q);
         loader_->prepare(worker, job.prep);
         job.load_ns = now_ns() - t0;
       }
@@ -241,6 +244,7 @@ void Engine::worker_main(int worker) {
     }
     if (entered) loader_->leave(worker);
     for (auto& [d, segment] : deferred) {  // last positions of their epochs: hook, then publish
+      set_activity(worker, WorkerPhase::kHook, d.task.position);
       run_epoch_hook(worker, segment);
       publish(std::move(d));
     }
@@ -250,6 +254,7 @@ void Engine::worker_main(int worker) {
       if (!stopped && !deliver(worker, job)) stopped = true;
     }
     run.clear();  // leftover payloads (after a stop) release what they hold
+    set_activity(worker, WorkerPhase::kIdle, -1);
     busy.store(busy.load(std::memory_order_relaxed) + (now_ns() - start),
                std::memory_order_release);
     if (stopped) break;
@@ -288,6 +293,7 @@ bool Engine::deliver(int worker, Job& job) {
              in_flight_buffers_.load(std::memory_order_acquire) > 0;
     };
     try {
+      set_activity(worker, WorkerPhase::kBuffer, position);
       buffer = pool_->acquire(job.prep.bytes, stopping_, position, &may_exceed);
       if (!buffer) return false;  // stopped while waiting for a buffer
       count_in_flight_buffer(in_flight_buffers_, *pool_);
@@ -297,9 +303,13 @@ bool Engine::deliver(int worker, Job& job) {
       out_of_memory = true;
     }
   }
+  set_activity(worker, WorkerPhase::kFilling, job.prep.task.position);
   Delivery d = fill_delivery(worker, job, std::move(buffer));
   d.out_of_memory = out_of_memory;
-  if (count_finished(job.segment)) run_epoch_hook(worker, job.segment);
+  if (count_finished(job.segment)) {
+    set_activity(worker, WorkerPhase::kHook, job.prep.task.position);
+    run_epoch_hook(worker, job.segment);
+  }
   publish(std::move(d));
   return true;
 }
@@ -334,7 +344,9 @@ bool Engine::count_finished(Segment* segment) {
 
 void Engine::run_epoch_hook(int worker, Segment* segment) {
   std::unique_ptr<Payload> error;
-  if (loader_->has_epoch_end()) error = loader_->epoch_end(worker, segment->epoch);
+  // Not after stop(): a worker whose user call returned late (abandoned by join_for) must not run
+  // more user code, e.g. a hook the owner has run itself meanwhile.
+  if (loader_->has_epoch_end() && !stopping()) error = loader_->epoch_end(worker, segment->epoch);
   {
     std::lock_guard lock(plan_mu_);
     segment->hook_error = std::move(error);
@@ -430,6 +442,76 @@ std::int64_t Engine::worker_busy_ns() const noexcept {
   return total;
 }
 
+// ---- diagnostics ----------------------------------------------------------------------------
+
+void Engine::set_activity(int worker, WorkerPhase phase, std::int64_t position) noexcept {
+  ActivitySlot& slot = activity_[static_cast<std::size_t>(worker)];
+  const std::int64_t now = now_ns();
+  std::lock_guard lock(slot.mu);
+  slot.phase = phase;
+  slot.position = position;
+  slot.since_ns = now;
+}
+
+// The task is left with only its position set; callers look the rest up (task_at) if they need it.
+WorkerActivity Engine::read_activity(int worker, std::int64_t now) const noexcept {
+  const ActivitySlot& slot = activity_[static_cast<std::size_t>(worker)];
+  WorkerActivity a;
+  a.worker = worker;
+  std::lock_guard lock(slot.mu);
+  a.phase = slot.phase;
+  a.task.position = slot.position;
+  a.elapsed = std::chrono::nanoseconds(std::max<std::int64_t>(0, now - slot.since_ns));
+  return a;
+}
+
+std::vector<WorkerActivity> Engine::activity() const {
+  std::vector<WorkerActivity> out;
+  const std::int64_t now = now_ns();
+  for (int w = 0; w < options_.workers; ++w) {
+    WorkerActivity a = read_activity(w, now);
+    if (a.task.position >= 0) a.task = task_at(a.task.position);
+    out.push_back(a);
+  }
+  return out;
+}
+
+WorkerActivity Engine::activity_on(std::int64_t position) const noexcept {
+  const std::int64_t now = now_ns();
+  for (int w = 0; w < options_.workers; ++w) {
+    const WorkerActivity a = read_activity(w, now);
+    if (a.phase != WorkerPhase::kIdle && a.task.position == position) return a;
+  }
+  return {};
+}
+
+std::string Engine::describe(const WorkerActivity& a) const {
+  char seconds[32];
+  std::snprintf(seconds, sizeof seconds, "%.1f s",
+                std::chrono::duration<double>(a.elapsed).count());
+  const std::string where = " (epoch " + std::to_string(a.task.epoch) + ", for " + seconds + ")";
+  std::string what;
+  switch (a.phase) {
+    case WorkerPhase::kIdle:
+      what = "not loading any batch";
+      break;
+    case WorkerPhase::kLoading:
+      what = "inside " + loader_->call_name(a.task.index) + where;
+      break;
+    case WorkerPhase::kBuffer:
+      what = "waiting for a free buffer for batch " + std::to_string(a.task.index) + where;
+      break;
+    case WorkerPhase::kFilling:
+      what = "writing batch " + std::to_string(a.task.index) + where;
+      break;
+    case WorkerPhase::kHook:
+      what = "inside on_epoch_end() after epoch " + std::to_string(a.task.epoch) + " (for " +
+             seconds + ")";
+      break;
+  }
+  return loader_->worker_name(a.worker) + ", " + what;
+}
+
 // ---- shutdown -------------------------------------------------------------------------------
 
 void Engine::stop() noexcept {
@@ -447,6 +529,19 @@ void Engine::join() noexcept {
   } else {
     threads_.join();
   }
+}
+
+std::vector<WorkerActivity> Engine::join_for(std::chrono::nanoseconds grace) {
+  std::vector<WorkerActivity> abandoned;
+  if (threads_.is_member()) {
+    threads_.detach();  // each thread holds a reference to us and ends on its own
+    return abandoned;
+  }
+  const std::vector<int> ids = threads_.join_for(grace);
+  if (ids.empty()) return abandoned;
+  const std::vector<WorkerActivity> now = activity();
+  for (int w : ids) abandoned.push_back(now[static_cast<std::size_t>(w)]);
+  return abandoned;
 }
 
 }  // namespace pyloader

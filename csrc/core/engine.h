@@ -33,10 +33,21 @@
 // Shutdown: stop() sets the stop flag, stops the ring, sets the stop bit of plan_word_ and wakes
 // the pool: every blocked worker returns at once; a worker inside the Loader returns after the
 // call in progress (the Loader's interrupt() cuts short a call that waits on another process).
-// join() waits for the workers (detaches them if called from one of them). Each
-// worker holds a shared_ptr to the engine, so the owner must call stop() and join(): dropping the
-// last outside reference alone leaves the workers running. The destructor (which runs once the
-// workers have ended) calls both again, harmlessly.
+// After stop() no epoch hook runs, so a worker that returns from user code late runs no more of it.
+// join() waits for the workers (detaches them if called from one of them). join_for(grace) waits
+// at most `grace` and then abandons (detaches) the workers still running - in practice, workers
+// stuck inside a Loader call that never returns (user code: a __getitem__ blocked forever) - and
+// returns what each of them was doing, for the owner to report. Each worker holds a shared_ptr
+// to the engine, so an abandoned worker stays memory-safe: when its call returns it sees the
+// stop, drops what it holds and ends, and the last reference it drops destroys the engine (and
+// the Loader) on its thread. Because of that reference the owner must call stop() and join() (or
+// join_for()): dropping the last outside reference alone leaves the workers running. The
+// destructor (which runs once the workers have ended) calls both again, harmlessly.
+//
+// Activity: each worker records what it is doing (WorkerActivity: loading a position, waiting
+// for a buffer for it, filling it, running an epoch hook) and since when, in a slot of its own
+// under that slot's mutex (written by its worker a few times per batch, read only by diagnostics:
+// the consumer's stall warning and join_for()'s report). activity() reads every slot.
 //
 // Re-planning: replan() replaces the indices of the last segment while its gate is still shut
 // (gated, the previous segment's hook not yet done). No worker can have looked such a segment up:
@@ -84,6 +95,23 @@ struct EngineOptions {
   std::chrono::nanoseconds run_budget{std::chrono::microseconds(200)};
   std::size_t max_run = 64;
   std::size_t stats_window = 64;  // epochs stats() keeps in detail; older ones are merged
+};
+
+// What a worker is doing (Engine::activity()), for the stall warning and the report of abandoned
+// workers. Only kLoading and kHook run user code.
+enum class WorkerPhase : std::uint8_t {
+  kIdle,     // between positions: claiming, waiting for one to become loadable
+  kLoading,  // inside Loader::prepare() for `task` (user code: __getitem__)
+  kBuffer,   // waiting for a free buffer for `task`
+  kFilling,  // inside Loader::fill() for `task` (a copy; process mode: the worker writes it)
+  kHook,     // inside Loader::epoch_end() after `task`, the last position of its epoch
+};
+
+struct WorkerActivity {
+  int worker = -1;
+  WorkerPhase phase = WorkerPhase::kIdle;
+  Task task;  // the position (with its epoch and Sequence index) the phase is about
+  std::chrono::nanoseconds elapsed{0};  // time in this phase so far
 };
 
 // An appended epoch segment: positions [start, end) load epoch `epoch`.
@@ -200,9 +228,19 @@ class Engine : public std::enable_shared_from_this<Engine> {
   StatsWindow stats() const;
   std::int64_t worker_busy_ns() const noexcept;
 
+  // ---- diagnostics (any thread) ----
+  std::vector<WorkerActivity> activity() const;
+  // The worker busy with `position` (worker -1 when none is). Allocates nothing.
+  WorkerActivity activity_on(std::int64_t position) const noexcept;
+  // In plain words: "worker thread 2, inside __getitem__(7) (epoch 0, for 61.2 s)".
+  std::string describe(const WorkerActivity& a) const;
+
   // ---- shutdown ----
   void stop() noexcept;
   void join() noexcept;
+  // After stop(): waits at most `grace` for the workers, then abandons those still running (see
+  // Shutdown above). Returns what each abandoned worker was doing (empty: every worker ended).
+  std::vector<WorkerActivity> join_for(std::chrono::nanoseconds grace);
   bool stopping() const noexcept { return stopping_.load(std::memory_order_acquire); }
   bool on_worker_thread() const noexcept { return threads_.is_member(); }
 
@@ -231,8 +269,16 @@ class Engine : public std::enable_shared_from_this<Engine> {
   };
   static_assert(sizeof(PaddedCounter) == kCacheLine,
                 "Each worker's busy counter must fill exactly one cache line of its own.");
+  struct alignas(kCacheLine) ActivitySlot {
+    mutable std::mutex mu;
+    WorkerPhase phase = WorkerPhase::kIdle;  // under mu
+    std::int64_t position = -1;              // under mu
+    std::int64_t since_ns = 0;               // under mu
+  };
 
   void worker_main(int worker);
+  void set_activity(int worker, WorkerPhase phase, std::int64_t position) noexcept;
+  WorkerActivity read_activity(int worker, std::int64_t now) const noexcept;
   bool wait_loadable(std::int64_t position) noexcept;
   // The segment holding `position` (null if none). `cached` is returned if it holds it; a worker
   // keeps its last segment alive through it, for a pruned segment's memory must stay valid there.
@@ -260,6 +306,7 @@ class Engine : public std::enable_shared_from_this<Engine> {
   OrderedRing<Delivery> ring_;
   ThreadPool threads_;
   std::unique_ptr<PaddedCounter[]> busy_ns_;  // one per worker, written only by its worker
+  std::unique_ptr<ActivitySlot[]> activity_;  // one per worker, written only by its worker
 
   mutable std::mutex plan_mu_;
   std::vector<std::shared_ptr<Segment>> segments_;  // under plan_mu_, in position order

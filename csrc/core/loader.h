@@ -101,6 +101,15 @@ class Loader {
   // Called by Engine::stop(), from any thread: a prepare()/fill() blocked on something outside
   // the process (a worker process) must return promptly.
   virtual void interrupt() noexcept {}
+  // For diagnostics (the stall warning, abandoned workers), from any thread: who `worker` is
+  // ("worker thread 2"; process mode: the worker process, its pid and state) and what its load
+  // of a Sequence index is called in the user's words ("__getitem__(7)").
+  virtual std::string worker_name(int worker) const {
+    return "worker thread " + std::to_string(worker);
+  }
+  virtual std::string call_name(std::int64_t index) const {
+    return "loading index " + std::to_string(index);
+  }
 };
 
 }  // namespace pyloader

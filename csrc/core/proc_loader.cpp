@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <system_error>
 #if defined(__GLIBCXX__)  // libstdc++ (known once a standard header is in)
@@ -84,6 +85,40 @@ int ProcLoader::fd_of(int worker) const {
 int ProcLoader::pid_of(int worker) const {
   std::lock_guard lock(mu_);
   return slots_[static_cast<std::size_t>(worker)].worker.pid;
+}
+
+std::string ProcLoader::worker_name(int worker) const {
+  const int pid = pid_of(worker);
+  std::string out = "worker process " + std::to_string(pid) + " (worker " + std::to_string(worker);
+  if (pid <= 0) return out + ", none running)";
+  // /proc/<pid>/stat: "pid (comm) state ...", where comm may hold spaces and parentheses.
+  std::string stat;
+  if (FILE* f = std::fopen(("/proc/" + std::to_string(pid) + "/stat").c_str(), "r")) {
+    char buf[512];
+    const std::size_t n = std::fread(buf, 1, sizeof buf, f);
+    std::fclose(f);
+    stat.assign(buf, n);
+  }
+  const std::size_t close = stat.rfind(')');
+  const char state = close != std::string::npos && close + 2 < stat.size() ? stat[close + 2] : '?';
+  switch (state) {
+    case 'T':
+      return out + ", stopped: it received SIGSTOP (or SIGTSTP); SIGCONT resumes it)";
+    case 't':
+      return out + ", stopped by a debugger)";
+    case 'Z':
+    case 'X':
+      return out + ", exited)";
+    case 'R':
+      return out + ", running)";
+    case 'S':
+    case 'D':
+      return out + ", sleeping)";
+    case '?':
+      return out + ", gone)";
+    default:
+      return out + ", state " + std::string(1, state) + ")";
+  }
 }
 
 // ---- socket I/O: every wait also watches stop_fd_ ---------------------------------------------

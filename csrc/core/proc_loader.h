@@ -32,7 +32,14 @@
 //
 // Shutdown: interrupt() (Engine::stop) wakes every thread blocked on a socket (an eventfd polled
 // beside it). A worker interrupted mid-conversation is left in an unknown state: dirty() names
-// its slot, and the owner replaces it before the slot is used again.
+// its slot, and the owner replaces it before the slot is used again. So a worker process stuck in
+// user code (or stopped by SIGSTOP) never holds up a stop: its thread returns at once, and the
+// owner's replacement kills it (SIGKILL, from the zygote); closing the pool kills every worker.
+// An engine stopped after a TimeoutError (the Prefetcher abandons the position) thus gets the
+// stuck worker killed and replaced before the next engine runs.
+//
+// Diagnostics: worker_name() reads the worker's state from /proc/<pid>/stat (no psutil), so the
+// consumer's stall warning can say that a worker process is stopped (state T) rather than slow.
 //
 // Epoch hooks: the owner's hook runs in this process (epoch_end, as in thread mode) and counts
 // hooks_; each kLoad carries the count, and the worker runs its own copy of the hook until it has
@@ -122,6 +129,11 @@ class ProcLoader final : public Loader {
   std::size_t max_run() const noexcept override { return 1; }  // one conversation at a time
   std::unique_ptr<Payload> epoch_end(int worker, std::int64_t epoch) override;
   void interrupt() noexcept override;
+  // "worker process 1234 (worker 0, stopped: SIGSTOP ...)": its state from /proc/<pid>/stat.
+  std::string worker_name(int worker) const override;
+  std::string call_name(std::int64_t index) const override {
+    return "__getitem__(" + std::to_string(index) + ") in its process";
+  }
 
   // Safe from any thread.
   std::vector<ProcWorker> workers() const;

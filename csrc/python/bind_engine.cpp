@@ -2,9 +2,11 @@
 // pyloader._C.Source, the base of the native sources.
 //
 // The Engine binding converts and releases the GIL; the consumer's policy (the wait in slices,
-// the timeout, the starvation report, one consumer thread at a time) is the core's Consumer
-// (consumer.h). What is left here: release the GIL around each slice, check for signals (Ctrl-C)
-// between slices, and turn each outcome into its Python exception or warning.
+// the timeout, the starvation report, pool exhaustion, stalls, one consumer thread at a time) is
+// the core's Consumer (consumer.h), and the bounded join the core Engine's (join_for). What is
+// left here: release the GIL around each slice and around the join, check for signals (Ctrl-C)
+// between slices, and turn each outcome into its Python exception or warning (the warnings'
+// categories, the thresholds and the grace come from the Prefetcher).
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
@@ -12,6 +14,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "../core/consumer.h"
 #include "../core/engine.h"
@@ -75,8 +78,10 @@ class PyEngine {
  public:
   PyEngine(py::object sequence, py::object epoch_end, const PyPool& pool, int workers,
            std::size_t depth, double run_budget_us, py::object error_factory,
-           py::object warning_category)
-      : warning_category_(std::move(warning_category)) {
+           py::object warning_category, py::object stall_category,
+           std::optional<double> stall_after_s, std::optional<double> pool_wait_s)
+      : warning_category_(std::move(warning_category)),
+        stall_category_(stall_category.is_none() ? warning_category_ : std::move(stall_category)) {
     EngineOptions options;
     options.workers = workers;
     options.depth = depth;
@@ -87,10 +92,18 @@ class PyEngine {
       source_ = std::make_shared<SequenceSource>(std::move(sequence), std::move(epoch_end), workers,
                                                  std::move(error_factory));
     }
+    ConsumerOptions policy;
+    if (stall_after_s) policy.stall_after = to_ns(*stall_after_s);
+    if (pool_wait_s) policy.exhausted_after = to_ns(*pool_wait_s);
     consumer_ = std::make_shared<Consumer>(Engine::create(options, pool.pool, source_->loader()),
-                                           pool.pool);
+                                           pool.pool, policy);
   }
-  ~PyEngine() { close(); }
+  ~PyEngine() {
+    try {
+      close(kDestructorGrace);  // the owner closes first; this is for an engine it never used
+    } catch (...) {
+    }
+  }
 
   void start() { live()->engine().start(); }
 
@@ -137,12 +150,13 @@ class PyEngine {
   }
 
   // Skips every position below `position`: they are not loaded (those already loaded are dropped).
-  void drain_to(std::int64_t position) {
+  // A position whose load was in progress is waited for, at most `timeout` (TimeoutError).
+  void drain_to(std::int64_t position, std::optional<double> timeout) {
     const std::shared_ptr<Consumer> consumer = live();
     Consumer::Turn turn = consumer->turn();
     turn.skip_to(position);
     while (turn.next_position() < position) {
-      if (!turn.ready()) wait(*consumer, turn, std::nullopt);
+      if (!turn.ready()) wait(*consumer, turn, timeout);
       Delivery d = turn.take();  // dropped here, with the GIL held
     }
   }
@@ -164,8 +178,18 @@ class PyEngine {
     return out;
   }
 
-  void close() {
-    if (!consumer_) return;
+  // Stops the engine (at once: no new position starts, no batch is taken any more) without
+  // waiting for its workers; close() then joins them. Idempotent.
+  void stop() {
+    if (consumer_) consumer_->engine().stop();
+  }
+
+  // Stops and joins the workers. `grace_s`: wait at most that long, then abandon the workers
+  // still inside user code (Engine::join_for); returns what each abandoned one was doing, in
+  // words, for the caller's warning. None: wait for ever.
+  std::vector<std::string> close(std::optional<double> grace_s) {
+    std::vector<std::string> abandoned;
+    if (!consumer_) return abandoned;
     // From here on the engine is closed to new calls; a call waiting in another thread holds its
     // own reference and returns once the stop wakes it.
     const std::shared_ptr<Consumer> consumer = std::move(consumer_);
@@ -173,14 +197,30 @@ class PyEngine {
     e.stop();
     if (e.on_worker_thread()) {
       e.join();  // detaches: the threads hold the engine and end on their own
-    } else {
+      return abandoned;
+    }
+    {
       py::gil_scoped_release release;
       // no Python below
-      e.join();
+      if (grace_s) {
+        for (const WorkerActivity& a : e.join_for(to_ns(*grace_s))) {
+          abandoned.push_back(e.describe(a));
+        }
+      } else {
+        e.join();
+      }
     }
+    return abandoned;
   }  // with the GIL held: undelivered batches drop their Python objects with the last reference
 
  private:
+  static constexpr double kDestructorGrace = 5.0;  // seconds
+
+  static std::chrono::nanoseconds to_ns(double seconds) {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(
+        std::chrono::duration<double>(seconds));
+  }
+
   std::shared_ptr<Consumer> live() const {
     if (!consumer_) raise(PyExc_RuntimeError, "this pyloader engine is closed");
     return consumer_;
@@ -218,6 +258,14 @@ class PyEngine {
             throw py::error_already_set();
           }
           break;
+        case WaitOutcome::kPoolExhausted:
+          raise(pool_exhausted_error(), consumer.exhausted_message());
+        case WaitOutcome::kStalled:
+          if (PyErr_WarnEx(stall_category_.ptr(),
+                           consumer.stall_message(timeout.has_value()).c_str(), 1) != 0) {
+            throw py::error_already_set();
+          }
+          break;
         case WaitOutcome::kReady:
         case WaitOutcome::kSlice:
           break;
@@ -228,6 +276,7 @@ class PyEngine {
   std::shared_ptr<PySource> source_;
   std::shared_ptr<Consumer> consumer_;  // null once closed
   py::object warning_category_;
+  py::object stall_category_;
 };
 
 }  // namespace
@@ -243,10 +292,11 @@ void register_engine(py::module_& m) {
 
   py::class_<PyEngine>(m, "Engine")
       .def(py::init<py::object, py::object, const PyPool&, int, std::size_t, double, py::object,
-                    py::object>(),
+                    py::object, py::object, std::optional<double>, std::optional<double>>(),
            py::arg("sequence"), py::arg("epoch_end"), py::arg("pool"), py::arg("workers"),
            py::arg("depth"), py::arg("run_budget_us"), py::arg("error_factory"),
-           py::arg("warning_category"))
+           py::arg("warning_category"), py::arg("stall_category") = py::none(),
+           py::arg("stall_after_s") = py::none(), py::arg("pool_wait_s") = py::none())
       .def("start", &PyEngine::start)
       .def("append", &PyEngine::append, py::arg("epoch"), py::arg("indices"), py::arg("gated"))
       .def("replan", &PyEngine::replan, py::arg("epoch"), py::arg("indices"))
@@ -254,10 +304,11 @@ void register_engine(py::module_& m) {
       .def_property_readonly("next_position", &PyEngine::next_position)
       .def("next_batch", &PyEngine::next_batch, py::arg("timeout") = py::none(),
            py::arg("end") = py::none())
-      .def("drain_to", &PyEngine::drain_to, py::arg("position"))
+      .def("drain_to", &PyEngine::drain_to, py::arg("position"), py::arg("timeout") = py::none())
       .def("epoch_error", &PyEngine::epoch_error, py::arg("epoch"))
       .def("stats", &PyEngine::stats)
-      .def("close", &PyEngine::close);
+      .def("stop", &PyEngine::stop)
+      .def("close", &PyEngine::close, py::arg("grace_s") = py::none());
 }
 
 }  // namespace pyloader::python

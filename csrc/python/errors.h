@@ -6,6 +6,9 @@
 //   StackError(ValueError)                  pyloader.stack cannot collate a batch's samples
 //   ConcurrentConsumerError(RuntimeError)   two threads iterate one loader at once (consumer.h's
 //                                           C++ exception of that name, translated)
+//   PoolExhaustedError(MemoryError)         the batch the consumer needs has waited too long for a
+//                                           buffer: every buffer holds a batch the user still
+//                                           references (re-exported as pyloader.PoolExhaustedError)
 // Each keeps the base type pyloader raised before it had a type of its own, so `except TypeError`
 // and the like still catch it. They pickle by reference (pyloader._C.<name>): process mode's
 // workers send them to the consumer as they are.
@@ -22,6 +25,7 @@ namespace py = pybind11;
 // The registered types (valid after register_errors()).
 PyObject* batch_layout_error() noexcept;
 PyObject* stack_error() noexcept;
+PyObject* pool_exhausted_error() noexcept;
 
 // Sets a Python exception of `type` and throws it into pybind11 (the GIL is held).
 [[noreturn]] void raise(PyObject* type, const std::string& message);

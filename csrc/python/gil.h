@@ -8,6 +8,11 @@
 //      objects may already be gone).
 //   3. otherwise they are handed to the graveyard: a list that the main thread empties, with the
 //      GIL, at its next chance to run Python (Py_AddPendingCall).
+// Rule 2 is checked first: once finalization has deleted the GIL state's thread-local key,
+// PyGILState_Check() answers "yes" on every thread, so a native thread that ends late (the last
+// worker of a detached or abandoned engine) would free objects without the GIL, after the
+// interpreter is gone: a crash at exit. (So objects that the finalizing thread itself drops are
+// leaked too; the process is exiting.)
 // Rule 3 never waits for the GIL, on purpose: a thread that waits for it when finalization begins
 // is ended by CPython (pthread_exit, a forced unwind), and in a destructor (noexcept) that unwind
 // ends the process with std::terminate. Functions that do wait for the GIL on engine threads
@@ -50,12 +55,12 @@ void drop_with_gil(T&... values) noexcept {
     explicit Held(T&... v) : values(std::move(v)...) {}
     std::tuple<T...> values;
   };
-  if (PyGILState_Check()) {
-    Held dropped(values...);
+  if (interpreter_finalizing() || !Py_IsInitialized()) {
+    new Held(values...);  // leaked on purpose (rule 2)
     return;
   }
-  if (interpreter_finalizing()) {
-    new Held(values...);  // leaked on purpose (rule 2)
+  if (PyGILState_Check()) {
+    Held dropped(values...);
     return;
   }
   bury(std::make_unique<Held>(values...));

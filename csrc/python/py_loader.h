@@ -11,6 +11,7 @@
 #include <pybind11/pybind11.h>
 
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "../core/loader.h"
@@ -37,6 +38,9 @@ class PyLoader final : public Loader {
   void fill(int worker, Prepared& item, std::byte* dst, std::size_t capacity) noexcept override;
   bool has_epoch_end() const noexcept override { return has_epoch_end_; }
   std::unique_ptr<Payload> epoch_end(int worker, std::int64_t epoch) override;
+  std::string call_name(std::int64_t index) const override {
+    return "__getitem__(" + std::to_string(index) + ")";
+  }
 
  private:
   struct WorkerState {

@@ -173,6 +173,73 @@ TEST(pool_starvation_is_reported_once) {
   CHECK_EQ(turn.take().task.position, 1);
 }
 
+// Past `exhausted_after` (and after the starvation warning) the wait ends with kPoolExhausted,
+// every time, and the position stays: once a kept batch is released the same position loads.
+TEST(pool_exhaustion_ends_the_wait_and_the_position_stays) {
+  check::test_seed();
+  ConsumerOptions options;
+  options.slice = 5ms;
+  options.starved_after = 20ms;
+  options.exhausted_after = 60ms;
+  Rig rig(1, 2, kPage, /*open=*/true, /*pool_bytes=*/kPage, options);
+  rig.plan(0, {0, 1, 2, 3});
+  std::vector<Delivery> kept;
+  {
+    auto turn = rig.consumer->turn();
+    CHECK(wait(turn, std::nullopt) == WaitOutcome::kReady);
+    kept.push_back(turn.take());
+    CHECK(wait(turn, std::nullopt) == WaitOutcome::kPoolStarved);  // the warning first
+    CHECK(wait(turn, std::nullopt) == WaitOutcome::kPoolExhausted);
+  }
+  const std::string message = rig.consumer->exhausted_message();
+  CHECK_MSG(message.find("batch 1 (epoch 0)") != std::string::npos, message);
+  CHECK_MSG(message.find("max_pool_bytes=" + std::to_string(kPage)) != std::string::npos, message);
+  CHECK_MSG(message.find("1 batches you still reference") != std::string::npos, message);
+  CHECK_MSG(message.find("raise the bound, e.g. max_pool_bytes=") != std::string::npos, message);
+  {
+    auto turn = rig.consumer->turn();  // a new wait: bounded again, and again exhausted
+    CHECK_EQ(turn.next_position(), 1);
+    CHECK(wait(turn, std::nullopt) == WaitOutcome::kPoolExhausted);
+  }
+  kept.clear();
+  auto turn = rig.consumer->turn();
+  CHECK(wait(turn, std::nullopt) == WaitOutcome::kReady);
+  CHECK_EQ(turn.take().task.position, 1);
+}
+
+// A loader stuck on a position: kStalled once for it, naming the worker and the call; the wait
+// goes on (and, in a new Turn, is not reported again) until the batch arrives.
+TEST(a_stall_is_reported_once_per_position) {
+  check::test_seed();
+  ConsumerOptions options;
+  options.slice = 5ms;
+  options.stall_after = 40ms;
+  Rig rig(1, 2, 0, /*open=*/false, 1 << 20, options);
+  rig.plan(2, {7, 8});
+  {
+    auto turn = rig.consumer->turn();
+    CHECK(wait(turn, std::nullopt) == WaitOutcome::kStalled);
+    const std::string message = rig.consumer->stall_message(false);
+    CHECK_MSG(message.find("batch 7 (epoch 2) has not arrived after") == 0 ||
+                  message.find("pyloader: batch 7 (epoch 2) has not arrived after") == 0,
+              message);
+    CHECK_MSG(
+        message.find("worker thread 0, inside loading index 7 (epoch 2, for ") != std::string::npos,
+        message);
+    CHECK_MSG(message.find("timeout=None") != std::string::npos, message);
+    CHECK(rig.consumer->stall_message(true).find("timeout=None") == std::string::npos);
+    CHECK(wait(turn, 60ms) == WaitOutcome::kTimedOut);  // no second kStalled meanwhile
+  }
+  {
+    auto turn = rig.consumer->turn();
+    CHECK(wait(turn, 80ms) == WaitOutcome::kTimedOut);  // a new Turn: still once per position
+  }
+  rig.loader->open();
+  auto turn = rig.consumer->turn();
+  CHECK(wait(turn, std::nullopt) == WaitOutcome::kReady);
+  CHECK_EQ(turn.take().task.index, 7);
+}
+
 TEST(a_second_thread_gets_an_error_instead_of_the_role) {
   check::test_seed();
   Rig rig(1, 2, 0, /*open=*/false);

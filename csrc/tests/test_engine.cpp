@@ -1082,6 +1082,94 @@ TEST(stop_while_in_loader) {
   f.destroy_and_check_nothing_leaks();
 }
 
+// A worker stuck inside the Loader (a __getitem__ that never returns) does not hold up a bounded
+// join: join_for() abandons it and reports what it is doing; the abandoned thread keeps the engine
+// alive until its call returns, then ends on its own and destroys the engine, leaking nothing.
+TEST(join_for_abandons_a_worker_stuck_in_the_loader) {
+  const std::uint64_t seed = check::test_seed();
+  std::atomic<bool> gate_open{false};
+  LoaderConfig cfg{.seed = seed};
+  cfg.gated_position = 3;  // ignores stop(): only the gate ends its call
+  cfg.gate_open = &gate_open;
+  StopFixture f(cfg, {.workers = 2, .depth = 4}, std::size_t{1} << 30);
+  const std::vector<std::int64_t> plan = shuffled_plan(seed, 0, 10, 10);
+  f.engine->append(0, plan, false);
+  f.engine->start();
+  std::mt19937_64 rng(seed);
+  for (std::int64_t p = 0; p < 3; ++p) CHECK_EQ(wait_and_take(*f.engine, rng).task.position, p);
+  const auto stuck_on_3 = [&] {
+    for (const pyloader::WorkerActivity& a : f.engine->activity()) {
+      if (a.phase == pyloader::WorkerPhase::kLoading && a.task.position == 3) return true;
+    }
+    return false;
+  };
+  CHECK(check::eventually(stuck_on_3));
+  f.engine->stop();
+  const auto t0 = check::Clock::now();
+  const std::vector<pyloader::WorkerActivity> abandoned = f.engine->join_for(50ms);
+  std::printf("  join_for(50 ms) took %.1f ms\n", check::seconds_since(t0) * 1e3);
+  CHECK_EQ(abandoned.size(), 1u);
+  const pyloader::WorkerActivity& a = abandoned[0];
+  CHECK(a.phase == pyloader::WorkerPhase::kLoading);
+  CHECK_EQ(a.task.position, 3);
+  CHECK_EQ(a.task.index, plan[3]);
+  CHECK_GE(a.elapsed, 50ms);
+  const std::string words = f.engine->describe(a);
+  CHECK_MSG(words.find("worker thread " + std::to_string(a.worker) + ", inside loading index " +
+                       std::to_string(plan[3]) + " (epoch 0, for ") == 0,
+            words);
+  CHECK(f.engine->join_for(50ms).empty());  // idempotent: nothing left to join
+  CHECK_EQ(f.loader->exited.load(), 1);     // the other worker ended and was joined
+  std::weak_ptr<Engine> weak = f.engine;
+  f.engine.reset();
+  CHECK(!weak.expired());  // the abandoned worker holds it
+  gate_open.store(true, kRelaxed);
+  CHECK(check::eventually([&] { return weak.expired(); }));  // it ended and destroyed the engine
+  CHECK_EQ(f.loader->exited.load(), 2);
+  CHECK_EQ(f.pool->info().leased, 0u);
+  CHECK_EQ(TestPayload::live(), 0);
+}
+
+// The abandoned worker was loading its epoch's last position: when its call returns after the
+// stop it runs no epoch hook (the owner may have run it itself meanwhile).
+TEST(an_abandoned_worker_runs_no_epoch_hook_when_its_call_returns) {
+  const std::uint64_t seed = check::test_seed();
+  std::atomic<bool> gate_open{false};
+  LoaderConfig cfg{.seed = seed, .hooks = true};
+  cfg.gated_position = 3;  // the last position of epoch 0
+  cfg.gate_open = &gate_open;
+  cfg.zero_bytes_permille = 1000;  // no buffer to wait for after the stop: straight to the hook
+  StopFixture f(cfg, {.workers = 2, .depth = 4}, std::size_t{1} << 30);
+  f.engine->append(0, shuffled_plan(seed, 0, 4, 4), false);
+  f.engine->start();
+  std::mt19937_64 rng(seed);
+  for (std::int64_t p = 0; p < 3; ++p) CHECK_EQ(wait_and_take(*f.engine, rng).task.position, p);
+  CHECK(check::eventually([&] { return f.loader->prepares.load() == 4; }));
+  f.engine->stop();
+  CHECK_EQ(f.engine->join_for(20ms).size(), 1u);
+  std::weak_ptr<Engine> weak = f.engine;
+  f.engine.reset();
+  gate_open.store(true, kRelaxed);
+  CHECK(check::eventually([&] { return weak.expired(); }));
+  CHECK_EQ(f.loader->hook_calls[0].load(kRelaxed), 0);
+  CHECK_EQ(TestPayload::live(), 0);
+}
+
+// join_for() of workers that all end within the grace joins them all and abandons none.
+TEST(join_for_joins_workers_that_end_in_time) {
+  const std::uint64_t seed = check::test_seed();
+  LoaderConfig cfg{.seed = seed};
+  cfg.prepare_delay = 100ms;
+  StopFixture f(cfg, {.workers = 3, .depth = 4}, std::size_t{1} << 30);
+  f.engine->append(0, shuffled_plan(seed, 0, 20, 20), false);
+  f.engine->start();
+  CHECK(check::eventually([&] { return f.loader->prepares.load() >= 3; }));
+  f.engine->stop();
+  CHECK(f.engine->join_for(10s).empty());
+  CHECK_EQ(f.loader->exited.load(), 3);
+  f.destroy_and_check_nothing_leaks();
+}
+
 // A batch whose buffer the OS refuses arrives as an error at its position; the others load.
 TEST(out_of_memory_is_delivered_as_error) {
   const std::uint64_t seed = check::test_seed();

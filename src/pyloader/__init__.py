@@ -8,7 +8,14 @@ worker processes that write into shared memory, for a ``__getitem__`` that holds
 
 from __future__ import annotations
 
-from ._errors import BatchError, EpochEndError, PoolExhaustedWarning, WorkerDiedError
+from ._errors import (
+    BatchError,
+    EpochEndError,
+    PoolExhaustedError,
+    PoolExhaustedWarning,
+    StallWarning,
+    WorkerDiedError,
+)
 from .arrays import ArraySequence
 from .collate import collate, stack
 from .prefetcher import Prefetcher, prefetch
@@ -19,8 +26,10 @@ __all__ = [
     "ArraySequence",
     "BatchError",
     "EpochEndError",
+    "PoolExhaustedError",
     "PoolExhaustedWarning",
     "Prefetcher",
+    "StallWarning",
     "WorkerDiedError",
     "__version__",
     "collate",

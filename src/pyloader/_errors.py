@@ -44,6 +44,21 @@ class PoolExhaustedWarning(RuntimeWarning):
     """Workers wait for buffers because every buffer holds a batch that is still referenced."""
 
 
+#: The batch the consumer needs next waited :attr:`Prefetcher.pool_wait_s <pyloader.Prefetcher>`
+#: for a buffer while every buffer holds a batch the user still references (after a
+#: :class:`PoolExhaustedWarning`). A ``MemoryError``: Python's error for memory that deleting some
+#: objects can rescue, which is the remedy here. The message says how many batches are held, the
+#: bound and how to raise it; after dropping references, ``next()`` goes on with the same batch.
+#: Raised by the native core (``pyloader._C.PoolExhaustedError``, registered in ``errors.cpp``).
+PoolExhaustedError = _C.PoolExhaustedError
+
+
+class StallWarning(RuntimeWarning):
+    """A batch has not arrived for :attr:`Prefetcher.stall_warning_s <pyloader.Prefetcher>`
+    (the message names the batch, its epoch, the worker - thread, or process and whether it is
+    stopped - and how long), or ``close()`` abandoned a worker thread stuck in user code."""
+
+
 def add_note(exc: BaseException, note: str) -> None:
     """``exc.add_note(note)``; before Python 3.11 (no notes) the note is kept in ``__notes__`` as
     PEP 678 specifies, where tracebacks of those versions do not show it."""

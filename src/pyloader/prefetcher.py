@@ -24,6 +24,12 @@ Iteration: one pass over the Prefetcher is one epoch. A new ``iter()`` after a p
 unfinished (``break``, an exception) starts the next epoch: the rest of the unfinished one is
 skipped, not loaded. After :meth:`Prefetcher.load_state_dict` the next pass resumes the saved
 epoch exactly where it stopped.
+
+Hangs (README, "Timeouts, stuck workers and closing"): a batch that times out is *abandoned*: the
+engine is stopped at once and restarted after that position when it is next needed (its stuck
+thread is abandoned, its stuck worker process killed and replaced), so the pass goes on with the
+following batch. Joining an engine's threads waits at most :attr:`Prefetcher.close_grace_s` for
+a thread inside user code, then abandons it with a :class:`~pyloader.StallWarning`.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ import numpy as np
 
 from . import _C, _stats
 from . import process as _process
-from ._errors import EpochEndError, PoolExhaustedWarning, batch_error
+from ._errors import EpochEndError, PoolExhaustedWarning, StallWarning, batch_error
 from ._plan import Plan, fresh_seed, resolve_shard
 from .arrays import ArraySequence
 
@@ -147,10 +153,34 @@ class Prefetcher:
         max_retries: process mode: how many times a batch whose worker process died is loaded
             again (by a new worker) before it fails with :class:`~pyloader.WorkerDiedError`.
 
+    Waiting and closing (class attributes: set one on the class for every Prefetcher, or on an
+    instance before its first ``iter()``; ``close_grace_s`` is read when the engine is joined):
+
+    Attributes:
+        close_grace_s: seconds :meth:`close` (and the restart after a ``TimeoutError``) waits for
+            a worker thread inside user code (``__getitem__``, ``on_epoch_end``) before it
+            abandons the thread with a :class:`~pyloader.StallWarning` naming the batch and how
+            long it has run. An abandoned thread ends on its own when its call returns (or with
+            the process). Process mode never waits: a stuck worker process is killed. ``None``:
+            wait for ever. Default 5.
+        stall_warning_s: seconds one batch may keep the loop waiting before a
+            :class:`~pyloader.StallWarning` names it, its epoch, the worker (thread, or process
+            pid and whether it is stopped) and the time waited; once per batch, and the wait goes
+            on (``timeout`` ends it). ``None``: never. Default 60.
+        pool_wait_s: seconds the batch needed next may wait for a buffer while every buffer holds
+            a batch you keep, before :class:`~pyloader.PoolExhaustedError` (a ``MemoryError``)
+            says what is held and how to raise ``max_pool_bytes``; a
+            :class:`~pyloader.PoolExhaustedWarning` comes first (after 2 s). Releasing a batch
+            meanwhile lets the loader go on. ``None``: wait for ever. Default 30.
+
     Raises:
         TypeError: ``sequence`` has no ``__len__`` or ``__getitem__``.
         ValueError: an option has a bad value (the message shows it).
     """
+
+    close_grace_s: float | None = 5.0
+    stall_warning_s: float | None = 60.0
+    pool_wait_s: float | None = 30.0
 
     def __init__(
         self,
@@ -244,6 +274,10 @@ class Prefetcher:
         # begin after them (a resumed epoch). The engine numbers positions from 0 and cannot know.
         self._skipped = 0
         self._token = 0  # identifies the live epoch iterator
+        # Engines stopped but not yet joined (after a TimeoutError), with their ProcLoader.
+        self._retired: list[tuple[_C.Engine, Any]] = []
+        # The epoch whose pass lost a batch to a timeout: a new iter() skips the rest of it.
+        self._abandoned_epoch: int | None = None
         # Plan (and load) the next epoch while this one ends: no bubble at the boundary. Off for an
         # owner that renews the Sequence before every pass (pyloader.torch).
         self._plan_ahead = True
@@ -279,11 +313,24 @@ class Prefetcher:
         self._token += 1
         self._pass_epoch = None
         engine = self._engine
+        abandoned, self._abandoned_epoch = self._abandoned_epoch, None
+        if engine is None and abandoned is not None and self._resume[0] == abandoned:
+            # A pass left after a TimeoutError: its engine stopped. Start it where the pass would
+            # go on, so that the rest of it is skipped below as any unfinished pass's is.
+            self._start_engine()
+            engine = self._engine
         if engine is not None:
             epoch, start, end = self._segment_at(engine.next_position)
-            if engine.next_position > start:  # an unfinished pass: skip the rest of that epoch
-                engine.drain_to(end)
-                epoch, start, end = self._segment_at(end)
+            # An unfinished pass: skip the rest of that epoch. (After a timeout the engine restarted
+            # past the abandoned batch, so its position alone does not tell.)
+            if engine.next_position > start or abandoned == epoch:
+                skipped = self._skip_rest(engine, epoch, end)
+                if skipped is not None:
+                    engine = skipped
+                    epoch, start, end = self._segment_at(engine.next_position)
+                else:  # gave up on a batch still loading: the engine stopped, the next epoch starts
+                    engine = None
+        if engine is not None:
             resumed = epoch == self._first_epoch and self._skipped > 0
             if not resumed and (start == end or self._length_changed(epoch)):
                 # The length changed since the epoch was planned, or on_epoch_end's callback
@@ -309,6 +356,29 @@ class Prefetcher:
         """Without a hook an epoch starts at iter(): whether len(sequence) differs from its plan's."""
         return self._on_epoch_end is None and self._lengths.get(epoch) != _read_length(self._sequence)
 
+    def _skip_rest(self, engine: _C.Engine, epoch: int, end: int) -> _C.Engine | None:
+        """Skips the rest of an unfinished pass: its positions are not loaded, and those being
+        loaded are waited for, at most ``timeout``. Returns the engine, or None when one of them
+        takes longer (a stuck ``__getitem__``): then the engine is stopped (its stuck thread
+        joined or abandoned within ``close_grace_s``, a stuck worker process killed), the epoch's
+        ``on_epoch_end`` runs here, as the engine would have run it, and the next epoch is to start
+        from the resume point."""
+        try:
+            engine.drain_to(end, self.timeout)
+            return engine
+        except TimeoutError:
+            pass
+        self._retire_engine()
+        self._resume = (epoch + 1, 0)
+        self._warn_abandoned(self._join_retired())
+        if self._on_epoch_end is not None:
+            self._hooks_run += 1
+            try:
+                self._on_epoch_end()
+            except Exception:
+                pass  # as for any skipped epoch: the hook's error ends no pass
+        return None
+
     def _empty_epoch(self) -> Iterator[Any]:
         epoch, _ = self._resume
         self._resume = (epoch + 1, 0)
@@ -319,6 +389,7 @@ class Prefetcher:
         yield  # a generator that yields nothing
 
     def _start_engine(self) -> None:
+        self._warn_abandoned(self._join_retired())  # the stopped engine's threads joined or abandoned
         epoch, offset = self._resume
         cell: list[Any] = [None]  # a weak reference to the engine, once made
         hook = None if self._on_epoch_end is None else self._epoch_hook(cell)
@@ -340,6 +411,9 @@ class Prefetcher:
             _RUN_BUDGET_US,
             batch_error,
             PoolExhaustedWarning,
+            StallWarning,
+            self.stall_warning_s,
+            self.pool_wait_s,
         )
         cell[0] = weakref.ref(engine)
         try:
@@ -348,7 +422,7 @@ class Prefetcher:
             engine.append(epoch, indices, False)
             engine.start()
         except BaseException:
-            engine.close()  # leave the Prefetcher as it was: no engine
+            engine.close(self.close_grace_s)  # leave the Prefetcher as it was: no engine
             raise
         self._engine = engine
         self._skipped = offset
@@ -586,6 +660,15 @@ class Prefetcher:
             raise RuntimeError("this Prefetcher is closed")
 
     def _stop_engine(self) -> None:
+        """Stops and joins the engine for a restart whose caller then sets ``_resume`` (a state,
+        an epoch, a renewal): no pass is left unfinished after it."""
+        self._retire_engine()
+        self._abandoned_epoch = None
+        self._warn_abandoned(self._join_retired())
+
+    def _retire_engine(self) -> None:
+        """Stops the engine at once (no new position starts) and leaves joining it to
+        :meth:`_join_retired`; ``_resume`` is where the consumer is."""
         engine = self._engine
         if engine is not None:
             self._resume = self._position()  # where the next engine starts
@@ -595,31 +678,95 @@ class Prefetcher:
                 self._past_stats.add(engine.stats(), self._threads)
             finally:  # a summary that fails (numpy gone at exit) must not leave the engine running
                 self._engine = None
-                engine.close()
-        loader, self._proc_loader = self._proc_loader, None
-        if loader is not None and self._workers is not None:
-            self._hooks_run = loader.hooks
-            if not self._closed:
-                self._workers.discard(loader.dirty())  # workers left mid-conversation
+                engine.stop()
+                self._retired.append((engine, self._proc_loader))
+                self._proc_loader = None
         self._skipped = 0
         self._lengths = {}
         self._pass_epoch = None
 
+    def _join_retired(self) -> list[str]:
+        """Joins the stopped engines (at most ``close_grace_s`` for a thread inside user code,
+        then it is abandoned) and, in process mode, replaces the workers they left
+        mid-conversation: a stuck or stopped worker process is killed. Returns what each
+        abandoned thread was doing."""
+        abandoned: list[str] = []
+        while self._retired:
+            engine, loader = self._retired.pop(0)
+            abandoned += engine.close(self.close_grace_s)
+            if loader is not None and self._workers is not None:
+                self._hooks_run = loader.hooks
+                if not self._closed:
+                    self._workers.discard(loader.dirty())  # workers left mid-conversation
+        return abandoned
+
+    def _warn_abandoned(self, abandoned: list[str]) -> None:
+        for what in abandoned:
+            warnings.warn(
+                f"pyloader: abandoned {what}: it did not return within close_grace_s="
+                f"{self.close_grace_s} s of the engine's stop. It ends on its own when the call "
+                f"returns (or with the process); its batch is not delivered.",
+                StallWarning,
+                stacklevel=3,
+            )
+
+    def _abandon(self, iterator: _EpochIterator) -> None:
+        """After a TimeoutError: the batch the consumer waited for is given up. The engine stops
+        now; the next one (started when the pass goes on, or by a new ``iter()``) begins after
+        that batch. When it was its epoch's last, the epoch ends here: its ``on_epoch_end`` runs
+        now, as the engine would have run it after the batch."""
+        epoch, consumed = self._position()
+        self._retire_engine()
+        iterator._engine = None
+        if consumed + 1 < self._plan.epoch_length:
+            self._resume = (epoch, consumed + 1)
+            self._abandoned_epoch = epoch
+            return
+        self._resume = (epoch + 1, 0)
+        self._abandoned_epoch = None
+        if self._on_epoch_end is not None:
+            self._warn_abandoned(self._join_retired())  # process mode: the hook count first
+            self._hooks_run += 1
+            try:
+                self._on_epoch_end()
+            except Exception as exc:
+                iterator._epoch_error = exc
+
+    def _continue_pass(self, iterator: _EpochIterator) -> _C.Engine | None:
+        """The engine for a pass whose engine was stopped after a timeout, or None if the
+        abandoned batch was the pass's last."""
+        if self._resume[0] != iterator._epoch:
+            return None
+        if self._engine is None:
+            self._start_engine()
+        assert self._engine is not None
+        if self._plan_ahead:
+            self._plan_through(iterator._epoch + 1)
+        iterator._end = self._end_of(iterator._epoch)
+        return self._engine
+
     def close(self) -> None:
         """Stops and joins every worker thread (and process) and returns the buffer pool's memory
         to the OS: at once for buffers no batch uses, and as each batch you kept dies for the
-        rest. Idempotent; batches already delivered stay valid."""
+        rest. Idempotent; batches already delivered stay valid.
+
+        It never waits for ever: a worker thread still inside user code after ``close_grace_s``
+        is abandoned (a :class:`~pyloader.StallWarning` names its batch; it ends when its call
+        returns, or with the process), and worker processes are killed, stuck or stopped ones
+        too. No process started by the Prefetcher survives it."""
         if getattr(self, "_closed", True):
             return
         self._closed = True
-        self._stop_engine()
+        self._retire_engine()
+        abandoned = self._join_retired()
         workers, self._workers = getattr(self, "_workers", None), None
         if workers is not None:
-            workers.close()
+            workers.close()  # kills every worker process, a stuck or stopped one too
             self._pool.close_arena_fd()
         self._pool.close()  # its memory goes back now, a kept batch's when the batch dies
         with _live_lock:
             _live.discard(self)
+        self._warn_abandoned(abandoned)  # last: a warning turned into an error leaves it closed
 
     def worker_pids(self) -> list[int]:
         """Process mode: the process ids of the current workers, one per worker (a replaced worker's
@@ -652,16 +799,21 @@ class Prefetcher:
 class _EpochIterator:
     """One pass over a Prefetcher: the positions of one epoch, in order.
 
-    After a :class:`~pyloader.BatchError` (or a timeout) the iterator stays usable: ``next()``
-    goes on with the following batch. A ``for`` loop that an exception leaves has abandoned the
+    After a :class:`~pyloader.BatchError` the iterator stays usable: ``next()`` goes on with the
+    following batch. After a ``TimeoutError`` too: the batch that timed out is abandoned (not
+    delivered, this epoch; it counts as passed in :meth:`Prefetcher.state_dict`), and ``next()``
+    goes on with the following batch, or ends the pass if it was the epoch's last. After a
+    :class:`~pyloader.PoolExhaustedError` (or a stall warning turned into an error) ``next()``
+    waits for the same batch again. A ``for`` loop that an exception leaves has abandoned the
     pass: the next ``iter()`` of the Prefetcher starts the next epoch.
     """
 
-    __slots__ = ("_loader", "_engine", "_epoch", "_end", "_token", "_timeout", "_ended")
+    __slots__ = ("_loader", "_engine", "_epoch", "_end", "_token", "_timeout", "_ended", "_epoch_error")
 
     def __init__(self, loader: Prefetcher, engine: _C.Engine, epoch: int, end: int, token: int) -> None:
         self._loader = loader
-        self._engine = engine
+        self._engine: _C.Engine | None = engine  # None: stopped after a timeout (Prefetcher._abandon)
+        self._epoch_error: BaseException | None = None  # on_epoch_end's, when run by _abandon
         self._epoch = epoch
         self._end = end
         self._token = token
@@ -675,21 +827,30 @@ class _EpochIterator:
         if self._loader._token != self._token:
             raise RuntimeError("this epoch iterator was replaced by a newer iter() of its Prefetcher")
         engine = self._engine
+        if engine is None and not self._ended:
+            engine = self._engine = self._loader._continue_pass(self)
         try:
-            # The end is checked in the engine, in the same turn as the take: two threads racing
-            # for the epoch's last batch cannot take one of the next epoch (one of them is refused
-            # with pyloader._C.ConcurrentConsumerError, a RuntimeError).
-            return engine.next_batch(self._timeout, self._end)
+            if engine is not None:
+                # The end is checked in the engine, in the same turn as the take: two threads
+                # racing for the epoch's last batch cannot take one of the next epoch (one of them
+                # is refused with pyloader._C.ConcurrentConsumerError, a RuntimeError).
+                return engine.next_batch(self._timeout, self._end)
         except StopIteration:
             pass
+        except TimeoutError:
+            self._loader._abandon(self)
+            raise
         if not self._ended:
             self._ended = True
-            error = engine.epoch_error(self._epoch)
+            error = self._epoch_error if engine is None else engine.epoch_error(self._epoch)
             if error is not None:
                 raise EpochEndError(f"on_epoch_end() raised after epoch {self._epoch}: {error!r}") from error
         raise StopIteration
 
     def __length_hint__(self) -> int:
+        if self._engine is None:
+            epoch, consumed = self._loader._resume
+            return max(0, len(self._loader) - consumed) if epoch == self._epoch and not self._ended else 0
         return max(0, self._end - self._engine.next_position)
 
 
