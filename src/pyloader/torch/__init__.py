@@ -87,11 +87,11 @@ arrays), :mod:`._codec` (tensors to marked arrays and back; torch's batch from a
 from __future__ import annotations
 
 from ._device import DevicePrefetcher, prefetch
-from ._loader import DataLoader, SampleError, StackFallbackWarning
+from ._loader import DataLoader, StackFallbackWarning
 
-__all__ = ["DataLoader", "DevicePrefetcher", "SampleError", "StackFallbackWarning", "prefetch"]
+__all__ = ["DataLoader", "DevicePrefetcher", "StackFallbackWarning", "prefetch"]
 
 # The public names keep the module users import them from (in reprs, tracebacks and pickles).
-for _public in (DataLoader, DevicePrefetcher, SampleError, StackFallbackWarning, prefetch):
+for _public in (DataLoader, DevicePrefetcher, StackFallbackWarning, prefetch):
     _public.__module__ = __name__
 del _public
