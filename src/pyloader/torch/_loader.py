@@ -415,8 +415,11 @@ class _LoaderIter:
         self._depth = max(1, (loader.prefetch_factor or 2) * self._workers)
         self._process = loader._processes()
         self._persistent = loader.persistent_workers  # torch's checks: only with num_workers > 0
+        # Threads: worker_init_fn once per worker thread; not with num_workers=0, where torch loads
+        # in the main process and calls no worker_init_fn.
         self._worker_init = (_WorkerInit(loader.worker_init_fn)
-                             if loader.worker_init_fn is not None and not self._process else None)
+                             if loader.worker_init_fn is not None and not self._process and loader.num_workers > 0
+                             else None)
         self._base_seed = getattr(loader, "_base_seed", 0)  # not drawn when a loaded state resumes
         self._seq: Any = None
         if plan.native is not None:
