@@ -7,9 +7,11 @@ workers' ``base_seed`` from the generator, then the index batches) into a :class
 :class:`~._batching._EpochBatches`, or natively gathered :class:`~._batching._OrderedArrays`),
 turning each delivered batch into torch's (:mod:`._codec`). A batch the native stack refuses is
 collated again in the consumer by torch's ``default_collate`` (:meth:`_LoaderIter._recover`), so
-the result, or the error, is torch's. :meth:`DataLoader.state_dict` is the rest of a plan plus the
-generator's state. The package docstring (:mod:`pyloader.torch`) describes the behaviour as a user
-sees it: the two worker kinds, persistent workers, distributed sharding.
+the result, or the error, is torch's; a failed batch raises the user's own exception with a note
+(:meth:`_LoaderIter._user_error`), as torch re-raises the type. :meth:`DataLoader.state_dict` is
+the rest of a plan plus the generator's state. The package docstring (:mod:`pyloader.torch`)
+describes the behaviour as a user sees it: the modes (what ``"auto"`` picks, what threads change),
+errors, persistent workers, distributed sharding.
 """
 
 from __future__ import annotations
@@ -76,8 +78,11 @@ class DataLoader(torch.utils.data.DataLoader[_T_co]):
 
     A subclass of torch's DataLoader whose constructor *is* torch's: every argument has torch's
     meaning, default and checks (raised by torch's own code, so the messages are torch's), and the
-    attributes (``sampler``, ``batch_sampler``, ``collate_fn``...) are the ones torch sets. What
-    differs is where processes and threads differ:
+    attributes (``sampler``, ``batch_sampler``, ``collate_fn``...) are the ones torch sets. With the
+    default ``mode="auto"`` the workers are processes whenever torch's are, so code written for
+    torch gets torch's batches, worker state, seeds and errors; what differs, and what
+    ``mode="thread"`` changes, is in the module docs (:mod:`pyloader.torch`). It is ``Generic`` as
+    torch's is (``DataLoader[T]`` in annotations).
 
     Args:
         dataset: a map-style dataset (``__getitem__`` and, for the default samplers, ``__len__``).
@@ -88,29 +93,33 @@ class DataLoader(torch.utils.data.DataLoader[_T_co]):
         sampler: the order of the sample indices (opts out of automatic distributed sharding).
         batch_sampler: the batches of indices (excludes ``batch_size``, ``shuffle``, ``sampler``,
             ``drop_last``).
-        num_workers: pyloader workers (threads, or processes with ``mode="process"``); ``0`` means
-            one worker thread, or one worker process with ``mode="process"`` (see the module docs).
+        num_workers: worker processes (threads with ``mode="thread"``); ``0`` means one worker
+            thread in this process, as torch loads in the main process (``mode="process"``: one
+            worker process).
         collate_fn: turns a list of samples into a batch; runs in the worker. ``None``: torch's
             ``default_collate`` (done natively), or ``default_convert`` when ``batch_size=None``.
         pin_memory: pin the slot buffers (``cudaHostRegister``) when an accelerator is present.
         drop_last: drop the last partial batch.
         timeout: seconds to wait for one batch (``0``: forever).
-        worker_init_fn: called as ``worker_init_fn(worker_id)`` once in each worker thread, or in
-            each new worker process with ``mode="process"`` (a replaced worker's successor too).
-        multiprocessing_context: checked as torch does; with ``mode="process"``, how the worker
-            processes start (``"fork"``, ``"spawn"``, ``"forkserver"``, or a context object whose
+        worker_init_fn: called as ``worker_init_fn(worker_id)`` in each new worker process, after
+            torch's seeding and ``get_worker_info()`` are set up (a replaced worker's successor
+            too), or once in each worker thread with ``mode="thread"``; never with
+            ``num_workers=0`` in auto or thread mode (torch: no workers, no call).
+        multiprocessing_context: checked as torch does; how the worker processes start
+            (``"fork"``, ``"spawn"``, ``"forkserver"``, or a context object whose
             ``get_start_method()`` says it; ``None``: fork where it exists). Unused by threads.
         generator: draws the shuffle (and the ``base_seed`` torch draws for its workers).
         prefetch_factor: batches loaded ahead per worker (default 2).
         persistent_workers: keep the workers (threads or processes) from pass to pass, as torch
             does (see the module docs); the ``base_seed`` is drawn once, as torch does.
         pin_memory_device: deprecated in torch (warns as torch does).
-        in_order: accepted; pyloader always delivers in order.
-        mode: pyloader's worker kind: ``"thread"`` or ``"process"`` (see the module docs).
+        in_order: accepted; pyloader always delivers in order (``False`` lets torch reorder).
+        mode: pyloader's worker kind: ``"auto"`` (processes when ``num_workers > 0``, as torch),
+            ``"process"`` or ``"thread"`` (see the module docs).
 
     Raises:
         ValueError, TypeError: the argument combinations torch rejects, with torch's messages;
-            ``ValueError`` for a ``mode`` that is not ``"thread"`` or ``"process"``.
+            ``ValueError`` for a ``mode`` that is not ``"auto"``, ``"thread"`` or ``"process"``.
     """
 
     def __init__(
@@ -396,7 +405,7 @@ class _LoaderIter:
     After an error the iterator stays usable (as torch's does): the next ``next()`` continues with
     the following batch, on a new Prefetcher over the rest of the plan.
 
-    With ``mode="process"`` each Prefetcher has its own worker processes; :meth:`worker_pids`
+    With worker processes each Prefetcher has its own; :meth:`worker_pids`
     lists them. A newer pass of the same DataLoader retires this one: its processes end, and
     ``next()`` raises ``RuntimeError`` (unless the epoch was already over).
     """
@@ -517,7 +526,7 @@ class _LoaderIter:
         return None
 
     def worker_pids(self) -> list[int]:
-        """``mode="process"``: the process ids of this pass's current worker processes (a replaced
+        """Worker processes: the process ids of this pass's current worker processes (a replaced
         worker's successor takes its place); ``[]`` with threads or once the pass is over."""
         p = self._prefetcher
         return [] if p is None else p.worker_pids()
@@ -548,7 +557,7 @@ class _LoaderIter:
             if self._replaced and not self.finished:
                 raise RuntimeError(
                     "this DataLoader iterator was replaced by a newer iter() of its DataLoader, which "
-                    "took its workers (with mode='process' or persistent_workers=True a DataLoader runs "
+                    "took its workers (with worker processes or persistent_workers=True a DataLoader runs "
                     "one pass at a time)"
                 )
             self._finish()
