@@ -163,6 +163,19 @@ class Uneven(WorkerView):
         return super().__getitem__(i)
 
 
+class SlowToUnpickle(Echo):
+    """A dataset whose unpickling takes ``delay`` seconds, as a spawned worker that imports heavy
+    modules before it can unpickle the dataset."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__(4)
+        self.delay = delay
+
+    def __setstate__(self, state: dict[str, typing.Any]) -> None:
+        time.sleep(state["delay"])
+        self.__dict__.update(state)
+
+
 def fail_collate(batch: list[typing.Any]) -> typing.Any:
     raise ValueError(f"cannot collate {len(batch)} samples")
 
@@ -435,6 +448,25 @@ def test_multiprocessing_context_gives_torchs_batches(mode, context):
     ref, ours = run_both(ds, mode, n_epochs=1, batch_size=2, num_workers=2, worker_init_fn=ds.set_tag,
                          multiprocessing_context=ctx)
     assert ours == ref
+
+
+@pytest.mark.parametrize("mode", ["auto", "process"])
+def test_spawned_workers_may_take_longer_to_start_than_pyloaders_reply_timeout(mode):
+    """Torch waits for spawned workers however long they take to import and unpickle the dataset;
+    so does pyloader (its zygote's start-up was cut off after a fixed 10 s; here 0.5 s, against a
+    dataset that takes 2 s to unpickle)."""
+    script(f"""
+    import pyloader.process._pool as pool
+    from test_torch_fidelity import SlowToUnpickle
+
+    pool._ZYGOTE_TIMEOUT_S = 0.5
+    ref = [b.tolist() for b in TorchLoader(SlowToUnpickle(2.0), batch_size=2, num_workers=1,
+                                           multiprocessing_context="spawn")]
+    ours = [b.tolist() for b in DataLoader(SlowToUnpickle(2.0), batch_size=2, num_workers=1,
+                                           multiprocessing_context="spawn", mode={mode!r})]
+    assert ours == ref == [[0, 1], [2, 3]], (ours, ref)
+    print("OK")
+    """)
 
 
 # ---- 7. pickling, segfaults, and issue 14 item 17 --------------------------------------------
