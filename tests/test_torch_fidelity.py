@@ -483,6 +483,9 @@ def test_pyloader_errors_survive_pickle():
         assert (back.index, back.epoch, back.position, back.worker) == (
             error.index, error.epoch, error.position, error.worker)
         assert getattr(back, "__notes__", None) == getattr(error, "__notes__", None)
+        # torch's ExceptionWrapper (and code like it) rebuilds an exception as type(exc)(message)
+        rebuilt = type(error)(str(error))
+        assert type(rebuilt) is type(error) and str(rebuilt) == str(error) and rebuilt.index == -1
 
 
 @pytest.mark.parametrize("mode", ["auto", "process"])

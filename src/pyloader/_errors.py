@@ -28,7 +28,10 @@ class BatchError(RuntimeError):
         worker: the worker that ran it.
     """
 
-    def __init__(self, message: str, *, index: int, epoch: int, position: int, worker: int) -> None:
+    def __init__(self, message: str, *, index: int = -1, epoch: int = -1, position: int = -1,
+                 worker: int = -1) -> None:
+        # The attributes default to -1 (unknown) so that code that rebuilds an exception from its
+        # message alone, as torch's ExceptionWrapper does with ``type(exc)(message)``, can.
         super().__init__(message)
         self.index = index
         self.epoch = epoch
