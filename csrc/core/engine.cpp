@@ -208,8 +208,13 @@ void Engine::worker_main(int worker) {
   run.reserve(max_run);
   std::vector<std::pair<Delivery, Segment*>> deferred;
   std::shared_ptr<Segment> cached;  // keeps a segment pruned meanwhile alive (see the NOTE)
+  // Loader::round_robin: this worker's positions are worker, worker + workers, ... (no claim
+  // counter: each position has exactly one owner, which waits for it as a claimer would).
+  const bool round_robin = loader_->round_robin();
+  std::int64_t own_next = worker;
   while (!stopping()) {
-    const std::int64_t p = ring_.claim();
+    const std::int64_t p = round_robin ? own_next : ring_.claim();
+    if (round_robin) own_next += options_.workers;
     if (!wait_loadable(p)) break;
     const std::int64_t start = now_ns();
     // The first position is ours; more follow while they are ready and cheap (one enter/leave).
@@ -240,7 +245,8 @@ void Engine::worker_main(int worker) {
       }
       if (taken >= max_run || now_ns() - start >= options_.run_budget.count() || stopping()) break;
       if (max_run > 1 && publish_early(worker, job, deferred)) run.pop_back();
-      if (!ring_.try_claim(open_end_.load(std::memory_order_acquire), q)) break;  // P2
+      if (round_robin || !ring_.try_claim(open_end_.load(std::memory_order_acquire), q))
+        break;  // P2
     }
     if (entered) loader_->leave(worker);
     for (auto& [d, segment] : deferred) {  // last positions of their epochs: hook, then publish

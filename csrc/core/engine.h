@@ -6,7 +6,8 @@
 //              loading runs across epoch boundaries without a bubble.
 //   workers:   `workers` native threads. Each claims the next position from the ring, waits until
 //              it is loadable (planned, its epoch gate open, its ring slot free), has the Loader
-//              load it, fills a leased buffer and publishes it (ring.h).
+//              load it, fills a leased buffer and publishes it (ring.h). A Loader that asks for
+//              round_robin() has worker w load positions w, w + workers, ... instead of claiming.
 //   consumer:  one thread at a time calls ready/wait_ready/take, which deliver positions strictly
 //              in order. Consumer (consumer.h) guards that role in every build; the Engine checks
 //              it again in debug builds.

@@ -96,6 +96,12 @@ class Loader {
   virtual bool has_epoch_end() const noexcept = 0;
   // At most this many positions are prepared per enter()/leave() (see run_budget).
   virtual std::size_t max_run() const noexcept { return static_cast<std::size_t>(-1); }
+  // True: positions go to the engine's workers round-robin (worker w loads w, w + workers,
+  // w + 2 * workers, ... of each engine), so which worker loads a position is a function of the
+  // position, as torch's DataLoader gives batch i to worker i % num_workers. For loaders whose
+  // workers hold state of their own (process mode: a worker process per engine worker, seeded
+  // per worker). False: whichever worker is free claims the next position.
+  virtual bool round_robin() const noexcept { return false; }
   // Outside enter()/leave(). Returns the error the hook raised, or null.
   virtual std::unique_ptr<Payload> epoch_end(int worker, std::int64_t epoch) = 0;
   // Called by Engine::stop(), from any thread: a prepare()/fill() blocked on something outside

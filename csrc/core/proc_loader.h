@@ -127,6 +127,9 @@ class ProcLoader final : public Loader {
   void fill(int worker, Prepared& item, std::byte* dst, std::size_t capacity) override;
   bool has_epoch_end() const noexcept override { return static_cast<bool>(hook_); }
   std::size_t max_run() const noexcept override { return 1; }  // one conversation at a time
+  // Worker process w loads positions w, w + workers, ...: its seeded state sees the same batches
+  // in every run (as torch's worker i % num_workers does).
+  bool round_robin() const noexcept override { return true; }
   std::unique_ptr<Payload> epoch_end(int worker, std::int64_t epoch) override;
   void interrupt() noexcept override;
   // "worker process 1234 (worker 0, stopped: SIGSTOP ...)": its state from /proc/<pid>/stat.

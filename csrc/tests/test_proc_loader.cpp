@@ -285,6 +285,24 @@ TEST(delivers_every_batch_in_order) {
   CHECK(s.loader->dirty().empty());
 }
 
+// Worker w loads positions w, w + workers, ... (ProcLoader::round_robin): which worker process
+// loads a position depends on the position only, as torch's batch i goes to worker
+// i % num_workers. A killed worker's replacement keeps its slot, so its positions too.
+TEST(positions_go_to_workers_round_robin) {
+  Behaviour how;
+  how.die_in_load_once = {5, 9};
+  Setup s(how, 3, 6);
+  const std::vector<std::int64_t> indices = plan(check::test_seed(), 0);
+  s.engine->append(0, indices, false);
+  s.engine->start();
+  for (std::size_t p = 0; p < indices.size(); ++p) {
+    const Delivery d = take(*s.engine);
+    verify_batch(d, indices[p]);
+    CHECK_EQ(d.worker, static_cast<std::int32_t>(p % 3));
+  }
+  CHECK_EQ(s.loader->deaths(), 2);
+}
+
 // Workers killed while loading and while writing are replaced; their positions are loaded again
 // from the start: every batch arrives once, in order, intact.
 TEST(killed_workers_are_replaced_and_positions_reissued) {

@@ -6,9 +6,14 @@ original exception (with its original traceback). Input errors that pyloader its
 (``__getitem__`` returned ``None``) are raised as they are: ``pyloader._C.BatchLayoutError``, a
 ``TypeError`` naming the index. Errors from the native core are recognised by their registered
 types, never by their message text.
+
+Every error type here survives ``pickle`` (errors cross processes in multi-process training): the
+keyword-only attributes travel with the message (:meth:`BatchError.__reduce__`).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from . import _C
 
@@ -23,12 +28,27 @@ class BatchError(RuntimeError):
         worker: the worker that ran it.
     """
 
-    def __init__(self, message: str, *, index: int, epoch: int, position: int, worker: int) -> None:
+    def __init__(self, message: str, *, index: int = -1, epoch: int = -1, position: int = -1,
+                 worker: int = -1) -> None:
+        # The attributes default to -1 (unknown) so that code that rebuilds an exception from its
+        # message alone, as torch's ExceptionWrapper does with ``type(exc)(message)``, can.
         super().__init__(message)
         self.index = index
         self.epoch = epoch
         self.position = position
         self.worker = worker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # BaseException's own reduce calls cls(*args), which lacks the keyword-only attributes.
+        return _rebuild, (type(self), self.args, dict(self.__dict__))
+
+
+def _rebuild(cls: type[BaseException], args: tuple[Any, ...], state: dict[str, Any]) -> BaseException:
+    """Unpickles a :class:`BatchError` (or a subclass): its message, attributes and notes."""
+    error = cls.__new__(cls, *args)
+    error.args = args
+    error.__dict__.update(state)
+    return error
 
 
 class WorkerDiedError(BatchError):

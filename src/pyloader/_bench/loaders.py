@@ -265,6 +265,10 @@ def _open_pyloader_torch(seq: Any, *, workers: int) -> Session:
     return _pyloader_torch_session(seq, workers)
 
 
+def _open_pyloader_torch_thread(seq: Any, *, workers: int) -> Session:
+    return _pyloader_torch_session(seq, workers, mode="thread")
+
+
 def _open_pyloader_torch_process(seq: Any, *, workers: int) -> Session:
     return _pyloader_torch_session(seq, workers, mode="process")
 
@@ -409,8 +413,13 @@ for _spec in [
                probe_sequence=lambda: _workloads().GatherSequence(rows=8, batch_size=4,
                                                                   batches=2)),
     LoaderSpec("pyloader-torch", "pyloader",
-               "pyloader.torch.DataLoader, the same arguments as the torch peer",
+               "pyloader.torch.DataLoader, the same arguments as the torch peer (default mode='auto': "
+               "worker processes, as torch's)",
                _open_pyloader_torch, requires=("pyloader", "torch"), applies=lambda workload: True),
+    LoaderSpec("pyloader-torch-thread", "pyloader",
+               "pyloader.torch.DataLoader(..., mode='thread'), the same arguments as the torch peer",
+               _open_pyloader_torch_thread, requires=("pyloader", "torch"), applies=lambda workload: True,
+               default=False),
     LoaderSpec("pyloader-torch-process", "pyloader",
                "pyloader.torch.DataLoader(..., mode='process'), the same arguments as the torch peer",
                _open_pyloader_torch_process, requires=("pyloader", "torch"), applies=lambda workload: True,

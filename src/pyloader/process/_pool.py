@@ -99,7 +99,7 @@ class WorkerPool:
             except OSError as exc:
                 raise RuntimeError(f"pyloader's zygote process is gone ({self._zygote_end()}): {exc}") from None
             for slot in range(workers):
-                self._slots.append(self._spawn(slot))
+                self._slots.append(self._spawn(slot, starting=slot == 0))
         except BaseException:
             theirs.close()
             self.close()
@@ -108,14 +108,26 @@ class WorkerPool:
             if blob_fd is not None:
                 os.close(blob_fd)  # the zygote has its own copy of the descriptor
 
-    def _talk(self, message: tuple[Any, ...]) -> tuple[Any, int | None]:
-        """Sends a command to the zygote; returns its answer and the fd it passed (if any)."""
+    def _talk(self, message: tuple[Any, ...], starting: bool = False) -> tuple[Any, int | None]:
+        """Sends a command to the zygote; returns its answer and the fd it passed (if any).
+
+        ``starting``: the zygote's first answer, which a spawned zygote gives only once it has
+        imported the Sequence's modules and unpickled it, however long that takes (torch's spawned
+        workers are not timed either): waits while the zygote lives, in slices of
+        :data:`_ZYGOTE_TIMEOUT_S`.
+        """
         ctl = self._ctl
         if ctl is None:
             raise RuntimeError("the worker pool is closed")
         try:
             ctl.send(pickle.dumps(message))
-            data, fds, _, _ = socket.recv_fds(ctl, _CTL_MAX, 1)
+            while True:
+                try:
+                    data, fds, _, _ = socket.recv_fds(ctl, _CTL_MAX, 1)
+                    break
+                except TimeoutError:
+                    if not (starting and self._proc is not None and self._proc.is_alive()):
+                        raise
         except OSError as exc:
             raise RuntimeError(f"pyloader's zygote process is gone ({self._zygote_end()}): {exc}") from None
         if not data:
@@ -138,9 +150,9 @@ class WorkerPool:
             return describe_status(-proc.exitcode)  # a signal number, as a wait status
         return f"exited with status {proc.exitcode}"
 
-    def _spawn(self, slot: int) -> tuple[int, int]:
+    def _spawn(self, slot: int, starting: bool = False) -> tuple[int, int]:
         with self._lock:
-            answer, fd = self._talk(("spawn", slot))
+            answer, fd = self._talk(("spawn", slot), starting)
         assert fd is not None
         return fd, int(answer[1])
 

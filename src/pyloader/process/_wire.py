@@ -7,7 +7,7 @@
   pid)``, ``("quit",)``; answers ``("ok", pid, how the old worker ended)``, ``("error", text)``,
   ``("bye",)``) of at most :data:`_CTL_MAX` bytes, with the new worker's socket passed alongside.
 - :class:`_Spec` is what a zygote needs to make workers. With ``spawn`` or ``forkserver`` its
-  Sequence and ``worker_init_fn`` travel apart, pickled once into a memory file
+  Sequence and ``worker_init_fn`` travel apart, pickled once (together) into a memory file
   (:func:`_pickled` writes it, :meth:`_Spec.load` reads it in the zygote).
 """
 
@@ -34,7 +34,7 @@ _LOAD, _SIZE, _ERROR, _WRITE, _DONE, _UPDATE, _INLINE = (
 )
 _INLINE_MAX = 64 << 10  # batches up to this size travel in the answer: one round trip, no buffer wait
 _CTL_MAX = 1 << 20
-_BLOB_HEADER = struct.Struct("=QQ")  # sizes of the pickled Sequence and worker_init_fn
+_BLOB_HEADER = struct.Struct("=Q")  # size of the pickled (Sequence, worker_init_fn)
 
 
 def default_start_method() -> str:
@@ -62,10 +62,9 @@ class _Spec:
         with mmap.mmap(fd, os.fstat(fd).st_size, prot=mmap.PROT_READ) as m:
             view = memoryview(m)
             try:
-                n_seq, n_init = _BLOB_HEADER.unpack_from(view)
+                (n,) = _BLOB_HEADER.unpack_from(view)
                 start = _BLOB_HEADER.size
-                self.sequence = pickle.loads(view[start:start + n_seq])
-                self.worker_init_fn = pickle.loads(view[start + n_seq:start + n_seq + n_init])
+                self.sequence, self.worker_init_fn = pickle.loads(view[start:start + n])
             finally:
                 view.release()
         self.pickled = False
@@ -82,31 +81,38 @@ class UnpicklableError(TypeError):
 def _pickled(spec: _Spec, start_method: str) -> tuple[_Spec, int]:
     """``spec`` without its Sequence and worker_init_fn, and a descriptor of a memory file holding
     them pickled (see :meth:`_Spec.load`); or an :class:`UnpicklableError` that says which of
-    them cannot be pickled and what to do."""
+    them cannot be pickled and what to do.
+
+    The two are pickled together, as one tuple, so that an object they share (the torch adapter's
+    ``worker_init_fn`` holds the dataset its Sequence loads from) is one object in the worker too,
+    as it is with ``fork``.
+    """
     from multiprocessing.reduction import ForkingPickler
 
-    blobs = []
-    for what, value in (("Sequence", spec.sequence), ("worker_init_fn", spec.worker_init_fn)):
-        try:
-            blobs.append(ForkingPickler.dumps(value))
-        except Exception as exc:
-            raise UnpicklableError(
-                f"start_method={start_method!r} starts worker processes from a fresh interpreter, "
-                f"which receives the {what} pickled, and this {what} "
-                f"({type(value).__name__}) cannot be pickled: {type(exc).__name__}: {exc}. "
-                f"Make it picklable (module-level classes and functions, no open handles or "
-                f"locks), or use start_method='fork'"
-                + (" (the default on this system)" if default_start_method() == "fork" else "")
-            ) from exc
+    try:
+        blob = ForkingPickler.dumps((spec.sequence, spec.worker_init_fn))
+    except Exception:
+        for what, value in (("Sequence", spec.sequence), ("worker_init_fn", spec.worker_init_fn)):
+            try:
+                ForkingPickler.dumps(value)
+            except Exception as exc:
+                raise UnpicklableError(
+                    f"start_method={start_method!r} starts worker processes from a fresh interpreter, "
+                    f"which receives the {what} pickled, and this {what} "
+                    f"({type(value).__name__}) cannot be pickled: {type(exc).__name__}: {exc}. "
+                    f"Make it picklable (module-level classes and functions, no open handles or "
+                    f"locks), or use start_method='fork'"
+                    + (" (the default on this system)" if default_start_method() == "fork" else "")
+                ) from exc
+        raise  # each pickles alone but not together: say what pickle said
     if hasattr(os, "memfd_create"):
         fd = os.memfd_create("pyloader-sequence", os.MFD_CLOEXEC)
     else:
         fd = os.dup(tempfile.TemporaryFile().fileno())  # the file object closes its own descriptor
     try:
         with open(fd, "wb", closefd=False) as f:
-            f.write(_BLOB_HEADER.pack(len(blobs[0]), len(blobs[1])))
-            for blob in blobs:
-                f.write(blob)
+            f.write(_BLOB_HEADER.pack(len(blob)))
+            f.write(blob)
     except BaseException:
         os.close(fd)
         raise

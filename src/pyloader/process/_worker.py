@@ -23,6 +23,7 @@ import sys
 import numpy as np
 
 from .. import _C
+from .._errors import add_note
 from ._wire import (
     _DONE,
     _ERROR,
@@ -69,8 +70,8 @@ def _worker_main(sock: socket.socket, spec: _Spec, slot: int, address: int, zygo
         try:
             spec.worker_init_fn(slot)
         except BaseException as exc:  # reported with every batch this worker is asked for
-            init_error = RuntimeError(f"worker_init_fn({slot}) raised {type(exc).__name__}: {exc}")
-            init_error.__cause__ = exc
+            init_error = exc  # its own type, as torch's worker loop reports it
+            add_note(exc, f"raised by worker_init_fn({slot}) in worker process {os.getpid()}")
     sequence = spec.sequence
     getitem = sequence.__getitem__
     hook = getattr(sequence, "on_epoch_end", None) if spec.replay_hooks else None

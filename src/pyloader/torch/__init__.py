@@ -32,39 +32,65 @@ How equality with torch is guaranteed, step by step:
    samplers are gathered by the native core with no Python and no GIL per batch, in the order the
    sampler drew.
 
-Workers come in two kinds, chosen with ``mode``:
+Workers are processes or threads, chosen with ``mode``:
 
-- ``mode="thread"`` (the default): workers are threads of this process. Nothing is pickled or
-  forked, but with ``num_workers > 1`` the dataset is called from several threads at once, so its
-  ``__getitem__`` must be safe to call concurrently (reads of arrays, files at offsets, decoding
-  are). ``num_workers=0`` (torch: load in the main process) uses one worker *thread*: it is in the
-  main process, so nothing is pickled or forked, the dataset is never called concurrently, and
-  loading still overlaps the training step. ``worker_init_fn`` runs once in each worker thread
-  before its first batch. Randomness inside ``__getitem__`` is not seeded per worker (threads
-  share torch's, numpy's and Python's global generators), ``torch.utils.data.get_worker_info()``
-  is ``None`` in the worker threads, and ``multiprocessing_context`` is checked but unused.
-- ``mode="process"``: for a ``__getitem__`` that holds the GIL (Python-level decoding and
-  augmentation). ``num_workers`` worker *processes* (``num_workers=0``: one worker process, so
-  that the dataset sees the same environment whatever the count) fetch and collate the samples
-  and write the batch's arrays straight into shared memory; the tensors you receive are views of
-  it, as in thread mode. Each worker process is forked from a single-threaded zygote process
+- ``mode="auto"`` (the default): what torch does. With ``num_workers > 0`` the dataset is loaded
+  by worker *processes* (as below), because only processes keep torch's worker semantics: each
+  worker has its own copy of the dataset, its own ``get_worker_info()`` and seeds, and a crash in
+  native code inside ``dataset[i]`` is reported instead of ending the training process. With
+  ``num_workers=0`` (torch: load in the main process) one worker *thread* of this process loads
+  ahead: the dataset is the main process's object, ``get_worker_info()`` is ``None``, no
+  ``worker_init_fn`` runs, as in torch. One difference remains there: the dataset's draws from the
+  global random generators happen on the loading thread, ahead of the loop, so when the training
+  loop draws from the same generators between batches the two interleave differently than in
+  torch (which draws at each ``next()``). In-memory arrays (step 4) run no Python per batch and are
+  gathered by native threads whatever the mode.
+- ``mode="process"``: worker processes always. ``num_workers`` worker *processes*
+  (``num_workers=0``: one worker process, where torch would load in the main process) fetch and
+  collate the samples and write the batch's arrays straight into shared memory; the tensors you
+  receive are views of it. Each worker process is forked from a single-threaded zygote process
   (:mod:`pyloader.process`); ``multiprocessing_context`` (``"fork"``, ``"spawn"``,
   ``"forkserver"`` or a context object) picks how the zygote starts: with spawn or forkserver it
-  receives the dataset, ``collate_fn`` and ``worker_init_fn`` pickled, so they must be picklable
-  (module-level classes and functions). In each worker, as in torch's worker loop, torch uses one
-  intra-op thread, ``get_worker_info()`` gives the worker's ``id``, ``num_workers``, ``seed`` and
-  its copy of the ``dataset``, and then ``worker_init_fn(worker_id)`` is called. Python's
-  ``random``, numpy's and torch's global generators are seeded per worker from the ``base_seed``
-  drawn from ``generator`` (as torch draws it), the epoch and the worker id: reproducible, though
-  not torch's own values. A worker that dies (a crash, the out-of-memory killer) is replaced by a
-  new one (``worker_init_fn`` runs again with the same id) and its batch is loaded again, so the
-  epoch still yields every batch, in order. Each pass starts its own worker processes and ends
-  them when it finishes, breaks, or is deleted, as torch's non-persistent workers do; a new pass
-  also ends a previous unfinished pass of the same DataLoader, whose iterator then raises
-  ``RuntimeError``. In-memory arrays (step 4) need no Python per batch, so they are gathered by
-  native threads in either mode.
+  receives the dataset, ``collate_fn`` and ``worker_init_fn`` pickled (together, so a
+  ``worker_init_fn`` that is a method of the dataset sets state on the worker's copy), so they must
+  be picklable. In each worker, as in torch's worker loop: torch uses one intra-op thread;
+  ``random`` and torch are seeded with ``base_seed + worker_id`` and numpy with torch's
+  ``_generate_state(base_seed, worker_id)``, from the ``base_seed`` drawn from ``generator`` as torch
+  draws it (so ``torch.initial_seed() == base_seed + worker_id``); ``get_worker_info()`` gives the
+  worker's ``id``, ``num_workers``, ``seed`` and its copy of the ``dataset``; then
+  ``worker_init_fn(worker_id)`` runs. Batch ``i`` of a pass is loaded by worker
+  ``i % num_workers``, as torch assigns it, so per-worker random streams give torch's very samples,
+  the same in every run. A worker that dies (a crash, the out-of-memory killer) is replaced by a
+  new one (``worker_init_fn`` runs again with the same id and seed) and its batch is loaded again,
+  so the epoch still yields every batch, in order; a batch whose workers die ``max_retries + 1``
+  times raises :class:`~pyloader.WorkerDiedError`, a ``RuntimeError`` (torch's type) whose message
+  names each worker's pid and signal. Each pass starts its own worker processes and ends them when
+  it finishes, breaks, or is deleted, as torch's non-persistent workers do; a new pass also ends a
+  previous unfinished pass of the same DataLoader, whose iterator then raises ``RuntimeError``.
+- ``mode="thread"``: worker threads of this process, for a dataset that releases the GIL
+  (numpy, file reads, decoders) and is safe to call from several threads at once. Nothing is
+  pickled or forked. What differs from torch, because threads share one process: the dataset is
+  one object for every worker (``worker_init_fn`` runs once in each worker thread, on that one
+  object); ``get_worker_info()`` is ``None``; the global random generators are shared and not
+  seeded per worker (random augmentations are not reproducible); ``multiprocessing_context`` is
+  checked but unused; a crash in native code inside ``dataset[i]`` ends the whole process, where
+  torch's worker processes (and ``mode="auto"``) report it as a ``RuntimeError``.
 
-``persistent_workers=True`` (with ``num_workers > 0``), in either mode: the workers live as long
+Errors are torch's: an exception raised by ``dataset[i]``, ``dataset.__getitems__`` or
+``collate_fn`` reaches the loop as the same exception (its own type, so ``except KeyError:``
+around the loop catches it), with a note naming the worker, the dataset index, the batch and the
+epoch (process mode: and the worker's traceback), and the next ``next()`` continues with the
+following batch. Torch rebuilds the exception as ``type(exc)(message)`` and raises a
+``RuntimeError`` for a type that cannot be built that way; pyloader raises the exception itself,
+so its type and arguments survive (process mode: an exception that cannot be pickled arrives as a
+``RuntimeError`` naming it). A ``timeout`` raises torch's ``RuntimeError("DataLoader timed out
+after N seconds")``.
+
+``in_order=False`` is accepted: pyloader still delivers batches in order (one of the orders torch
+may deliver them in), so a slow batch holds back the ones after it; the other workers keep
+loading up to ``prefetch_factor * num_workers`` batches ahead meanwhile.
+
+``persistent_workers=True`` (with ``num_workers > 0``), in every mode: the workers live as long
 as the DataLoader, as torch's do. Each pass sends them its index batches (a few bytes per batch,
 pickled once per pass), and they keep what they hold between passes: the worker processes'
 copies of the dataset (opened files, caches), their random generators, ``worker_init_fn`` having
@@ -87,11 +113,11 @@ arrays), :mod:`._codec` (tensors to marked arrays and back; torch's batch from a
 from __future__ import annotations
 
 from ._device import DevicePrefetcher, prefetch
-from ._loader import DataLoader, SampleError, StackFallbackWarning
+from ._loader import DataLoader, StackFallbackWarning
 
-__all__ = ["DataLoader", "DevicePrefetcher", "SampleError", "StackFallbackWarning", "prefetch"]
+__all__ = ["DataLoader", "DevicePrefetcher", "StackFallbackWarning", "prefetch"]
 
 # The public names keep the module users import them from (in reprs, tracebacks and pickles).
-for _public in (DataLoader, DevicePrefetcher, SampleError, StackFallbackWarning, prefetch):
+for _public in (DataLoader, DevicePrefetcher, StackFallbackWarning, prefetch):
     _public.__module__ = __name__
 del _public

@@ -18,6 +18,7 @@ core gather their rows in the sampler's order.
 from __future__ import annotations
 
 import pickle
+import random
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -161,19 +162,30 @@ class _WorkerInit:
 class _ProcessWorkerInit:
     """Process mode: what torch's worker loop does in a new worker process, then ``worker_init_fn``.
 
-    Called by :mod:`pyloader.process` as ``worker_init(worker_id)`` in each new worker process,
-    after it seeded ``random``, numpy and torch. Picklable when ``fn`` and ``dataset`` are.
+    Called by :mod:`pyloader.process` as ``worker_init(worker_id)`` in each new worker process
+    (after pyloader's own seeding, which this replaces): one intra-op thread, torch's seeds
+    (``random`` and torch from ``base_seed + worker_id``, numpy from torch's ``_generate_state``),
+    ``get_worker_info()``, then ``worker_init_fn(worker_id)``: so ``torch.initial_seed()``, the
+    random streams and the worker info are torch's own, and with batch ``i`` on worker
+    ``i % num_workers`` (the engine's round-robin, ``Loader::round_robin``) so is every random draw.
+    Picklable when ``fn`` and ``dataset`` are (pickled with the Sequence, so ``dataset`` stays the
+    object the worker's Sequence loads from).
     """
 
-    def __init__(self, fn: Callable[[int], Any] | None, num_workers: int, dataset: Any) -> None:
+    def __init__(self, fn: Callable[[int], Any] | None, num_workers: int, dataset: Any, base_seed: int) -> None:
         self.fn = fn
         self.num_workers = num_workers
         self.dataset = dataset  # the worker's copy is the one its batch Sequence holds
+        self.base_seed = base_seed
 
     def __call__(self, worker_id: int) -> None:
         torch.set_num_threads(1)
+        seed = self.base_seed + worker_id
+        random.seed(seed)
+        torch.manual_seed(seed)
+        np.random.seed(_torch_worker._generate_state(self.base_seed, worker_id))
         _torch_worker._worker_info = _torch_worker.WorkerInfo(
-            id=worker_id, num_workers=self.num_workers, seed=torch.initial_seed(), dataset=self.dataset
+            id=worker_id, num_workers=self.num_workers, seed=seed, dataset=self.dataset
         )
         if self.fn is not None:
             self.fn(worker_id)

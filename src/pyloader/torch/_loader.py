@@ -7,17 +7,20 @@ workers' ``base_seed`` from the generator, then the index batches) into a :class
 :class:`~._batching._EpochBatches`, or natively gathered :class:`~._batching._OrderedArrays`),
 turning each delivered batch into torch's (:mod:`._codec`). A batch the native stack refuses is
 collated again in the consumer by torch's ``default_collate`` (:meth:`_LoaderIter._recover`), so
-the result, or the error, is torch's. :meth:`DataLoader.state_dict` is the rest of a plan plus the
-generator's state. The package docstring (:mod:`pyloader.torch`) describes the behaviour as a user
-sees it: the two worker kinds, persistent workers, distributed sharding.
+the result, or the error, is torch's; a failed batch raises the user's own exception with a note
+(:meth:`_LoaderIter._user_error`), as torch re-raises the type. :meth:`DataLoader.state_dict` is
+the rest of a plan plus the generator's state. The package docstring (:mod:`pyloader.torch`)
+describes the behaviour as a user sees it: the modes (what ``"auto"`` picks, what threads change),
+errors, persistent workers, distributed sharding.
 """
 
 from __future__ import annotations
 
+import reprlib
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -34,8 +37,8 @@ from torch.utils.data._utils.collate import default_collate, default_convert
 from torch.utils.data._utils.pin_memory import pin_memory as _torch_pin_memory
 
 from .. import _C
-from .._errors import BatchError, add_note
-from ..prefetcher import _MODES, Prefetcher
+from .._errors import BatchError, WorkerDiedError, add_note
+from ..prefetcher import Prefetcher
 from ..process import UnpicklableError
 from ._batching import (
     _COLLATE,
@@ -53,26 +56,8 @@ from ._batching import (
 from ._codec import _collated, _converted, _unpack
 
 _STATE_VERSION = 1
-
-
-class SampleError(BatchError):
-    """``dataset[i]`` (or ``dataset.__getitems__``) raised while a worker loaded a batch.
-
-    ``__cause__`` is the original exception, with its traceback.
-
-    Attributes:
-        index: the batch's number in its epoch.
-        sample_index: the dataset index that raised (``None`` when ``__getitems__`` raised).
-        sample_indices: the dataset indices of the batch.
-        epoch: the loader's epoch.
-        position: the engine position; worker: the worker thread that ran it.
-    """
-
-    def __init__(self, message: str, *, index: int, epoch: int, position: int, worker: int,
-                 sample_index: Any, sample_indices: Any) -> None:
-        super().__init__(message, index=index, epoch=epoch, position=position, worker=worker)
-        self.sample_index = sample_index
-        self.sample_indices = sample_indices
+_MODES = ("auto", "thread", "process")
+_T_co = TypeVar("_T_co", covariant=True)
 
 
 class StackFallbackWarning(UserWarning):
@@ -88,13 +73,16 @@ def _distributed() -> tuple[int, int] | None:
     return None
 
 
-class DataLoader(torch.utils.data.DataLoader):
+class DataLoader(torch.utils.data.DataLoader[_T_co]):
     """``torch.utils.data.DataLoader``, loaded ahead by pyloader's native threads or worker processes.
 
     A subclass of torch's DataLoader whose constructor *is* torch's: every argument has torch's
     meaning, default and checks (raised by torch's own code, so the messages are torch's), and the
-    attributes (``sampler``, ``batch_sampler``, ``collate_fn``...) are the ones torch sets. What
-    differs is where processes and threads differ:
+    attributes (``sampler``, ``batch_sampler``, ``collate_fn``...) are the ones torch sets. With the
+    default ``mode="auto"`` the workers are processes whenever torch's are, so code written for
+    torch gets torch's batches, worker state, seeds and errors; what differs, and what
+    ``mode="thread"`` changes, is in the module docs (:mod:`pyloader.torch`). It is ``Generic`` as
+    torch's is (``DataLoader[T]`` in annotations).
 
     Args:
         dataset: a map-style dataset (``__getitem__`` and, for the default samplers, ``__len__``).
@@ -105,29 +93,33 @@ class DataLoader(torch.utils.data.DataLoader):
         sampler: the order of the sample indices (opts out of automatic distributed sharding).
         batch_sampler: the batches of indices (excludes ``batch_size``, ``shuffle``, ``sampler``,
             ``drop_last``).
-        num_workers: pyloader workers (threads, or processes with ``mode="process"``); ``0`` means
-            one worker thread, or one worker process with ``mode="process"`` (see the module docs).
+        num_workers: worker processes (threads with ``mode="thread"``); ``0`` means one worker
+            thread in this process, as torch loads in the main process (``mode="process"``: one
+            worker process).
         collate_fn: turns a list of samples into a batch; runs in the worker. ``None``: torch's
             ``default_collate`` (done natively), or ``default_convert`` when ``batch_size=None``.
         pin_memory: pin the slot buffers (``cudaHostRegister``) when an accelerator is present.
         drop_last: drop the last partial batch.
         timeout: seconds to wait for one batch (``0``: forever).
-        worker_init_fn: called as ``worker_init_fn(worker_id)`` once in each worker thread, or in
-            each new worker process with ``mode="process"`` (a replaced worker's successor too).
-        multiprocessing_context: checked as torch does; with ``mode="process"``, how the worker
-            processes start (``"fork"``, ``"spawn"``, ``"forkserver"``, or a context object whose
+        worker_init_fn: called as ``worker_init_fn(worker_id)`` in each new worker process, after
+            torch's seeding and ``get_worker_info()`` are set up (a replaced worker's successor
+            too), or once in each worker thread with ``mode="thread"``; never with
+            ``num_workers=0`` in auto or thread mode (torch: no workers, no call).
+        multiprocessing_context: checked as torch does; how the worker processes start
+            (``"fork"``, ``"spawn"``, ``"forkserver"``, or a context object whose
             ``get_start_method()`` says it; ``None``: fork where it exists). Unused by threads.
         generator: draws the shuffle (and the ``base_seed`` torch draws for its workers).
         prefetch_factor: batches loaded ahead per worker (default 2).
         persistent_workers: keep the workers (threads or processes) from pass to pass, as torch
             does (see the module docs); the ``base_seed`` is drawn once, as torch does.
         pin_memory_device: deprecated in torch (warns as torch does).
-        in_order: accepted; pyloader always delivers in order.
-        mode: pyloader's worker kind: ``"thread"`` or ``"process"`` (see the module docs).
+        in_order: accepted; pyloader always delivers in order (``False`` lets torch reorder).
+        mode: pyloader's worker kind: ``"auto"`` (processes when ``num_workers > 0``, as torch),
+            ``"process"`` or ``"thread"`` (see the module docs).
 
     Raises:
         ValueError, TypeError: the argument combinations torch rejects, with torch's messages;
-            ``ValueError`` for a ``mode`` that is not ``"thread"`` or ``"process"``.
+            ``ValueError`` for a ``mode`` that is not ``"auto"``, ``"thread"`` or ``"process"``.
     """
 
     def __init__(
@@ -150,17 +142,18 @@ class DataLoader(torch.utils.data.DataLoader):
         persistent_workers: bool = False,
         pin_memory_device: str = "",
         in_order: bool = True,
-        mode: str = "thread",
+        mode: str = "auto",
     ) -> None:
+        if mode not in _MODES:
+            raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+        self.mode = mode
+        self._ready = False  # torch's constructor checks the worker count before we know our kind
         super().__init__(
             dataset, batch_size, shuffle, sampler, batch_sampler, num_workers, collate_fn,
             pin_memory, drop_last, timeout, worker_init_fn, multiprocessing_context, generator,
             prefetch_factor=prefetch_factor, persistent_workers=persistent_workers,
             pin_memory_device=pin_memory_device, in_order=in_order,
         )
-        if mode not in _MODES:
-            raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
-        self.mode = mode
         self._auto_shard: DistributedSampler | None = None
         self._iterable = isinstance(self.dataset, IterableDataset)
         if self._iterable:
@@ -203,6 +196,20 @@ class DataLoader(torch.utils.data.DataLoader):
         # persistent_workers: the Prefetcher whose workers every pass reuses, with its batch kind
         self._kept: tuple[str, Prefetcher] | None = None
         self._warned_fallback = False
+        self._ready = True
+        self.check_worker_number_rationality()  # torch's check, where torch's __init__ makes it
+
+    def _processes(self) -> bool:
+        """Do the passes that call the dataset run it in worker processes? ``mode="auto"``: yes
+        whenever ``num_workers > 0``, as torch's workers are processes (see the module docs)."""
+        return self.mode == "process" or (self.mode == "auto" and self.num_workers > 0)
+
+    def check_worker_number_rationality(self) -> None:
+        """torch's warning about more worker processes than CPUs, when pyloader starts worker
+        processes (as torch, on construction and on every ``iter()``); never for worker threads,
+        which are no processes (pyloader's :class:`~pyloader.Prefetcher` warns on absurd counts)."""
+        if self._ready and self._processes() and not (self._native_ok and self._native_columns() is not None):
+            super().check_worker_number_rationality()
 
     # -- epochs ----------------------------------------------------------------------------------
 
@@ -224,7 +231,7 @@ class DataLoader(torch.utils.data.DataLoader):
             plan = self._draw()
         self._epoch = epoch + 1
         previous = self._current() if self._current is not None else None
-        if previous is not None and (self.mode == "process" or self._kept is not None):
+        if previous is not None and (self._processes() or self._kept is not None):
             previous._retire()  # its worker processes end (or its persistent workers move on)
         it = _LoaderIter(self, epoch, plan)
         self._current = weakref.ref(it)
@@ -398,7 +405,7 @@ class _LoaderIter:
     After an error the iterator stays usable (as torch's does): the next ``next()`` continues with
     the following batch, on a new Prefetcher over the rest of the plan.
 
-    With ``mode="process"`` each Prefetcher has its own worker processes; :meth:`worker_pids`
+    With worker processes each Prefetcher has its own; :meth:`worker_pids`
     lists them. A newer pass of the same DataLoader retires this one: its processes end, and
     ``next()`` raises ``RuntimeError`` (unless the epoch was already over).
     """
@@ -415,10 +422,13 @@ class _LoaderIter:
         self._timeout = loader.timeout
         self._workers = max(1, loader.num_workers)
         self._depth = max(1, (loader.prefetch_factor or 2) * self._workers)
-        self._process = loader.mode == "process"
+        self._process = loader._processes()
         self._persistent = loader.persistent_workers  # torch's checks: only with num_workers > 0
+        # Threads: worker_init_fn once per worker thread; not with num_workers=0, where torch loads
+        # in the main process and calls no worker_init_fn.
         self._worker_init = (_WorkerInit(loader.worker_init_fn)
-                             if loader.worker_init_fn is not None and not self._process else None)
+                             if loader.worker_init_fn is not None and not self._process and loader.num_workers > 0
+                             else None)
         self._base_seed = getattr(loader, "_base_seed", 0)  # not drawn when a loaded state resumes
         self._seq: Any = None
         if plan.native is not None:
@@ -451,7 +461,7 @@ class _LoaderIter:
         else:
             batches = self._index_batches()[base:]
             kind = self._kind if self._seq is None else _STACK
-            mode = loader.mode
+            mode = "process" if self._process else "thread"
             if self._persistent:
                 kept = loader._kept
                 if kept is not None and kept[0] is kind and not kept[1]._closed:
@@ -465,7 +475,8 @@ class _LoaderIter:
         if mode == "process":
             options = dict(
                 start_method=self._start_method(),
-                worker_init_fn=_ProcessWorkerInit(loader.worker_init_fn, self._workers, loader.dataset),
+                worker_init_fn=_ProcessWorkerInit(loader.worker_init_fn, self._workers, loader.dataset,
+                                                  self._base_seed),
                 seed=_worker_seed(self._base_seed, self.epoch, self.plan.skipped + base),
             )
         try:
@@ -515,7 +526,7 @@ class _LoaderIter:
         return None
 
     def worker_pids(self) -> list[int]:
-        """``mode="process"``: the process ids of this pass's current worker processes (a replaced
+        """Worker processes: the process ids of this pass's current worker processes (a replaced
         worker's successor takes its place); ``[]`` with threads or once the pass is over."""
         p = self._prefetcher
         return [] if p is None else p.worker_pids()
@@ -546,23 +557,30 @@ class _LoaderIter:
             if self._replaced and not self.finished:
                 raise RuntimeError(
                     "this DataLoader iterator was replaced by a newer iter() of its DataLoader, which "
-                    "took its workers (with mode='process' or persistent_workers=True a DataLoader runs "
+                    "took its workers (with worker processes or persistent_workers=True a DataLoader runs "
                     "one pass at a time)"
                 )
             self._finish()
             raise StopIteration
+        failed: BatchError | None = None
         try:
             batch = next(self._batches)
         except StopIteration:
             self._finish()
             raise
         except BatchError as err:
-            batch = self._recover(err)
+            failed = err
         except TimeoutError as exc:
             self._start(self.yielded - self.plan.skipped)  # the late batch is loaded again
             raise RuntimeError(f"DataLoader timed out after {self._timeout} seconds") from exc
         else:
             batch = self._convert(batch)
+        if failed is not None:  # outside the except clause: the user's exception keeps its context
+            try:
+                batch = self._recover(failed)
+            except BaseException:
+                self.yielded += 1  # like torch's iterator, the next next() gives the next batch
+                raise
         if self._pin_device is not None:
             batch = _torch_pin_memory(batch, self._pin_device)
         self.yielded += 1
@@ -581,50 +599,71 @@ class _LoaderIter:
             return _converted(batch)
         return _unpack(batch)
 
-    def _sample_error(self, failure: _SampleFailure, position: int, worker: int) -> SampleError:
+    def _user_error(self, original: BaseException, what: str, worker: int) -> BaseException:
+        """The user's exception, as torch re-raises it (its own type), with a note saying where it
+        was raised: torch's part (which worker) and pyloader's (the batch, the epoch)."""
+        if worker < 0:
+            who = "the main process"
+        elif self._process:
+            who = f"DataLoader worker process {worker}"
+        else:
+            who = f"DataLoader worker thread {worker}"
+        add_note(original, f"Caught {type(original).__name__} in {who}: raised by {what} while loading "
+                           f"batch {self.yielded} of epoch {self.epoch} (pyloader.torch.DataLoader)")
+        return original
+
+    def _sample_error(self, failure: _SampleFailure, worker: int) -> BaseException:
         original = failure.__cause__
         assert original is not None, "a _SampleFailure is raised from the sample's exception"
-        where = ("dataset.__getitems__(...)" if failure.sample_index is None
-                 else f"dataset[{failure.sample_index!r}]")
-        error = SampleError(
-            f"{where} raised {type(original).__name__}: {original} (batch {self.yielded} of epoch "
-            f"{self.epoch}, worker {worker}); the original traceback is above",
-            index=self.yielded, epoch=self.epoch, position=position, worker=worker,
-            sample_index=failure.sample_index, sample_indices=failure.sample_indices,
-        )
-        error.__cause__ = original
         for note in getattr(failure, "__notes__", ()):  # process mode: the worker's traceback, as text
             if note not in getattr(original, "__notes__", ()):
                 add_note(original, note)
-        return error
+        where = ("dataset.__getitems__(...)" if failure.sample_index is None
+                 else f"dataset[{failure.sample_index!r}]")
+        return self._user_error(original, f"{where} (dataset indices {reprlib.repr(failure.sample_indices)})",
+                                worker)
 
     def _recover(self, err: BatchError) -> Any:
-        """Handles a failed batch; iteration continues after it on the next ``next()``.
-
-        The Prefetcher goes on by itself after a failed batch, so its workers (and worker
-        processes) carry on: nothing is restarted.
+        """Handles a failed batch: raises what torch raises, or (a batch the native stack refused)
+        collates it with torch's ``default_collate``. Iteration continues after it on the next
+        ``next()``: the Prefetcher goes on by itself after a failed batch, so its workers (and
+        worker processes) carry on, nothing is restarted.
         """
         at = self.yielded - self.plan.skipped  # the plan position that failed
         cause = err.__cause__
+        if isinstance(err, WorkerDiedError):
+            # torch: a RuntimeError naming the worker's pid and signal ("DataLoader worker (pid
+            # 123) is killed by signal: ..."); WorkerDiedError is one, and its text says both.
+            raise WorkerDiedError(
+                f"DataLoader worker process {err.worker} exited unexpectedly while loading batch "
+                f"{self.yielded} of epoch {self.epoch}, on every retry: {err}",
+                index=self.yielded, epoch=self.epoch, position=err.position, worker=err.worker,
+            )
         if isinstance(cause, _SampleFailure):
-            raise self._sample_error(cause, err.position, err.worker)
-        if not (self._kind is _STACK and isinstance(cause, _C.StackError)):
+            raise self._sample_error(cause, err.worker)
+        if cause is None:
             raise err
+        if not (self._kind is _STACK and isinstance(cause, _C.StackError)):
+            what = "collate_fn" if self._kind in (_COLLATE, _CUSTOM) else "the worker"
+            raise self._user_error(cause, what, err.worker)
         # The native stack refused the samples: torch decides, in this thread, with its own
         # default_collate (the result, or the error, is then exactly torch's).
         indices = self._index_batches()[at]
+        error: BaseException | None
         try:
             samples = _EpochBatches(self.loader.dataset, [], _STACK, None, None).fetch(indices)
         except _SampleFailure as failure:
-            raise self._sample_error(failure, err.position, -1) from None
-        try:
-            batch = default_collate(samples)
-        except Exception as exc:
-            raise BatchError(
-                f"default_collate raised {type(exc).__name__} on batch {self.yielded} of epoch "
-                f"{self.epoch} (dataset indices {indices!r}): {exc}",
-                index=self.yielded, epoch=self.epoch, position=err.position, worker=err.worker,
-            ) from exc
+            error = self._sample_error(failure, -1)
+        else:
+            try:
+                batch = default_collate(samples)
+            except Exception as exc:
+                error = self._user_error(exc, f"torch's default_collate (dataset indices {reprlib.repr(indices)})",
+                                         -1)
+            else:
+                error = None
+        if error is not None:
+            raise error
         if not self.loader._warned_fallback:
             self.loader._warned_fallback = True
             warnings.warn(
