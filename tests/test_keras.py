@@ -544,6 +544,16 @@ def test_infinite_pydataset_trains_with_steps_per_epoch_as_through_keras(prefetc
     assert [int(next(batches)[0][0, 0]) for _ in range(3)] == [0, 1, 2]  # its own iteration too
 
 
+def test_pydataset_without_len_or_num_batches_iterates_without_end_as_keras_does(prefetched):
+    class NoLength(keras.utils.PyDataset):
+        def __getitem__(self, i):
+            return np.full((ROWS, 2), i, np.float32), np.zeros((ROWS, 1), np.float32)
+
+    own = iter(NoLength())  # Keras's PyDataset.__iter__: batches 0, 1, 2... without end
+    ours = iter(prefetched(NoLength(), workers=2))
+    assert [int(next(own)[0][0, 0]) for _ in range(5)] == [int(next(ours)[0][0, 0]) for _ in range(5)]
+
+
 # ---- options -------------------------------------------------------------------------------------
 
 

@@ -47,8 +47,31 @@ included, is made again when the order Keras asks for changes (the first ``fit``
 ``prefetch(seq)`` with ``shuffle=None``, then any switch between ``fit`` and ``evaluate``/``predict``);
 ``dataset.loader.worker_pids()`` lists the current workers.
 
+How this differs from Keras's own calls of the hooks (the one difference, by design): Keras calls
+them per iteration it makes (``on_epoch_begin`` before, ``on_epoch_end`` after, plus an
+``on_epoch_end`` from ``reset()`` and a pair around the batch it reads to build a model; the
+order varies by backend), pyloader where loading crosses epochs, as above. A hook changes what the
+next epoch loads (a reshuffled index list), and pyloader loads that epoch while Keras still trains
+on this one: calling the hooks at Keras's calls would mean loading nothing of an epoch before
+Keras begins it, the bubble at every boundary that loading ahead removes.
+
+Errors: what ``__getitem__`` raised reaches Keras as it is (its type, its traceback), with a note
+naming the batch index and worker, so ``fit`` raises what it raises through Keras's own path (on
+tensorflow, tf.data makes the same ``tf.errors`` type of it on both paths). A PyDataset's
+``max_queue_size`` is pyloader's ``depth``; 0, which Keras takes as an unbounded queue, gives the
+default depth, ``2 * workers``.
+
+An infinite PyDataset (``num_batches`` None) is what Keras reads as ``dataset[0]``,
+``dataset[1]``... from every new iteration (``steps_per_epoch`` bounds its epochs, one iteration
+spans a whole ``fit``): pyloader loads it in order, in chunks of ``_UNBOUNDED_CHUNK`` batches that
+are its epochs (see :class:`_Unbounded`), and starts again from batch 0 when Keras makes a new
+iteration (the one-batch read that builds a model is rewound as above). It has no epochs to load,
+so Keras's own ``on_epoch_begin``/``on_epoch_end`` calls reach it, when Keras makes them.
+
 On the torch backend, numpy batches are handed over as ``torch.from_numpy`` views of pyloader's
-buffers, which Keras's ``convert_to_tensor`` passes through (it would copy a numpy array).
+buffers, which Keras's ``convert_to_tensor`` passes through (it would copy a numpy array). The other
+backends take the numpy batches as they are (jax copies them to its device arrays; tensorflow's
+``from_generator`` copies them into tensors), as they take a numpy batch from Keras's own path.
 """
 
 from __future__ import annotations
@@ -188,14 +211,14 @@ _UNBOUNDED_CHUNK = 1024  # batches of an infinite PyDataset per pyloader epoch
 
 
 def _is_infinite(sequence: Any) -> bool:
-    """Whether ``sequence`` is an infinite Keras PyDataset: ``num_batches`` None, and no ``__len__``
-    saying otherwise."""
+    """Whether ``sequence`` is an infinite Keras PyDataset: ``num_batches`` None, or neither
+    ``num_batches`` nor ``__len__`` (which Keras's own ``PyDataset.__iter__`` reads without end)."""
     if not isinstance(sequence, keras.utils.PyDataset) or isinstance(sequence, PrefetchedDataset):
         return False
     try:
         return sequence.num_batches is None
-    except (NotImplementedError, TypeError):
-        return False
+    except NotImplementedError:  # PyDataset's num_batches: no __len__ either
+        return True
 
 
 class _Unbounded:
