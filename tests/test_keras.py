@@ -1,11 +1,15 @@
-"""The Keras adapter: real model.fit / evaluate / predict on pyloader.keras.prefetch (torch backend).
+"""The Keras adapter: real model.fit / evaluate / predict on pyloader.keras.prefetch, on the backend
+``KERAS_BACKEND`` names (torch when unset; CI runs this file on torch, jax and tensorflow).
 
 Batches carry their Sequence index in every row of ``x[:, 0]``; a pass-through layer records the
-index of every batch that reaches the model, so each test counts what Keras actually consumed.
+index of every batch that reaches the model, so each test counts what Keras actually consumed. The
+models run eagerly (``run_eagerly=True``) so that the layer sees values on every backend. A test
+about one backend says so in its name and skips on the others.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 import textwrap
@@ -25,23 +29,48 @@ keras = pytest.importorskip("keras")
 import pyloader  # noqa: E402
 import pyloader.keras as pk  # noqa: E402
 
-if keras.backend.backend() != "torch":  # pragma: no cover - the suite runs on the torch backend
-    pytest.skip(f"these tests drive the torch backend, KERAS_BACKEND={keras.backend.backend()}",
-                allow_module_level=True)
-
-import torch  # noqa: E402
-
+BACKEND = keras.backend.backend()
 ROWS = 4
+
+torch_only = pytest.mark.skipif(BACKEND != "torch", reason=f"about the torch backend (this run: {BACKEND})")
+
+
+def concrete(x) -> np.ndarray | None:
+    """The values of a tensor the model computes on, or None while Keras traces it symbolically."""
+    if isinstance(x, keras.KerasTensor):
+        return None
+    if BACKEND == "torch":
+        return None if x.is_meta else x.detach().cpu().numpy()
+    if BACKEND == "jax":
+        import jax
+
+        return None if isinstance(x, jax.core.Tracer) else np.asarray(x)
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        return x.numpy() if tf.executing_eagerly() and hasattr(x, "numpy") else None
+    return keras.ops.convert_to_numpy(x)  # pragma: no cover - another backend
 
 # numpy >= 2 warns when Keras's torch backend calls np.array() on a tensor (torch's __array__ takes
 # no copy=): Keras does so itself in evaluate/predict, whatever feeds it.
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
-)
+# On jax, process mode forks (pyloader's zygote) from a process where jax runs threads: jax warns at
+# every os.fork(). The workers run only the Sequence's __getitem__, never jax.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called:RuntimeWarning"),
+]
+
+
+def read_directly() -> bool:
+    """Whether ``__getitem__`` runs on the main thread: a read of the test's own, or one Keras makes
+    itself (on tensorflow, Keras reads the first batches to learn their spec, whatever feeds it).
+    pyloader's thread-mode workers never run there."""
+    return threading.current_thread() is threading.main_thread()
 
 
 class Indexed(keras.utils.PyDataset):
-    """Batch i: x = rows of [i, i/10], y = 2*i/10 + 1 (learnable), i.e. (x, y); logs loads."""
+    """Batch i: x = rows of [i, i/10], y = 2*i/10 + 1 (learnable), i.e. (x, y); logs the loads of
+    pyloader's workers (``loaded``) apart from direct reads (``direct``, see :func:`read_directly`)."""
 
     def __init__(self, n: int, *, fail_once: frozenset[int] = frozenset(), weights: bool = False,
                  **kwargs) -> None:
@@ -50,6 +79,7 @@ class Indexed(keras.utils.PyDataset):
         self.fail_once = set(fail_once)
         self.weights = weights
         self.loaded: list[int] = []
+        self.direct: list[int] = []
         self.lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -60,7 +90,7 @@ class Indexed(keras.utils.PyDataset):
             if i in self.fail_once:
                 self.fail_once.discard(i)
                 raise ValueError(f"bad batch {i}")
-            self.loaded.append(i)
+            (self.direct if read_directly() else self.loaded).append(i)
         x = np.empty((ROWS, 2), np.float32)
         x[:, 0] = i
         x[:, 1] = i / 10
@@ -79,8 +109,9 @@ class Hooked(Indexed):
 
     def __getitem__(self, i: int):
         out = super().__getitem__(i)
-        with self.lock:
-            self.log.append(i)
+        if not read_directly():
+            with self.lock:
+                self.log.append(i)
         return out
 
     def on_epoch_begin(self) -> None:
@@ -103,20 +134,22 @@ class Recorder(keras.layers.Layer):
         self.pointers: list[int] = []
 
     def call(self, x, training=None):
-        if not isinstance(x, torch.Tensor) or x.is_meta:  # building the model symbolically
+        values = concrete(x)
+        if values is None:  # building the model symbolically
             return x
-        index = int(x[0, 0].item())
+        index = int(values[0, 0])
         (self.train_seen if training else self.infer_seen).append(index)
         if training:
-            self.train_rows += [int(v) for v in x[:, 0].tolist()]
-        self.pointers.append(x.data_ptr())
+            self.train_rows += [int(v) for v in values[:, 0]]
+        if BACKEND == "torch":
+            self.pointers.append(x.data_ptr())
         return x
 
 
 def model_with_recorder(*, learning_rate: float = 0.01) -> tuple[keras.Model, Recorder]:
     recorder = Recorder()
     model = keras.Sequential([keras.Input((2,)), recorder, keras.layers.Dense(1)])
-    model.compile(keras.optimizers.SGD(learning_rate), "mse")
+    model.compile(keras.optimizers.SGD(learning_rate), "mse", run_eagerly=True)
     return model, recorder
 
 
@@ -144,16 +177,17 @@ def prefetched():
 def test_a_missing_backend_is_named_with_how_to_pick_another():
     import importlib.util
 
-    if importlib.util.find_spec("jax") is not None:
-        pytest.skip("jax is installed: the missing-backend message needs a backend that is not")
+    missing = [b for b in ("jax", "tensorflow", "torch") if importlib.util.find_spec(b) is None]
+    if not missing:
+        pytest.skip("every backend is installed: the missing-backend message needs one that is not")
     done = run_python("""
         try:
             import pyloader.keras
         except ImportError as exc:
             print(exc)
-    """, env={"KERAS_BACKEND": "jax"})
+    """, env={"KERAS_BACKEND": missing[0]})
     assert done.returncode == 0, done.stderr
-    assert "keras could not import its backend, jax (KERAS_BACKEND='jax')" in done.stdout
+    assert f"keras could not import its backend, {missing[0]} (KERAS_BACKEND='{missing[0]}')" in done.stdout
     assert "set KERAS_BACKEND to a backend you have installed" in done.stdout
 
 
@@ -210,7 +244,7 @@ def test_unbuilt_model_peek_does_not_cost_a_pass(prefetched):
     ds = prefetched(seq, workers=2, depth=3, shuffle=False)
     recorder = Recorder()
     model = keras.Sequential([recorder, keras.layers.Dense(1)])
-    model.compile("sgd", "mse")
+    model.compile("sgd", "mse", run_eagerly=True)
     model.fit(ds, epochs=2, verbose=0)
     assert recorder.train_seen == list(range(n)) * 2
     # Loaded: epochs 0 and 1, and the head of epoch 2 loading ahead; no abandoned pass.
@@ -303,8 +337,9 @@ class EpochRows(keras.layers.Layer):
         self.epochs: list[list[tuple[int, int]]] = []
 
     def call(self, x, training=None):
-        if training and isinstance(x, torch.Tensor) and not x.is_meta:
-            self.epochs[-1].append((int(x[0, 1].item()), int(x[0, 0].item())))
+        values = concrete(x)
+        if training and values is not None:
+            self.epochs[-1].append((int(values[0, 1]), int(values[0, 0])))
         return x
 
 
@@ -317,7 +352,7 @@ def test_a_length_on_epoch_end_changes_gives_each_fit_epoch_every_batch_of_its_e
     seq = Resizing(lens)
     rows = EpochRows()
     model = keras.Sequential([keras.Input((2,)), rows, keras.layers.Dense(1)])
-    model.compile(keras.optimizers.SGD(0.01), "mse")
+    model.compile(keras.optimizers.SGD(0.01), "mse", run_eagerly=True)
     begin = keras.callbacks.LambdaCallback(on_epoch_begin=lambda *_: rows.epochs.append([]))
     data = seq if path == "keras" else prefetched(seq, workers=2, depth=3, mode=path)
     model.fit(data, epochs=len(lens), verbose=0, shuffle=True, callbacks=[begin])
@@ -344,15 +379,64 @@ def test_pydataset_without_hooks_is_not_gated(prefetched):
     assert type(prefetched(Hooked(4)).loader._sequence).__name__ == "_HookedSource"
 
 
+class Unusual(Exception):
+    """An exception type of the user's own."""
+
+
+class FailsAt(Indexed):
+    """Raises ``error(f"bad batch {i}")`` for batch ``at``, every time."""
+
+    def __init__(self, n: int, at: int, error: type[Exception], **kwargs) -> None:
+        super().__init__(n, **kwargs)
+        self.at, self.error = at, error
+
+    def __getitem__(self, i: int):
+        if i == self.at:
+            raise self.error(f"bad batch {i}")
+        return super().__getitem__(i)
+
+
+def fit_error(ds, **fit_options) -> Exception:
+    model, _ = model_with_recorder()
+    try:
+        model.fit(ds, epochs=1, verbose=0, **fit_options)
+    except Exception as error:  # the clause a user would write, for both paths
+        return error
+    raise AssertionError("fit should raise")
+
+
+def error_text(error: BaseException) -> str:
+    return str(error) + "\n".join(getattr(error, "__notes__", []))
+
+
+@pytest.mark.parametrize("error", [ValueError, KeyError, Unusual])
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_getitem_error_reaches_fit_as_the_same_type_as_through_keras(prefetched, error, shuffle):
+    # Side by side: the same PyDataset through Keras's own path and through prefetch. On torch and
+    # jax the user's own type reaches fit; on tensorflow, tf.data turns it into one of its OpErrors
+    # (ValueError: InvalidArgumentError, others: UnknownError) on both paths alike.
+    own = fit_error(FailsAt(6, 3, error), shuffle=shuffle)
+    ours = fit_error(prefetched(FailsAt(6, 3, error), workers=2), shuffle=shuffle)
+    assert type(ours) is type(own), (type(ours), type(own))
+    if BACKEND != "tensorflow":
+        assert type(ours) is error
+    assert "bad batch 3" in error_text(ours)
+    assert "__getitem__(3)" in error_text(ours) and "batch index 3" in error_text(ours)
+
+
 def test_getitem_error_surfaces_from_fit_with_the_index(prefetched):
     n = 6
     ds = prefetched(Indexed(n, fail_once=frozenset({3})), workers=2, shuffle=False)
     model, recorder = model_with_recorder()
-    with pytest.raises(pyloader.BatchError) as info:
-        model.fit(ds, epochs=1, verbose=0)
-    assert info.value.index == 3
-    text = str(info.value) + "".join(getattr(info.value, "__notes__", []))
-    assert "bad batch 3" in text and "ValueError" in text
+    error = fit_error(ds)
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        assert isinstance(error, tf.errors.InvalidArgumentError), type(error)  # tf.data's ValueError
+    else:
+        assert type(error) is ValueError
+        assert error.__notes__[-1].startswith("pyloader: raised by __getitem__(3) of the Sequence, batch index 3")
+    assert "bad batch 3" in error_text(error) and "batch index 3" in error_text(error)
     # The dataset recovers: the next fit starts a new pass and gets every batch once.
     recorder.train_seen.clear()
     model.fit(ds, epochs=1, verbose=0)
@@ -451,6 +535,93 @@ def test_dict_inputs_for_a_multi_input_model(prefetched):
     np.testing.assert_array_equal(out[:, 0], np.repeat(np.arange(n, dtype=np.float32), ROWS))
 
 
+class NativeTensors(Indexed):
+    """Indexed, as the backend's own tensors (torch.Tensor, jax.Array, tf.Tensor)."""
+
+    def __getitem__(self, i: int):
+        x, y = super().__getitem__(i)
+        return keras.ops.convert_to_tensor(x), keras.ops.convert_to_tensor(y)
+
+
+def test_backend_tensor_batches_train_and_predict(prefetched):
+    n = 5
+    ds = prefetched(NativeTensors(n), workers=2)
+    model, recorder = model_with_recorder()
+    model.fit(ds, epochs=2, verbose=0)
+    assert [sorted(s) for s in per_epoch(recorder.train_seen, n)] == [list(range(n))] * 2
+    model.layers[-1].set_weights([np.array([[1.0], [0.0]], np.float32), np.zeros(1, np.float32)])
+    out = model.predict(ds, verbose=0)
+    np.testing.assert_array_equal(out[:, 0], np.repeat(np.arange(n, dtype=np.float32), ROWS))
+
+
+def test_keras_utils_sequence_subclass(prefetched):
+    class Old(keras.utils.Sequence):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return np.full((ROWS, 2), i, np.float32), np.zeros((ROWS, 1), np.float32)
+
+    model, recorder = model_with_recorder()
+    model.fit(prefetched(Old(), workers=2), epochs=2, verbose=0)
+    assert [sorted(s) for s in per_epoch(recorder.train_seen, 4)] == [list(range(4))] * 2
+
+
+def test_a_generator_is_refused_with_what_to_pass_instead():
+    def batches():
+        yield np.zeros((ROWS, 2), np.float32), np.zeros((ROWS, 1), np.float32)
+
+    with pytest.raises(TypeError, match="generator"):
+        pk.prefetch(batches())
+
+
+class Endless(Indexed):
+    """Indexed without end: ``num_batches`` is None (Keras reads batches 0, 1, 2...)."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(0, **kwargs)
+
+    @property
+    def num_batches(self):
+        return None
+
+
+@pytest.mark.parametrize("unbuilt", [False, True])
+def test_infinite_pydataset_trains_with_steps_per_epoch_as_through_keras(prefetched, unbuilt):
+    def seen(data) -> list[list[int]]:
+        if unbuilt:  # reads one batch to build the model, in an iteration of its own
+            recorder = Recorder()
+            model = keras.Sequential([recorder, keras.layers.Dense(1)])
+            model.compile("sgd", "mse", run_eagerly=True)
+        else:
+            model, recorder = model_with_recorder()
+        fits = []
+        for epochs in (3, 2):  # a second fit starts from batch 0 again, as Keras does (shuffle=True:
+            # Keras warns that it cannot shuffle an infinite PyDataset)
+            history = model.fit(data, epochs=epochs, steps_per_epoch=4, shuffle=False, verbose=0)
+            assert len(history.history["loss"]) == epochs
+            fits.append(list(recorder.train_seen))
+            recorder.train_seen.clear()
+        return fits
+
+    own = seen(Endless())
+    ds = prefetched(Endless(), workers=2, depth=3)
+    assert ds.num_batches is None
+    assert seen(ds) == own == [list(range(12)), list(range(8))], own
+    batches = iter(ds)
+    assert [int(next(batches)[0][0, 0]) for _ in range(3)] == [0, 1, 2]  # its own iteration too
+
+
+def test_pydataset_without_len_or_num_batches_iterates_without_end_as_keras_does(prefetched):
+    class NoLength(keras.utils.PyDataset):
+        def __getitem__(self, i):
+            return np.full((ROWS, 2), i, np.float32), np.zeros((ROWS, 1), np.float32)
+
+    own = iter(NoLength())  # Keras's PyDataset.__iter__: batches 0, 1, 2... without end
+    ours = iter(prefetched(NoLength(), workers=2))
+    assert [int(next(own)[0][0, 0]) for _ in range(5)] == [int(next(ours)[0][0, 0]) for _ in range(5)]
+
+
 # ---- options -------------------------------------------------------------------------------------
 
 
@@ -460,6 +631,18 @@ def test_pydataset_settings_become_pyloader_defaults(prefetched):
     ds = prefetched(Indexed(4, workers=3, max_queue_size=5), workers=2, depth=7)
     assert (ds.loader.workers, ds.loader.depth) == (2, 7)
     assert prefetched(Indexed(4)).loader.workers == 1  # Keras's default workers=1
+
+
+def test_max_queue_size_0_gets_the_default_depth_and_trains(prefetched):
+    # Keras accepts max_queue_size=0 (its queue is then unbounded): pyloader loads 2 * workers ahead.
+    n = 6
+    ds = prefetched(Indexed(n, workers=3, max_queue_size=0))
+    assert (ds.loader.workers, ds.loader.depth) == (3, 6)
+    model, recorder = model_with_recorder()
+    model.fit(ds, epochs=2, verbose=0)
+    assert [sorted(s) for s in per_epoch(recorder.train_seen, n)] == [list(range(n))] * 2
+    with pytest.raises(ValueError, match="depth"):  # pyloader's own option stays >= 1
+        pk.prefetch(Indexed(n), depth=0)
 
 
 def test_plain_sequence_gets_pyloader_defaults(prefetched):
@@ -478,6 +661,7 @@ def test_use_multiprocessing_maps_to_process_mode(prefetched):
     seq = Indexed(4, workers=2, use_multiprocessing=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", r"os\.fork\(\) was called", RuntimeWarning)  # jax's, at any fork
         ds = prefetched(seq)
     assert (ds.loader.mode, ds.loader.workers) == ("process", 2)
     assert prefetched(seq, mode="thread").loader.mode == "thread"  # explicit: no warning
@@ -503,7 +687,9 @@ def test_direct_indexing_reads_the_sequence_and_keeps_fit_aligned(prefetched):
     assert [int(b[0][0, 0]) for b in ds] == list(range(n))  # iterating: one pass, in order
 
 
+@torch_only
 def test_torch_batches_reach_the_model_without_a_keras_copy(prefetched, monkeypatch):
+    import torch
     from keras.src.backend.torch import core
 
     calls: list[tuple[object, object]] = []
@@ -561,33 +747,18 @@ def test_tf_keras_sequence_is_accepted(prefetched):
     assert [sorted(s) for s in per_epoch(recorder.train_seen, 4)] == [list(range(4))] * 2
 
 
-def test_jax_backend(python_subprocess):
-    pytest.importorskip("jax", reason="jax is not installed: the jax backend is untested here")
-    code = """
-        import numpy as np, keras, pyloader.keras as pk
-        class S(keras.utils.PyDataset):
-            def __init__(self): super().__init__()
-            def __len__(self): return 4
-            def __getitem__(self, i):
-                return np.full((2, 2), i, np.float32), np.full((2, 1), i, np.float32)
-        m = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)]); m.compile("sgd", "mse")
-        ds = pk.prefetch(S(), workers=2)
-        m.fit(ds, epochs=2, verbose=0)
-        print(m.predict(ds, verbose=0).shape)
-        ds.close()
-    """
-    result = python_subprocess(code, env={"KERAS_BACKEND": "jax"}, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().endswith("(8, 1)")
-
-
 def test_on_epoch_end_error_surfaces_from_fit(prefetched):
     class Breaks(Indexed):
         def on_epoch_end(self) -> None:
             raise RuntimeError("hook failed")
 
     model, _ = model_with_recorder()
-    with pytest.raises(pyloader.EpochEndError, match="hook failed"):
+    expected: type[Exception] = pyloader.EpochEndError
+    if BACKEND == "tensorflow":  # the hook runs where loading crosses epochs, and its error reaches
+        import tensorflow as tf  # Keras from __getitem__, inside tf.data, which wraps it
+
+        expected = tf.errors.UnknownError
+    with pytest.raises(expected, match="hook failed"):
         model.fit(prefetched(Breaks(4), workers=2), epochs=2, verbose=0)
 
 
@@ -650,11 +821,12 @@ def test_array_sequence_is_gathered_natively_every_sample_once_per_epoch(prefetc
 
 PROCESS_PRELUDE = '''
 import gc, os, signal, sys, time
-os.environ["KERAS_BACKEND"] = "torch"
-import numpy as np, keras, psutil, torch
+import numpy as np, keras, psutil
 import pyloader, pyloader.keras as pk
 
 ROWS = 4
+BACKEND = keras.backend.backend()
+''' + inspect.getsource(concrete) + '''
 
 def busy(iterations):
     """Pure Python work: holds the GIL all along."""
@@ -707,8 +879,9 @@ class Recorder(keras.layers.Layer):
         self.batches = []
 
     def call(self, x, training=None):
-        if isinstance(x, torch.Tensor) and not x.is_meta and training:
-            rows = x.detach().cpu().numpy().astype(np.int64)
+        values = concrete(x)
+        if values is not None and training:
+            rows = values.astype(np.int64)
             self.batches.append((tuple(rows[:, 0].tolist()), int(rows[0, 1]), int(rows[0, 2])))
         return x[:, 0:1] / 100
 
@@ -718,7 +891,7 @@ class Recorder(keras.layers.Layer):
 def model_with_recorder(learning_rate=0.05):
     recorder = Recorder()
     model = keras.Sequential([keras.Input((3,)), recorder, keras.layers.Dense(1)])
-    model.compile(keras.optimizers.SGD(learning_rate), "mse")
+    model.compile(keras.optimizers.SGD(learning_rate), "mse", run_eagerly=True)
     return model, recorder
 
 class Steps(keras.callbacks.Callback):
@@ -744,7 +917,7 @@ def check_every_sample_once_per_epoch(batches, n):
 
 
 def run_keras_process(body: str, *, timeout: float = 180.0) -> str:
-    r = run_python(PROCESS_PRELUDE + textwrap.dedent(body), timeout=timeout, env={"KERAS_BACKEND": "torch"})
+    r = run_python(PROCESS_PRELUDE + textwrap.dedent(body), timeout=timeout, env={"KERAS_BACKEND": BACKEND})
     assert r.returncode == 0 and "OK" in r.stdout, f"exit {r.returncode}\nstdout:\n{r.stdout}\nstderr:\n{r.stderr}"
     return r.stdout
 
@@ -920,13 +1093,16 @@ def test_process_mode_leaves_no_child_process():
     val.close()
     assert me.children(recursive=True) == [], me.children(recursive=True)
 
-    # no close(): the dataset is dropped (and collected) after fit
-    ds = pk.prefetch(BeginShuffled(5, workers=3, use_multiprocessing=True))
-    model.fit(ds, epochs=2, verbose=0)
-    assert len(me.children(recursive=True)) == 4
-    del ds
-    gc.collect()
-    assert me.children(recursive=True) == [], me.children(recursive=True)
+    # no close(): the dataset is dropped (and collected) after fit. Not on tensorflow, where tf.data's
+    # registry of from_generator functions keeps Keras's adapter, and so the dataset, alive after
+    # fit (Keras's own PyDataset too): there only close() can stop the workers.
+    if BACKEND != "tensorflow":
+        ds = pk.prefetch(BeginShuffled(5, workers=3, use_multiprocessing=True))
+        model.fit(ds, epochs=2, verbose=0)
+        assert len(me.children(recursive=True)) == 4
+        del ds
+        gc.collect()
+        assert me.children(recursive=True) == [], me.children(recursive=True)
 
     # a context manager, and a fit that fails in __getitem__
     class Bad(Samples):
@@ -938,11 +1114,12 @@ def test_process_mode_leaves_no_child_process():
     with pk.prefetch(Bad(4, workers=2, use_multiprocessing=True), shuffle=False) as bad:
         try:
             model.fit(bad, epochs=1, verbose=0)
-        except pyloader.BatchError as error:
-            assert error.index == 2
-            assert "bad batch 2" in str(error) + "".join(getattr(error, "__notes__", []))
+        except Exception as error:  # ValueError (tensorflow: tf.data's InvalidArgumentError)
+            assert type(error).__name__ in ("ValueError", "InvalidArgumentError"), type(error)
+            text = str(error) + "".join(getattr(error, "__notes__", []))
+            assert "bad batch 2" in text and "batch index 2" in text, text
         else:
-            raise AssertionError("fit should raise BatchError")
+            raise AssertionError("fit should raise the ValueError")
     assert me.children(recursive=True) == [], me.children(recursive=True)
     print("OK")
     """)

@@ -54,8 +54,31 @@ included, is made again when the order Keras asks for changes (the first ``fit``
 ``prefetch(seq)`` with ``shuffle=None``, then any switch between ``fit`` and ``evaluate``/``predict``);
 ``dataset.loader.worker_pids()`` lists the current workers.
 
+How this differs from Keras's own calls of the hooks (the one difference, by design): Keras calls
+them per iteration it makes (``on_epoch_begin`` before, ``on_epoch_end`` after, plus an
+``on_epoch_end`` from ``reset()`` and a pair around the batch it reads to build a model; the
+order varies by backend), pyloader where loading crosses epochs, as above. A hook changes what the
+next epoch loads (a reshuffled index list), and pyloader loads that epoch while Keras still trains
+on this one: calling the hooks at Keras's calls would mean loading nothing of an epoch before
+Keras begins it, the bubble at every boundary that loading ahead removes.
+
+Errors: what ``__getitem__`` raised reaches Keras as it is (its type, its traceback), with a note
+naming the batch index and worker, so ``fit`` raises what it raises through Keras's own path (on
+tensorflow, tf.data makes the same ``tf.errors`` type of it on both paths). A PyDataset's
+``max_queue_size`` is pyloader's ``depth``; 0, which Keras takes as an unbounded queue, gives the
+default depth, ``2 * workers``.
+
+An infinite PyDataset (``num_batches`` None) is what Keras reads as ``dataset[0]``,
+``dataset[1]``... from every new iteration (``steps_per_epoch`` bounds its epochs, one iteration
+spans a whole ``fit``): pyloader loads it in order, in chunks of ``_UNBOUNDED_CHUNK`` batches that
+are its epochs (see :class:`_Unbounded`), and starts again from batch 0 when Keras makes a new
+iteration (the one-batch read that builds a model is rewound as above). It has no epochs to load,
+so Keras's own ``on_epoch_begin``/``on_epoch_end`` calls reach it, when Keras makes them.
+
 On the torch backend, numpy batches are handed over as ``torch.from_numpy`` views of pyloader's
-buffers, which Keras's ``convert_to_tensor`` passes through (it would copy a numpy array).
+buffers, which Keras's ``convert_to_tensor`` passes through (it would copy a numpy array). The other
+backends take the numpy batches as they are (jax copies them to its device arrays; tensorflow's
+``from_generator`` copies them into tensors), as they take a numpy batch from Keras's own path.
 """
 
 from __future__ import annotations
@@ -65,7 +88,6 @@ import os
 import random
 import sys
 import threading
-import traceback
 import warnings
 from collections.abc import Callable, Iterator
 from types import FrameType
@@ -87,7 +109,7 @@ except ModuleNotFoundError as _exc:  # keras imports its backend on import: say 
     ) from _exc
 
 from . import _tree
-from ._errors import BatchError
+from ._errors import BatchError, WorkerDiedError, add_note
 from .arrays import ArraySequence
 from .prefetcher import Prefetcher
 
@@ -192,6 +214,42 @@ class _Source:
         return self._sequence[index]
 
 
+_UNBOUNDED_CHUNK = 1024  # batches of an infinite PyDataset per pyloader epoch
+
+
+def _is_infinite(sequence: Any) -> bool:
+    """Whether ``sequence`` is an infinite Keras PyDataset: ``num_batches`` None, or neither
+    ``num_batches`` nor ``__len__`` (which Keras's own ``PyDataset.__iter__`` reads without end)."""
+    if not isinstance(sequence, keras.utils.PyDataset) or isinstance(sequence, PrefetchedDataset):
+        return False
+    try:
+        return sequence.num_batches is None
+    except NotImplementedError:  # PyDataset's num_batches: no __len__ either
+        return True
+
+
+class _Unbounded:
+    """An infinite PyDataset as consecutive chunks of ``chunk`` batches, one chunk per pyloader
+    epoch (in order): batch ``j`` of epoch ``e`` is the Sequence's batch ``e * chunk + j``, the
+    index Keras's ``itertools.count()`` gives it. The engine calls :meth:`on_epoch_end` after the
+    last batch of a chunk loaded and before any batch of the next one does (process mode: every
+    worker replays it on its copy), so the offset it advances is exact for every load."""
+
+    def __init__(self, sequence: Any, chunk: int = _UNBOUNDED_CHUNK) -> None:
+        self._sequence = sequence
+        self._chunk = chunk
+        self.offset = 0
+
+    def __len__(self) -> int:
+        return self._chunk
+
+    def __getitem__(self, index: int) -> Any:
+        return self._sequence[self.offset + index]
+
+    def on_epoch_end(self) -> None:
+        self.offset += self._chunk
+
+
 class _HookedSource(_Source):
     """A :class:`_Source` whose epoch boundaries run the Sequence's hooks (see :class:`_EpochHooks`)."""
 
@@ -237,24 +295,23 @@ def _to_torch(value: Any, from_numpy: Callable[[np.ndarray], Any]) -> Any:
     return _tree.map_structure(leaf, value, subclasses=True)
 
 
-def _keep_worker_traceback(error: BatchError) -> None:
-    """Keras re-raises with ``from None``, which drops the cause: keep its traceback as a note."""
+def _user_error(error: BatchError) -> BaseException:
+    """The exception ``__getitem__`` raised, noted with where it happened, for Keras to raise.
+
+    Keras lets the user's own type through (on tensorflow, tf.data turns it into the ``OpError`` it
+    turns that type into whatever feeds it), so the dataset raises the original exception, with
+    its original traceback, and not pyloader's :class:`~pyloader.BatchError` wrapper. Errors of
+    pyloader's own (a worker process that died) have no original and stay as they are.
+    """
     cause = error.__cause__
-    if cause is None or getattr(error, "_pyloader_noted", False):
-        return
-    error._pyloader_noted = True  # type: ignore[attr-defined]
-    try:
-        filtering = keras.config.is_traceback_filtering_enabled()
-    except AttributeError:
-        filtering = True
-    if not filtering:
-        return
-    text = "".join(traceback.format_exception(type(cause), cause, cause.__traceback__)).rstrip()
-    note = f"Original traceback of __getitem__({error.index}) on worker {error.worker}:\n{text}"
-    if hasattr(error, "add_note"):
-        error.add_note(note)
-    else:  # Python < 3.11: no notes, extend the message
-        error.args = (f"{error.args[0]}\n{note}",) + tuple(error.args[1:])
+    if not isinstance(cause, Exception) or isinstance(error, WorkerDiedError):
+        return error
+    add_note(
+        cause,
+        f"pyloader: raised by __getitem__({error.index}) of the Sequence, batch index {error.index}, "
+        f"on worker {error.worker} (epoch {error.epoch})",
+    )
+    return cause
 
 
 def _pyloader_setting(what: str, option: str) -> AttributeError:
@@ -287,12 +344,21 @@ class PrefetchedDataset(keras.utils.PyDataset):
             raise ValueError(f"shuffle must be None (follow Keras), True or False, got {shuffle!r}")
         self._shuffle = None if shuffle is None else bool(shuffle)
         if not hasattr(sequence, "__getitem__"):
+            hint = ""
+            if inspect.isgenerator(sequence) or isinstance(sequence, Iterator):
+                hint = (": a generator or iterator has no batch index to load ahead by; pass it to "
+                        "fit() as it is, or make it a PyDataset (__len__ and __getitem__(i))")
             raise TypeError(
-                f"sequence must have __getitem__ (batch i) and __len__, got {type(sequence).__name__}"
+                f"sequence must have __getitem__ (batch i) and __len__, got {type(sequence).__name__}{hint}"
             )
         self._sequence = sequence
         self._source: Any
-        if isinstance(sequence, ArraySequence):  # gathered natively, told the epoch by the engine
+        self._infinite = _is_infinite(sequence)
+        if self._infinite:  # Keras reads it in order, from batch 0 at every new iteration
+            self._hooks = _EpochHooks(None, None)  # Keras's own calls reach it (see on_epoch_end)
+            self._source = _Unbounded(sequence)
+            self._shuffle = False
+        elif isinstance(sequence, ArraySequence):  # gathered natively, told the epoch by the engine
             self._hooks = _EpochHooks(None, None)
             self._source = sequence
         else:
@@ -352,7 +418,12 @@ class PrefetchedDataset(keras.utils.PyDataset):
         Keras's adapter reads it when one of its generators starts, before it asks for a batch:
         the pass that generator gets begins then, so that the length is that pass's epoch's (a
         Sequence's length may change between epochs).
+
+        Raises:
+            TypeError: the Sequence is infinite (its ``num_batches`` is None).
         """
+        if self._infinite:
+            raise TypeError("an infinite PyDataset has no len(): its num_batches is None")
         found = _keras_generator(sys._getframe(1), self)
         if found is None:
             return len(self.loader)
@@ -362,12 +433,18 @@ class PrefetchedDataset(keras.utils.PyDataset):
             self._start_pass()
         return self._pass_length
 
+    @property
+    def num_batches(self) -> int | None:
+        """``len(self)``, or None for an infinite PyDataset (Keras then reads batches 0, 1, 2...)."""
+        return None if self._infinite else len(self)
+
     def __getitem__(self, index: int) -> Any:
         """The next batch of the current pass when Keras's adapter asks, else ``seq[index]``.
 
         Raises:
-            pyloader.BatchError: the Sequence's ``__getitem__`` raised for that batch (its
-                ``index`` is the Sequence index).
+            Exception: what the Sequence's ``__getitem__`` raised for that batch, as Keras lets it
+                through, with a note naming the batch index and worker (pyloader's
+                :class:`~pyloader.WorkerDiedError` when worker processes died on it).
             pyloader.EpochEndError: the Sequence's ``on_epoch_end``/``on_epoch_begin`` raised.
         """
         caller = sys._getframe(1)
@@ -381,17 +458,27 @@ class PrefetchedDataset(keras.utils.PyDataset):
         return self._for_keras(batch)
 
     def __iter__(self) -> Iterator[Any]:
-        """One pass of numpy batches, prefetched, in order unless ``shuffle=True`` was given."""
+        """One pass of numpy batches, prefetched, in order unless ``shuffle=True`` was given
+        (an infinite PyDataset: batches 0, 1, 2... without end)."""
         self._frame = None
         self._begin_pass(False, from_keras=False)
+        if self._infinite:
+            while True:
+                yield self._take()
         for _ in range(len(self)):
             yield self._take()
 
     def on_epoch_begin(self) -> None:
-        """Ignored: pyloader calls the Sequence's ``on_epoch_begin`` itself, when epochs load."""
+        """Ignored: pyloader calls the Sequence's ``on_epoch_begin`` itself, when epochs load
+        (an infinite PyDataset, which has no epochs to load, gets Keras's call)."""
+        if self._infinite:
+            self._sequence.on_epoch_begin()
 
     def on_epoch_end(self) -> None:
-        """Ignored: pyloader calls the Sequence's ``on_epoch_end`` itself, when epochs load."""
+        """Ignored: pyloader calls the Sequence's ``on_epoch_end`` itself, when epochs load
+        (an infinite PyDataset, which has no epochs to load, gets Keras's call)."""
+        if self._infinite:
+            self._sequence.on_epoch_end()
 
     # ---- passes --------------------------------------------------------------------------------
 
@@ -406,6 +493,7 @@ class PrefetchedDataset(keras.utils.PyDataset):
         self._pass: Iterator[Any] | None = None
         self._pass_length = 0  # its batches: len(loader) when it began (the next one's may differ)
         self._served = 0  # batches of the current pass handed out
+        self._stream_served = 0  # batches handed out since the Prefetcher (re)started
         self._first: Any = None  # its first batch, kept until the second is taken (rewind)
         self._rewind = False
         if enter:
@@ -414,6 +502,12 @@ class PrefetchedDataset(keras.utils.PyDataset):
     def _begin_pass(self, keras_shuffle: bool, *, from_keras: bool = True) -> None:
         """A new consumer iteration starts: position the stream at the start of a pass."""
         loader = self.loader
+        if self._infinite:  # Keras starts every iteration from batch 0
+            if self._served == 1 and self._first is not None and self._stream_served == 1:
+                self._served, self._rewind = 0, True  # the peek: serve its batch again
+            elif self._stream_served:
+                self._open(False, 0)
+            return
         want = keras_shuffle if self._shuffle is None else self._shuffle
         if from_keras and self._shuffle and not keras_shuffle and not self._warned_order:
             self._warned_order = True
@@ -450,6 +544,8 @@ class PrefetchedDataset(keras.utils.PyDataset):
         old, self._loader = self._loader, None
         if old is not None:
             old.close()
+        if self._infinite:  # its workers are joined: no load reads the offset now
+            self._source.offset = 0
         error: BaseException | None = None
         entered = False
         if self._process and self._hooks.would_call(epoch):
@@ -481,10 +577,14 @@ class PrefetchedDataset(keras.utils.PyDataset):
         try:
             batch = next(self._pass)
         except BatchError as error:
+            failed: BatchError | None = error
+        else:
+            failed = None
+        if failed is not None:  # raised outside the handler: no "during handling" chain
             self._pass, self._served, self._first = None, 0, None
-            _keep_worker_traceback(error)
-            raise
+            raise _user_error(failed)
         self._served += 1
+        self._stream_served += 1
         self._first = batch if self._served == 1 else None
         if self._served == n:
             next(self._pass, None)  # ends the pass: raises EpochEndError if a hook failed
@@ -556,10 +656,16 @@ class PrefetchedDataset(keras.utils.PyDataset):
 
 
 def _keras_settings(sequence: Any) -> tuple[int | None, bool, int | None]:
-    """(workers, use_multiprocessing, max_queue_size) of a Keras 3 PyDataset, else (None, False, None)."""
+    """(workers, use_multiprocessing, max_queue_size) of a Keras 3 PyDataset, else (None, False, None).
+
+    A ``max_queue_size`` of 0 or less, which Keras accepts (its ``queue.Queue`` is then unbounded),
+    gives None: pyloader's default depth, ``2 * workers``, a bound that keeps every worker busy.
+    """
     if not isinstance(sequence, keras.utils.PyDataset) or isinstance(sequence, PrefetchedDataset):
         return None, False, None
-    return max(1, int(sequence.workers)), bool(sequence.use_multiprocessing), int(sequence.max_queue_size)
+    queue_size = int(sequence.max_queue_size)
+    return (max(1, int(sequence.workers)), bool(sequence.use_multiprocessing),
+            queue_size if queue_size > 0 else None)
 
 
 def prefetch(
@@ -601,7 +707,8 @@ def prefetch(
             ``on_epoch_begin``/``on_epoch_end`` run once per epoch, where loading crosses epochs.
         workers: loading threads, or worker processes in process mode. Default: a PyDataset's
             ``workers``, else 4.
-        depth: batches loaded ahead. Default: a PyDataset's ``max_queue_size``, else ``2 * workers``.
+        depth: batches loaded ahead. Default: a PyDataset's ``max_queue_size``, else (and for a
+            ``max_queue_size`` of 0, which Keras takes as unbounded) ``2 * workers``.
         mode: ``"thread"``, or ``"process"`` for a ``__getitem__`` that holds the GIL (worker
             processes forked with a copy of the Sequence; see the module docstring). Default:
             ``"process"`` for a PyDataset with ``use_multiprocessing=True``, else ``"thread"``.
