@@ -20,6 +20,15 @@ from pyloader import _C
 from pyloader._stats import WINDOW, percentile_us
 
 
+def under_address_sanitizer() -> bool:
+    """Whether AddressSanitizer's runtime is loaded (.ci/sanitized-tests preloads it)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            return "libasan" in maps.read()
+    except OSError:
+        return False
+
+
 def run_epochs(loader: pyloader.Prefetcher, epochs: int) -> None:
     for _ in range(epochs):
         for _ in loader:
@@ -39,7 +48,10 @@ def test_many_tiny_epochs_keep_memory_segments_and_stats_bounded():
         stats = loader.stats()
         assert loader._engine is not None
         segments = loader._engine.segments()
-    assert grown < 4 << 20, f"RSS grew by {grown / 2**20:.1f} MiB over 20000 epochs"  # was 11 MiB
+    # Under AddressSanitizer, freed memory stays resident in its quarantine (256 MiB by default):
+    # RSS does not measure the loader there. The counts and sizes below still do.
+    if not under_address_sanitizer():
+        assert grown < 4 << 20, f"RSS grew by {grown / 2**20:.1f} MiB over 20000 epochs"  # was 11 MiB
     assert len(segments) <= 3, segments
     assert len(stats["epochs"]) == WINDOW
     assert [e["epoch"] for e in stats["epochs"]] == list(range(22_000 - WINDOW, 22_000))
