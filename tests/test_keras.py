@@ -72,11 +72,9 @@ class Indexed(keras.utils.PyDataset):
     """Batch i: x = rows of [i, i/10], y = 2*i/10 + 1 (learnable), i.e. (x, y); logs the loads of
     pyloader's workers (``loaded``) apart from direct reads (``direct``, see :func:`read_directly`)."""
 
-    def __init__(self, n: int, *, fail_once: frozenset[int] = frozenset(), weights: bool = False,
-                 **kwargs) -> None:
+    def __init__(self, n: int, *, weights: bool = False, **kwargs) -> None:
         super().__init__(**kwargs)
         self.n = n
-        self.fail_once = set(fail_once)
         self.weights = weights
         self.loaded: list[int] = []
         self.direct: list[int] = []
@@ -87,9 +85,6 @@ class Indexed(keras.utils.PyDataset):
 
     def __getitem__(self, i: int):
         with self.lock:
-            if i in self.fail_once:
-                self.fail_once.discard(i)
-                raise ValueError(f"bad batch {i}")
             (self.direct if read_directly() else self.loaded).append(i)
         x = np.empty((ROWS, 2), np.float32)
         x[:, 0] = i
@@ -396,6 +391,26 @@ class FailsAt(Indexed):
         return super().__getitem__(i)
 
 
+class FailsInFirstEpoch(Indexed):
+    """Raises ``ValueError`` for batch ``at`` of the first epoch only. Its ``on_epoch_end`` ends
+    that epoch, and pyloader runs it after the epoch's last batch was loaded and before any batch of
+    the next one, so the failing call is that of epoch 0 (failing the first call of ``at`` would
+    race with the next epoch, which loads ahead: its call may come first)."""
+
+    def __init__(self, n: int, at: int, **kwargs) -> None:
+        super().__init__(n, **kwargs)
+        self.at = at
+        self.epochs_ended = 0
+
+    def __getitem__(self, i: int):
+        if i == self.at and self.epochs_ended == 0:
+            raise ValueError(f"bad batch {i}")
+        return super().__getitem__(i)
+
+    def on_epoch_end(self) -> None:
+        self.epochs_ended += 1
+
+
 def fit_error(ds, **fit_options) -> Exception:
     model, _ = model_with_recorder()
     try:
@@ -426,7 +441,7 @@ def test_getitem_error_reaches_fit_as_the_same_type_as_through_keras(prefetched,
 
 def test_getitem_error_surfaces_from_fit_with_the_index(prefetched):
     n = 6
-    ds = prefetched(Indexed(n, fail_once=frozenset({3})), workers=2, shuffle=False)
+    ds = prefetched(FailsInFirstEpoch(n, 3), workers=2, shuffle=False)
     model, recorder = model_with_recorder()
     error = fit_error(ds)
     if BACKEND == "tensorflow":

@@ -1124,10 +1124,12 @@ TEST(join_for_abandons_a_worker_stuck_in_the_loader) {
   f.engine.reset();
   CHECK(!weak.expired());  // the abandoned worker holds it
   gate_open.store(true, kRelaxed);
-  CHECK(check::eventually([&] { return weak.expired(); }));  // it ended and destroyed the engine
+  // The last reference goes on the worker's thread, which then runs ~Engine: a weak_ptr expires
+  // before the destructor has freed the ring's deliveries, so wait for those too.
+  CHECK(check::eventually([&] { return weak.expired(); }));
+  CHECK(check::eventually(
+      [&] { return TestPayload::live() == 0 && f.pool->info().leased == 0; }));  // ~Engine ran
   CHECK_EQ(f.loader->exited.load(), 2);
-  CHECK_EQ(f.pool->info().leased, 0u);
-  CHECK_EQ(TestPayload::live(), 0);
 }
 
 // The abandoned worker was loading its epoch's last position: when its call returns after the
@@ -1151,8 +1153,8 @@ TEST(an_abandoned_worker_runs_no_epoch_hook_when_its_call_returns) {
   f.engine.reset();
   gate_open.store(true, kRelaxed);
   CHECK(check::eventually([&] { return weak.expired(); }));
+  CHECK(check::eventually([&] { return TestPayload::live() == 0; }));  // ~Engine ran (see above)
   CHECK_EQ(f.loader->hook_calls[0].load(kRelaxed), 0);
-  CHECK_EQ(TestPayload::live(), 0);
 }
 
 // join_for() of workers that all end within the grace joins them all and abandons none.
