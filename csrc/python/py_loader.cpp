@@ -26,6 +26,7 @@ PyLoader::PyLoader(py::object sequence, py::object epoch_end, int workers)
     : getitem_(sequence.attr("__getitem__")),
       epoch_end_(std::move(epoch_end)),
       has_epoch_end_(!epoch_end_.is_none()),
+      stream_(py::bool_(py::getattr(sequence, "_pyloader_stream_source", py::bool_(false)))),
       states_(static_cast<std::size_t>(workers)) {}
 
 PyLoader::~PyLoader() {
@@ -70,7 +71,7 @@ void PyLoader::leave(int worker) {
 void PyLoader::prepare(int /*worker*/, Prepared& item) {
   const std::int64_t index = item.task.index;
   try {
-    py::object value = getitem_(index);
+    py::object value = stream_ ? getitem_(py::make_tuple(item.task.epoch, index)) : getitem_(index);
     auto batch = std::make_unique<PyBatch>();
     flatten_returned(value, batch->layout, index);  // BatchLayoutError for a value that is no batch
     item.bytes = batch->layout.bytes;

@@ -26,7 +26,9 @@ std::unique_ptr<PyBatch> error_batch(py::error_already_set& e);
 class PyLoader final : public Loader {
  public:
   // `sequence`: anything with __getitem__(int). `epoch_end`: a callable(epoch) run between epochs,
-  // or None.
+  // or None. A stream source (a true `_pyloader_stream_source` attribute, see pyloader/_stream.py)
+  // is called as __getitem__((epoch, index)) and its positions go to the workers round-robin: a
+  // worker reads whole shards, whose iterators it keeps.
   PyLoader(py::object sequence, py::object epoch_end, int workers);
   ~PyLoader() override;
 
@@ -37,6 +39,7 @@ class PyLoader final : public Loader {
   void prepare(int worker, Prepared& item) override;  // not noexcept: see loader.h, "Thread exit"
   void fill(int worker, Prepared& item, std::byte* dst, std::size_t capacity) noexcept override;
   bool has_epoch_end() const noexcept override { return has_epoch_end_; }
+  bool round_robin() const noexcept override { return stream_; }
   std::unique_ptr<Payload> epoch_end(int worker, std::int64_t epoch) override;
   std::string call_name(std::int64_t index) const override {
     return "__getitem__(" + std::to_string(index) + ")";
@@ -52,6 +55,7 @@ class PyLoader final : public Loader {
   py::object getitem_;
   py::object epoch_end_;
   bool has_epoch_end_;
+  bool stream_;
   std::vector<WorkerState> states_;
 };
 

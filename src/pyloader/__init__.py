@@ -19,6 +19,7 @@ from ._errors import (
 from .arrays import ArraySequence
 from .collate import collate, stack
 from .prefetcher import Prefetcher, prefetch
+from .streams import Stream
 
 __version__ = "0.1.0"
 
@@ -30,6 +31,7 @@ __all__ = [
     "PoolExhaustedWarning",
     "Prefetcher",
     "StallWarning",
+    "Stream",
     "WorkerDiedError",
     "__version__",
     "collate",

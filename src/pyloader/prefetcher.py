@@ -41,7 +41,7 @@ import threading
 import warnings
 import weakref
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -49,6 +49,9 @@ from . import _C, _stats
 from . import process as _process
 from ._errors import EpochEndError, PoolExhaustedWarning, StallWarning, batch_error
 from ._plan import Plan, fresh_seed, resolve_shard
+
+if TYPE_CHECKING:
+    from .streams import Stream
 from .arrays import ArraySequence
 
 __all__ = ["Prefetcher", "prefetch"]
@@ -399,8 +402,11 @@ class Prefetcher:
         else:
             source = self._sequence.native_source() if self._native else self._sequence
             # More threads than positions that can be loading at once would only wait: at most
-            # depth are in flight, and at most two epochs are planned (this one and the next).
+            # depth are in flight, and at most two epochs are planned (this one and the next). A
+            # stream source (pyloader._stream) lays its shards out over exactly `workers` threads.
             threads = min(self.workers, self.depth, max(1, 2 * self._plan.epoch_length))
+            if getattr(self._sequence, "_pyloader_stream_source", False):
+                threads = self.workers
         self._threads = threads
         engine = _C.Engine(
             source,
@@ -859,8 +865,9 @@ def _read_length(sequence: Any) -> int:
     return len(sequence)
 
 
-def prefetch(sequence: Any, **options: Any) -> Prefetcher:
-    """A :class:`Prefetcher` for raw loops, to use as a context manager.
+def prefetch(sequence: Any, **options: Any) -> Prefetcher | Stream:
+    """A :class:`Prefetcher` for raw loops, to use as a context manager; for an iterator (a
+    generator), a :class:`~pyloader.Stream` of that one shard, read by one worker thread.
 
     Example::
 
@@ -869,7 +876,12 @@ def prefetch(sequence: Any, **options: Any) -> Prefetcher:
                 ...
 
     Args:
-        sequence: the Sequence to load.
-        **options: the keyword options of :class:`Prefetcher`.
+        sequence: the Sequence to load, or an iterator.
+        **options: the keyword options of :class:`Prefetcher` (of :class:`~pyloader.Stream` for
+            an iterator).
     """
+    from .streams import Stream, is_stream_like  # streams builds on this module
+
+    if is_stream_like(sequence):
+        return Stream([sequence], **options)
     return Prefetcher(sequence, **options)

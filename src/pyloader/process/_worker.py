@@ -74,6 +74,7 @@ def _worker_main(sock: socket.socket, spec: _Spec, slot: int, address: int, zygo
             add_note(exc, f"raised by worker_init_fn({slot}) in worker process {os.getpid()}")
     sequence = spec.sequence
     getitem = sequence.__getitem__
+    stream = bool(getattr(sequence, "_pyloader_stream_source", False))  # keyed (epoch, index)
     hook = getattr(sequence, "on_epoch_end", None) if spec.replay_hooks else None
     hooks_done = 0
     update_error: BaseException | None = None
@@ -101,7 +102,7 @@ def _worker_main(sock: socket.socket, spec: _Spec, slot: int, address: int, zygo
             message = receive()
             if message is None:
                 return  # the consumer closed our socket: done
-        kind, _, position, _, index, hooks, length = message
+        kind, _, position, epoch, index, hooks, length = message
         message = None
         if kind == _UPDATE:  # a call the consumer made on its Sequence (WorkerPool.update)
             payload = bytearray(length)
@@ -125,7 +126,7 @@ def _worker_main(sock: socket.socket, spec: _Spec, slot: int, address: int, zygo
             replay(hooks)
             if update_error is not None:
                 raise update_error
-            packed = _C.Packed(getitem(index), index)
+            packed = _C.Packed(getitem((epoch, index)) if stream else getitem(index), index)
             meta = pickle.dumps(packed.meta(), protocol=pickle.HIGHEST_PROTOCOL)
         except BaseException as exc:
             blob = _error_blob(exc)
