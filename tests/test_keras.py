@@ -582,12 +582,37 @@ def test_keras_utils_sequence_subclass(prefetched):
     assert [sorted(s) for s in per_epoch(recorder.train_seen, 4)] == [list(range(4))] * 2
 
 
-def test_a_generator_is_refused_with_what_to_pass_instead():
-    def batches():
-        yield np.zeros((ROWS, 2), np.float32), np.zeros((ROWS, 1), np.float32)
+def batches_of(n: int):
+    """A generator of Indexed's batches 0..n-1."""
+    for i in range(n):
+        yield Indexed(n)[i]
 
-    with pytest.raises(TypeError, match="generator"):
-        pk.prefetch(batches())
+
+def test_a_generator_is_read_ahead_by_one_thread_and_fit_gets_its_batches_in_order():
+    n, epochs = 6, 2
+    model, recorder = model_with_recorder()
+    model.fit(pk.prefetch(batches_of(n * epochs)), steps_per_epoch=n, epochs=epochs, shuffle=False, verbose=0)
+    ours = list(recorder.train_seen)
+    model, recorder = model_with_recorder()
+    model.fit(batches_of(n * epochs), steps_per_epoch=n, epochs=epochs, shuffle=False, verbose=0)  # Keras's own
+    assert ours == recorder.train_seen
+    assert sorted(ours)[-1] >= n  # the second epoch went on where the first stopped
+
+
+def test_a_generator_error_reaches_fit_as_its_own_type():
+    def failing():
+        yield from batches_of(2)
+        raise KeyError("bad batch 2")
+
+    own = fit_error(failing(), steps_per_epoch=4, shuffle=False)
+    ours = fit_error(pk.prefetch(failing()), steps_per_epoch=4, shuffle=False)
+    assert type(ours) is type(own), (type(ours), type(own))
+    assert "bad batch 2" in error_text(ours) and "shard 0" in error_text(ours)
+
+
+def test_a_generator_over_several_workers_asks_for_shards():
+    with pytest.raises(TypeError, match="shards"):
+        pk.prefetch(batches_of(3), workers=4)
 
 
 class Endless(Indexed):

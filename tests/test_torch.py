@@ -394,13 +394,13 @@ def test_timeout_raises_torch_error():
         next(it)
 
 
-def test_an_iterable_dataset_is_handed_to_torch():
+def test_an_iterable_dataset_is_loaded_by_pyloader_not_torch():
     class Stream(IterableDataset):
         def __iter__(self):
             return iter(range(10))
 
-    with pytest.warns(UserWarning, match="IterableDataset"):
-        loader = DataLoader(Stream(), batch_size=4)
+    loader = DataLoader(Stream(), batch_size=4)  # no fallback, no warning (tests/test_torch_streams.py)
+    assert isinstance(loader.__iter__().stream, pyloader.Stream)
     assert [b.tolist() for b in loader] == [b.tolist() for b in TorchLoader(Stream(), batch_size=4)]
 
 

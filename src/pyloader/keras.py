@@ -112,6 +112,7 @@ from . import _tree
 from ._errors import BatchError, WorkerDiedError, add_note
 from .arrays import ArraySequence
 from .prefetcher import Prefetcher
+from .streams import Stream, is_stream_like
 
 __all__ = ["PrefetchedDataset", "prefetch"]
 
@@ -655,6 +656,26 @@ class PrefetchedDataset(keras.utils.PyDataset):
         return f"PrefetchedDataset({type(self._sequence).__name__}, order={order}, {loader})"
 
 
+def _prefetched_generator(stream: Stream) -> Iterator[Any]:
+    """The stream's batches, as a generator for Keras's generator adapter; what the user's
+    generator raised reaches ``fit`` as it is (with a note), as through Keras's own path."""
+    with stream:
+        batches = iter(stream)
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except BatchError as error:
+                failed: BatchError | None = error
+            else:
+                failed = None
+            if failed is not None:  # raised outside the handler: no "during handling" chain
+                cause = failed.__cause__
+                raise failed if cause is None else cause
+            yield batch
+
+
 def _keras_settings(sequence: Any) -> tuple[int | None, bool, int | None]:
     """(workers, use_multiprocessing, max_queue_size) of a Keras 3 PyDataset, else (None, False, None).
 
@@ -684,7 +705,7 @@ def prefetch(
     start_method: str | None = None,
     worker_init_fn: Any = None,
     max_retries: int = 2,
-) -> PrefetchedDataset:
+) -> PrefetchedDataset | Iterator[Any]:
     """Wraps a Sequence for ``model.fit``/``evaluate``/``predict``, loaded ahead by pyloader.
 
     Example::
@@ -701,10 +722,17 @@ def prefetch(
     Every epoch of ``fit`` gets every batch exactly once, shuffled by pyloader when ``fit``
     shuffles (its default); ``evaluate`` and ``predict`` get them in order.
 
+    A Python generator (of batches) is read ahead by one worker thread: ``prefetch`` returns a
+    generator of the same batches, which ``fit`` takes as it takes yours (give ``steps_per_epoch``
+    as you would); loading it with several workers needs shards (:class:`pyloader.Stream`)::
+
+        model.fit(pyloader.keras.prefetch(my_generator()), steps_per_epoch=100, epochs=5)
+
     Args:
         sequence: ``__len__`` (batches) and ``__getitem__(i)`` (batch ``i``): a Keras 3
             ``PyDataset``/``Sequence``, a tf.keras ``Sequence``, or any such object. Its
             ``on_epoch_begin``/``on_epoch_end`` run once per epoch, where loading crosses epochs.
+            Or a generator of batches (see above).
         workers: loading threads, or worker processes in process mode. Default: a PyDataset's
             ``workers``, else 4.
         depth: batches loaded ahead. Default: a PyDataset's ``max_queue_size``, else (and for a
@@ -728,12 +756,20 @@ def prefetch(
             :class:`~pyloader.WorkerDiedError`.
 
     Returns:
-        a :class:`PrefetchedDataset` (close it, or use it as a context manager, to stop workers).
+        a :class:`PrefetchedDataset` (close it, or use it as a context manager, to stop workers);
+        for a generator, a generator (its worker stops when it is exhausted or collected).
 
     Raises:
-        TypeError: ``sequence`` has no ``__len__`` or ``__getitem__``.
+        TypeError: ``sequence`` has no ``__len__`` or ``__getitem__`` and is no generator, or a
+            generator is asked for more than one worker thread.
         ValueError: an option has a bad value (the message shows it).
     """
+    if is_stream_like(sequence):  # a generator: one worker thread reads it ahead of fit
+        options: dict[str, Any] = {} if mode is None else {"mode": mode}
+        return _prefetched_generator(Stream(
+            [sequence], workers=workers, depth=depth, pin=pin, timeout=timeout,
+            max_pool_bytes=max_pool_bytes, **options,
+        ))
     keras_workers, multiprocessing, queue_size = _keras_settings(sequence)
     if workers is None:
         workers = keras_workers if keras_workers is not None else _DEFAULT_WORKERS

@@ -40,6 +40,7 @@ from .. import _C
 from .._errors import BatchError, WorkerDiedError, add_note
 from ..prefetcher import Prefetcher
 from ..process import UnpicklableError
+from ..streams import Stream
 from ._batching import (
     _COLLATE,
     _CONVERT,
@@ -54,6 +55,7 @@ from ._batching import (
     _WorkerInit,
 )
 from ._codec import _collated, _converted, _unpack
+from ._iterable import stream_parts
 
 _STATE_VERSION = 1
 _MODES = ("auto", "thread", "process")
@@ -85,9 +87,10 @@ class DataLoader(torch.utils.data.DataLoader[_T_co]):
     torch's is (``DataLoader[T]`` in annotations).
 
     Args:
-        dataset: a map-style dataset (``__getitem__`` and, for the default samplers, ``__len__``).
-            An ``IterableDataset`` has no random access to load ahead by index: torch's own
-            iterator loads it (with a warning).
+        dataset: a map-style dataset (``__getitem__`` and, for the default samplers, ``__len__``),
+            or an ``IterableDataset``: each worker process iterates its own copy (which may shard
+            itself with ``get_worker_info()``) and batches its items, and the batches arrive
+            round-robin over the workers, as torch's (a :class:`~pyloader.Stream` of the workers).
         batch_size: samples per batch; ``None`` disables auto-batching (a dataset of batches).
         shuffle: reshuffle every epoch (a ``RandomSampler`` drawing from ``generator``).
         sampler: the order of the sample indices (opts out of automatic distributed sharding).
@@ -156,12 +159,24 @@ class DataLoader(torch.utils.data.DataLoader[_T_co]):
         )
         self._auto_shard: DistributedSampler | None = None
         self._iterable = isinstance(self.dataset, IterableDataset)
+        if self._auto_collation:
+            self._kind = _STACK if self.collate_fn is default_collate else _COLLATE
+        else:
+            self._kind = _CONVERT if self.collate_fn is default_convert else _CUSTOM
         if self._iterable:
-            warnings.warn(
-                "pyloader.torch.DataLoader: an IterableDataset has no random access to load ahead "
-                "by index; torch's own iterator loads it",
-                stacklevel=2,
-            )
+            if mode == "thread" and num_workers > 0:
+                raise ValueError(
+                    "mode='thread' cannot load an IterableDataset with num_workers > 0: each worker's "
+                    "copy of the dataset needs its own get_worker_info() (to shard itself), which torch "
+                    "keeps per process; use mode='auto' (worker processes, as torch) or num_workers=0"
+                )
+            self._epoch = 0
+            self._drew_base_seed = False
+            self._native_ok = False
+            self._kept_stream: Stream | None = None  # persistent_workers: the Stream every pass reads
+            self._current_stream: weakref.ref[_IterableIter] | None = None
+            self._ready = True
+            self.check_worker_number_rationality()
             return
 
         if sampler is None and batch_sampler is None and (shard := _distributed()) is not None:
@@ -177,10 +192,6 @@ class DataLoader(torch.utils.data.DataLoader[_T_co]):
             if self.batch_size is not None:
                 object.__setattr__(self, "batch_sampler", BatchSampler(self._auto_shard, self.batch_size, drop_last))
 
-        if self._auto_collation:
-            self._kind = _STACK if self.collate_fn is default_collate else _COLLATE
-        else:
-            self._kind = _CONVERT if self.collate_fn is default_convert else _CUSTOM
         s = self.sampler
         self._native_ok = (
             self._kind is _STACK and batch_sampler is None and worker_init_fn is None
@@ -216,7 +227,7 @@ class DataLoader(torch.utils.data.DataLoader[_T_co]):
     def __iter__(self) -> Iterator[Any]:
         """One epoch of batches, torch's, in torch's order."""
         if self._iterable:
-            return super().__iter__()
+            return self._iter_stream()
         if self.num_workers == 0 and self.timeout != 0:  # torch's _SingleProcessDataLoaderIter
             raise AssertionError("_SingleProcessDataLoaderIter requires timeout == 0")
         if self.num_workers > 0:
@@ -236,6 +247,60 @@ class DataLoader(torch.utils.data.DataLoader[_T_co]):
         it = _LoaderIter(self, epoch, plan)
         self._current = weakref.ref(it)
         return it
+
+    def _iter_stream(self) -> _IterableIter:
+        """One pass over an IterableDataset: a Stream of torch's workers (:mod:`._iterable`)."""
+        if self.num_workers == 0 and self.timeout != 0:  # torch's _SingleProcessDataLoaderIter
+            raise AssertionError("_SingleProcessDataLoaderIter requires timeout == 0")
+        if self.num_workers > 0:
+            self.check_worker_number_rationality()
+        self._warn_pinning()
+        previous = self._current_stream() if self._current_stream is not None else None
+        if previous is not None:
+            previous._retire()
+        stream = self._kept_stream
+        if stream is None:
+            # torch's iterator draws base_seed from the generator (once, with persistent workers).
+            self._base_seed = torch.empty((), dtype=torch.int64).random_(generator=self.generator).item()
+            self._drew_base_seed = True
+            stream = self._make_stream(self._epoch)
+            if self.persistent_workers:
+                self._kept_stream = stream
+        it = _IterableIter(self, self._epoch, stream)
+        self._epoch += 1
+        self._current_stream = weakref.ref(it)
+        return it
+
+    def _make_stream(self, epoch: int) -> Stream:
+        process = self._processes()
+        workers = max(1, self.num_workers)
+        shards, collate = stream_parts(self.dataset, self._kind, self.collate_fn, workers)
+        options: dict[str, Any] = {}
+        if process:
+            options = dict(
+                start_method=_start_method(self),
+                worker_init_fn=_ProcessWorkerInit(self.worker_init_fn, workers, self.dataset, self._base_seed),
+            )
+        pin = self._pin_device()
+        try:
+            return Stream(
+                shards,
+                batch_size=self.batch_size if self._kind in (_STACK, _COLLATE) else None,
+                drop_last=self.drop_last,
+                collate=collate,
+                seed=_worker_seed(self._base_seed, epoch, 0),
+                workers=workers,
+                depth=max(1, (self.prefetch_factor or 2) * workers),
+                pin="cuda" if pin == "cuda" and torch.cuda.is_available() else False,
+                timeout=self.timeout if self.timeout > 0 else None,
+                mode="process" if process else "thread",
+                **options,
+            )
+        except UnpicklableError as exc:
+            clearer = _unpicklable(self, options["start_method"]) if options else None
+            if clearer is not None:
+                raise clearer from exc
+            raise
 
     def _drop_kept(self) -> None:
         kept, self._kept = self._kept, None
@@ -332,7 +397,8 @@ class DataLoader(torch.utils.data.DataLoader[_T_co]):
         from its global generator: save and restore ``torch.get_rng_state()`` with your model.
         """
         if self._iterable:
-            raise TypeError("state_dict() needs a map-style dataset (this DataLoader delegates to torch's)")
+            raise TypeError("state_dict() needs a map-style dataset: an IterableDataset's position is its own "
+                            "(pyloader.Stream resumes streams of shards)")
         it = self._current() if self._current is not None else None
         if self._pending is not None:
             epoch, consumed, rest = self._pending
@@ -358,7 +424,8 @@ class DataLoader(torch.utils.data.DataLoader[_T_co]):
             ValueError: not a state of this version, or a generator state without a generator.
         """
         if self._iterable:
-            raise TypeError("load_state_dict() needs a map-style dataset (this DataLoader delegates to torch's)")
+            raise TypeError("load_state_dict() needs a map-style dataset: an IterableDataset's position is its "
+                            "own (pyloader.Stream resumes streams of shards)")
         if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
             raise ValueError(f"not a pyloader.torch DataLoader state_dict (version {_STATE_VERSION}): {state!r}")
         epoch, consumed, rest = state["epoch"], state["batches_consumed"], state["remaining"]
@@ -378,7 +445,8 @@ class DataLoader(torch.utils.data.DataLoader[_T_co]):
 
     def __repr__(self) -> str:
         if self._iterable:
-            return f"pyloader.torch.DataLoader({type(self.dataset).__name__}, loaded by torch's iterator)"
+            return (f"pyloader.torch.DataLoader({type(self.dataset).__name__}, an IterableDataset over "
+                    f"num_workers={self.num_workers}, mode={self.mode!r}, next epoch={self._epoch})")
         return (
             f"pyloader.torch.DataLoader({type(self.dataset).__name__}, batch_size={self.batch_size}, "
             f"num_workers={self.num_workers}, mode={self.mode!r}, batches={len(self)}, "
@@ -474,7 +542,7 @@ class _LoaderIter:
             seq = _EpochBatches(loader.dataset, batches, kind, loader.collate_fn, self._worker_init)
         if mode == "process":
             options = dict(
-                start_method=self._start_method(),
+                start_method=_start_method(self.loader),
                 worker_init_fn=_ProcessWorkerInit(loader.worker_init_fn, self._workers, loader.dataset,
                                                   self._base_seed),
                 seed=_worker_seed(self._base_seed, self.epoch, self.plan.skipped + base),
@@ -490,7 +558,7 @@ class _LoaderIter:
                 **options,
             )
         except UnpicklableError as exc:
-            clearer = self._unpicklable(options["start_method"]) if options else None
+            clearer = _unpicklable(self.loader, options["start_method"]) if options else None
             if clearer is not None:
                 raise clearer from exc
             raise
@@ -498,32 +566,6 @@ class _LoaderIter:
         if self._persistent and isinstance(seq, _EpochBatches):
             loader._kept = (kind, self._prefetcher)
         self._batches = iter(self._prefetcher)
-
-    def _start_method(self) -> str | None:
-        """The start method of ``multiprocessing_context`` (torch turns a name into a context)."""
-        ctx = self.loader.multiprocessing_context
-        if ctx is None or isinstance(ctx, str):
-            return ctx
-        return ctx.get_start_method()
-
-    def _unpicklable(self, start_method: str) -> TypeError | None:
-        """Which DataLoader argument a spawned worker process cannot receive, in torch's terms."""
-        from multiprocessing.reduction import ForkingPickler
-
-        loader = self.loader
-        for name in ("dataset", "collate_fn", "worker_init_fn"):
-            value = getattr(loader, name)
-            try:
-                ForkingPickler.dumps(value)
-            except Exception as exc:
-                return TypeError(
-                    f"multiprocessing_context={start_method!r} starts the worker processes from a fresh "
-                    f"interpreter, which receives the DataLoader's {name} pickled, and this {name} "
-                    f"({type(value).__name__}) cannot be pickled: {type(exc).__name__}: {exc}. Make it "
-                    "picklable (module-level classes and functions, no open handles or locks), or use "
-                    "multiprocessing_context='fork'"
-                )
-        return None
 
     def worker_pids(self) -> list[int]:
         """Worker processes: the process ids of this pass's current worker processes (a replaced
@@ -701,3 +743,121 @@ class _LoaderIter:
     def __del__(self) -> None:
         if getattr(self, "_prefetcher", None) is not None:
             self._close_prefetcher()
+
+
+def _start_method(loader: DataLoader) -> str | None:
+    """The start method of ``multiprocessing_context`` (torch turns a name into a context)."""
+    ctx = loader.multiprocessing_context
+    if ctx is None or isinstance(ctx, str):
+        return ctx
+    return ctx.get_start_method()
+
+
+def _unpicklable(loader: DataLoader, start_method: str) -> TypeError | None:
+    """Which DataLoader argument a spawned worker process cannot receive, in torch's terms."""
+    from multiprocessing.reduction import ForkingPickler
+
+    for name in ("dataset", "collate_fn", "worker_init_fn"):
+        value = getattr(loader, name)
+        try:
+            ForkingPickler.dumps(value)
+        except Exception as exc:
+            return TypeError(
+                f"multiprocessing_context={start_method!r} starts the worker processes from a fresh "
+                f"interpreter, which receives the DataLoader's {name} pickled, and this {name} "
+                f"({type(value).__name__}) cannot be pickled: {type(exc).__name__}: {exc}. Make it "
+                "picklable (module-level classes and functions, no open handles or locks), or use "
+                "multiprocessing_context='fork'"
+            )
+    return None
+
+
+class _IterableIter:
+    """One pass over an IterableDataset: its Stream's batches, converted to torch's.
+
+    After an error the iterator stays usable, as torch's: ``next()`` goes on with the next batch
+    (the worker whose iterator raised has ended, as a torch worker whose generator raised).
+    """
+
+    def __init__(self, loader: DataLoader, epoch: int, stream: Stream) -> None:
+        self.loader = loader
+        self.epoch = epoch
+        self.stream = stream
+        self.yielded = 0
+        self.finished = False
+        self._kind = loader._kind
+        self._process = stream.mode == "process"
+        self._pin_device = loader._pin_device()
+        self._batches: Iterator[Any] | None = iter(stream)
+
+    def __iter__(self) -> _IterableIter:
+        return self
+
+    def __len__(self) -> int:
+        return len(self.loader)  # torch's: len(dataset) when the dataset has one, else TypeError
+
+    def worker_pids(self) -> list[int]:
+        """This pass's worker processes (``[]`` with a thread, or once the pass is over)."""
+        return [] if self._batches is None else self.stream.loader.worker_pids()
+
+    def __next__(self) -> Any:
+        if self._batches is None:
+            raise StopIteration
+        failed: BatchError | None = None
+        try:
+            batch = next(self._batches)
+        except StopIteration:
+            self._finish()
+            raise
+        except BatchError as err:
+            failed = err
+        except TimeoutError as exc:
+            raise RuntimeError(f"DataLoader timed out after {self.loader.timeout} seconds") from exc
+        if failed is not None:  # outside the except clause: the user's exception keeps its context
+            self.yielded += 1
+            raise self._error(failed)
+        if self._kind is _STACK:
+            batch = _collated(batch)
+        elif self._kind is _CONVERT:
+            batch = _converted(batch)
+        else:
+            batch = _unpack(batch)
+        if self._pin_device is not None:
+            batch = _torch_pin_memory(batch, self._pin_device)
+        self.yielded += 1
+        return batch
+
+    def _error(self, err: BatchError) -> BaseException:
+        """What torch raises: a dead worker's RuntimeError, or the user's exception with a note."""
+        if isinstance(err, WorkerDiedError):
+            return WorkerDiedError(
+                f"DataLoader worker process {err.worker} exited unexpectedly while loading batch "
+                f"{self.yielded} of epoch {self.epoch}, on every retry: {err}",
+                index=self.yielded, epoch=self.epoch, position=err.position, worker=err.worker,
+            )
+        cause = err.__cause__
+        if cause is None:
+            return err
+        who = f"DataLoader worker process {err.worker}" if self._process else "the main process"
+        add_note(cause, f"Caught {type(cause).__name__} in {who}: raised while loading batch {self.yielded} "
+                        f"of epoch {self.epoch} from the IterableDataset (pyloader.torch.DataLoader)")
+        return cause
+
+    def _finish(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self._batches = None
+            if self.stream is not self.loader._kept_stream:
+                self.stream.close()
+
+    def _retire(self) -> None:
+        """A newer pass of the DataLoader started: this one ends (its workers with it)."""
+        self._finish()
+
+    def close(self) -> None:
+        """Stops the pass's workers (also done at its end and on deletion)."""
+        self._finish()
+
+    def __del__(self) -> None:
+        if not getattr(self, "finished", True):
+            self._finish()
