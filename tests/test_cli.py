@@ -187,6 +187,17 @@ def test_tables_render_from_the_json(quick_run: dict[str, Any]) -> None:
     assert format_markdown(doc).count("\n") == len(doc["results"]) + 1
 
 
+def test_streamed_workloads_run_through_stream_loaders_and_torch_only(tmp_path: Any) -> None:
+    proc = run_cli(["bench", "--quick", "-w", "stream-tiny,tiny", "-l", "pyloader,pyloader-stream,torch",
+                    "--workers", "2", "--json", "out.json", "--no-progress"], str(tmp_path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    doc = json.loads((tmp_path / "out.json").read_text())
+    validate(doc)
+    ran = {(r["workload"], r["loader"]) for r in doc["results"] if r["status"] == "ok"}
+    assert ran == {("stream-tiny", "pyloader-stream"), ("stream-tiny", "torch"), ("tiny", "pyloader"),
+                   ("tiny", "torch")}, doc["results"]
+
+
 def test_a_missing_peer_is_skipped_with_a_note(tmp_path: Any) -> None:
     blocker = tmp_path / "blocker"
     blocker.mkdir()

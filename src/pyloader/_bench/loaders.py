@@ -108,7 +108,13 @@ def _batch_workload(workload: str) -> bool:
     """Whether a workload is a batch Sequence (not a dataset of samples, which only loaders that
     batch samples, such as a torch DataLoader, can run)."""
     spec = _workloads().WORKLOADS.get(workload)
-    return spec is None or not spec.per_sample
+    return spec is None or not (spec.per_sample or spec.stream)
+
+
+def _stream_workload(workload: str) -> bool:
+    """Whether a workload is a stream of shards (:class:`~pyloader._bench.workloads.StreamWorkload`)."""
+    spec = _workloads().WORKLOADS.get(workload)
+    return spec is not None and spec.stream
 
 
 def probe(modules: tuple[str, ...]) -> str | None:
@@ -225,6 +231,11 @@ class _TorchSession:
 
         batch_size = getattr(seq, "sample_batch_size", None)
         persistent = persistent and workers > 0
+        if getattr(seq, "stream", False):  # an IterableDataset: each worker batches its shards
+            self.loader = loader_class(seq.torch_dataset(), batch_size=seq.batch_size, num_workers=workers,
+                                       persistent_workers=persistent)
+            self.batches_per_epoch = len(seq)
+            return
         if batch_size is None:
             self.loader = loader_class(seq, batch_size=None, num_workers=workers,
                                        persistent_workers=persistent)
@@ -275,6 +286,34 @@ def _open_pyloader_torch_process(seq: Any, *, workers: int) -> Session:
 
 def _open_pyloader_torch_process_persistent(seq: Any, *, workers: int) -> Session:
     return _pyloader_torch_session(seq, workers, mode="process", persistent=True)
+
+
+# -- pyloader.Stream ---------------------------------------------------------------------------
+
+
+class _StreamSession:
+    """A streamed workload's shards through ``pyloader.Stream`` (batches per shard, round-robin)."""
+
+    def __init__(self, seq: Any, *, workers: int, mode: str) -> None:
+        try:
+            from pyloader import Stream
+        except ImportError as exc:
+            raise Unavailable(f"pyloader.Stream not importable: {exc}") from exc
+        self.stream = Stream(seq.shards, batch_size=seq.batch_size, workers=workers, mode=mode)
+        self.batches_per_epoch = len(seq)
+
+    def epoch(self) -> Iterator[Any]:
+        return iter(self.stream)
+
+    def stats(self) -> None:
+        return None  # its epochs are chunks of slots, not the workload's epochs
+
+    def close(self) -> None:
+        self.stream.close()
+
+
+def _stream_probe() -> Any:
+    return _workloads()._tiny_stream(2, 4, 2)
 
 
 # -- Keras 3 PyDataset ------------------------------------------------------------------------
@@ -429,8 +468,17 @@ for _spec in [
                "kept from epoch to epoch; compare with torch-persistent",
                _open_pyloader_torch_process_persistent, requires=("pyloader", "torch"),
                applies=lambda workload: True, default=False),
+    LoaderSpec("pyloader-stream", "pyloader",
+               "pyloader.Stream(shards, batch_size=B, workers=W): streamed workloads only",
+               functools.partial(_StreamSession, mode="thread"), requires=("pyloader",),
+               applies=_stream_workload, probe_sequence=_stream_probe),
+    LoaderSpec("pyloader-stream-process", "pyloader",
+               "pyloader.Stream(shards, batch_size=B, workers=W, mode='process'): streamed workloads only",
+               functools.partial(_StreamSession, mode="process"), requires=("pyloader",),
+               applies=_stream_workload, probe_sequence=_stream_probe),
     LoaderSpec("torch", "peer", "torch DataLoader(seq, batch_size=None, num_workers=W); per-sample "
-               "datasets: batch_size=sample_batch_size, shuffle=True, seeded generator",
+               "datasets: batch_size=sample_batch_size, shuffle=True, seeded generator; streamed: an "
+               "IterableDataset whose workers read every W-th shard, batch_size=B",
                _open_torch, requires=("torch",), applies=lambda workload: True),
     LoaderSpec("torch-persistent", "peer", "the torch peer with persistent_workers=True (workers kept from "
                "epoch to epoch)", _open_torch_persistent, requires=("torch",), applies=lambda workload: True,

@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import time
+from collections.abc import Iterator
 from typing import Any, Callable
 
 import numpy as np
@@ -339,6 +340,79 @@ def _tensor_dataset(rows: int, sample_batch_size: int, seed: int = 0) -> Any:
     return dataset
 
 
+class DecodeShard:
+    """A shard of the ``stream-decode`` workload: ``count`` samples ``(HWC uint8 image, label)``,
+    each a JPEG decoded with Pillow from in-memory bytes."""
+
+    def __init__(self, jpegs: list[bytes], first: int, count: int) -> None:
+        self.jpegs = jpegs
+        self.first = first
+        self.count = count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, int]]:
+        from PIL import Image
+
+        for j in range(self.first, self.first + self.count):
+            k = j % len(self.jpegs)
+            with Image.open(io.BytesIO(self.jpegs[k])) as im:
+                yield np.asarray(im.convert("RGB")), k
+
+
+class TinyShard:
+    """A shard of the ``stream-tiny`` workload: ``count`` tiny items (a Python int each)."""
+
+    def __init__(self, first: int, count: int) -> None:
+        self.first = first
+        self.count = count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.first, self.first + self.count))
+
+
+class StreamWorkload:
+    """A streamed workload: shards of items, batched ``batch_size`` items at a time.
+
+    A loader reads it as a stream: pyloader as a :class:`pyloader.Stream` over the shards (batches
+    per shard, round-robin), torch as an ``IterableDataset`` whose workers each read every
+    ``num_workers``-th shard and batch their items. Each shard holds a multiple of ``batch_size``
+    items, so both make ``len(self)`` full batches for any number of workers.
+    """
+
+    stream = True
+
+    def __init__(self, shards: list[Any], batch_size: int) -> None:
+        assert all(len(s) % batch_size == 0 for s in shards), "shards of whole batches"
+        self.shards = shards
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self.shards) // self.batch_size
+
+    def torch_dataset(self) -> Any:
+        from ._iterable import ShardedIterable
+
+        return ShardedIterable(self.shards)
+
+    def __repr__(self) -> str:
+        return (f"StreamWorkload({len(self.shards)} shards of {type(self.shards[0]).__name__}, "
+                f"{len(self)} batches of {self.batch_size})")
+
+
+def _decode_stream(shards: int, per_shard: int, size: int, images: int, batch_size: int) -> StreamWorkload:
+    jpegs = _make_jpegs(images, size, 0)
+    return StreamWorkload([DecodeShard(jpegs, k * per_shard, per_shard) for k in range(shards)], batch_size)
+
+
+def _tiny_stream(shards: int, per_shard: int, batch_size: int) -> StreamWorkload:
+    return StreamWorkload([TinyShard(k * per_shard, per_shard) for k in range(shards)], batch_size)
+
+
 @dataclasses.dataclass(frozen=True)
 class Workload:
     """A named workload of the benchmark.
@@ -350,6 +424,8 @@ class Workload:
         requires: Modules the workload imports (it is skipped with a note if one is missing).
         per_sample: The Sequence is a map-style dataset of samples (with ``sample_batch_size``),
             for loaders that batch samples; other loaders skip it.
+        stream: The workload is a :class:`StreamWorkload` (shards of items), for loaders that
+            read streams; other loaders skip it.
     """
 
     name: str
@@ -357,6 +433,7 @@ class Workload:
     build: Callable[[bool], Any]
     requires: tuple[str, ...] = ()
     per_sample: bool = False
+    stream: bool = False
 
 
 WORKLOADS: dict[str, Workload] = {
@@ -424,6 +501,22 @@ WORKLOADS: dict[str, Workload] = {
             lambda quick: SampleRowsDataset(rows=1024 if quick else 20_000,
                                             sample_batch_size=64 if quick else 256),
             per_sample=True,
+        ),
+        Workload(
+            "stream-decode",
+            "streamed: 8 shards of samples, one 128x128 JPEG decoded with Pillow per sample (GIL "
+            "released), 32 samples/batch",
+            lambda quick: _decode_stream(8, 32 if quick else 384, 32 if quick else 128,
+                                         8 if quick else 64, 8 if quick else 32),
+            requires=("PIL",),
+            stream=True,
+        ),
+        Workload(
+            "stream-tiny",
+            "streamed: 8 shards of tiny items (a Python int each), 256 items/batch: the loader's "
+            "own per-item overhead",
+            lambda quick: _tiny_stream(8, 512 if quick else 8192, 256),
+            stream=True,
         ),
     ]
 }
