@@ -100,7 +100,8 @@ class Loader {
   // w + 2 * workers, ... of each engine), so which worker loads a position is a function of the
   // position, as torch's DataLoader gives batch i to worker i % num_workers. For loaders whose
   // workers hold state of their own (process mode: a worker process per engine worker, seeded
-  // per worker). False: whichever worker is free claims the next position.
+  // per worker; a stream source: the shards' iterators, see py_loader.h). False: whichever worker
+  // is free claims the next position.
   virtual bool round_robin() const noexcept { return false; }
   // Outside enter()/leave(). Returns the error the hook raised, or null.
   virtual std::unique_ptr<Payload> epoch_end(int worker, std::int64_t epoch) = 0;
