@@ -132,3 +132,45 @@ def test_a_training_loop_over_an_iterable_dataset_learns():
             losses.append(loss.item())
     assert len(losses) == 6 * 16
     assert losses[-1] < 0.1 * losses[0]
+
+
+class Longer(IterableDataset):
+    """Says it has 5 items and yields 8 (torch warns past len(loader), once len() was asked)."""
+
+    def __len__(self) -> int:
+        return 5
+
+    def __iter__(self):
+        return iter(range(8))
+
+
+def test_yielding_past_len_warns_as_torch_once_len_was_taken():
+    def warnings_of(cls):
+        import warnings
+
+        loader = cls(Longer(), batch_size=None)
+        assert len(loader) == 5
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert list(loader) == list(range(8))
+        return [str(w.message).split("(when")[1] for w in caught if "Length of IterableDataset" in str(w.message)]
+
+    ours = warnings_of(pt.DataLoader)
+    assert ours == warnings_of(TorchLoader) and len(ours) == 3
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("num_workers, persistent", [(0, False), (2, False), (2, True)])
+def test_a_shuffling_datapipe_is_seeded_and_sharded_as_torch_does(num_workers, persistent):
+    from torch.utils.data.datapipes.iter import IterableWrapper
+
+    def batches(cls):
+        pipe = IterableWrapper(list(range(30))).shuffle(buffer_size=7).sharding_filter()
+        loader = cls(pipe, batch_size=4, num_workers=num_workers, shuffle=True, persistent_workers=persistent,
+                     generator=torch.Generator().manual_seed(3))
+        return [[b.tolist() for b in loader] for _ in range(3)]
+
+    ours = batches(pt.DataLoader)
+    assert ours == batches(TorchLoader)
+    assert ours[0] != ours[1]  # a new seed every pass

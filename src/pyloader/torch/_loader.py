@@ -16,6 +16,7 @@ errors, persistent workers, distributed sharding.
 
 from __future__ import annotations
 
+import functools
 import reprlib
 import warnings
 import weakref
@@ -35,6 +36,13 @@ from torch.utils.data import (
 )
 from torch.utils.data._utils.collate import default_collate, default_convert
 from torch.utils.data._utils.pin_memory import pin_memory as _torch_pin_memory
+from torch.utils.data.dataloader import (
+    _get_distributed_settings,
+    _sharding_worker_init_fn,
+    _share_dist_seed,
+)
+from torch.utils.data.datapipes.datapipe import IterDataPipe, MapDataPipe
+from torch.utils.data.graph_settings import apply_random_seed, apply_sharding
 
 from .. import _C
 from .._errors import BatchError, WorkerDiedError, add_note
@@ -258,28 +266,55 @@ class DataLoader(torch.utils.data.DataLoader[_T_co]):
         previous = self._current_stream() if self._current_stream is not None else None
         if previous is not None:
             previous._retire()
+        dataset = self.dataset
+        datapipe = isinstance(dataset, IterDataPipe)
+        reuse_workers = self.persistent_workers and self.num_workers > 0 and self._drew_base_seed
+        if datapipe:
+            # torch's iterator seeds a DataPipe graph (its shufflers) from the generator at every
+            # pass, first: the workers need the newly seeded graph, so no Stream is kept (a
+            # persistent one is remade with the same base_seed, as torch's workers keep theirs).
+            shared_seed = _share_dist_seed(self.generator, None)
+            dataset = apply_random_seed(dataset, torch.Generator().manual_seed(shared_seed))
+            self._drop_kept_stream()
         stream = self._kept_stream
         if stream is None:
-            # torch's iterator draws base_seed from the generator (once, with persistent workers).
-            self._base_seed = torch.empty((), dtype=torch.int64).random_(generator=self.generator).item()
-            self._drew_base_seed = True
-            stream = self._make_stream(self._epoch)
-            if self.persistent_workers:
+            if not (datapipe and reuse_workers):
+                # torch's iterator draws base_seed from the generator (once, with persistent workers).
+                self._base_seed = torch.empty((), dtype=torch.int64).random_(generator=self.generator).item()
+                self._drew_base_seed = True
+                if datapipe and self.num_workers > 0:
+                    # torch's worker iterator then draws a shared seed once more (its _reset(first_iter=
+                    # True)), which its workers, started with the first one, never use.
+                    _share_dist_seed(self.generator, None)
+            stream = self._make_stream(dataset, self._epoch)
+            if self.persistent_workers and not datapipe:
                 self._kept_stream = stream
         it = _IterableIter(self, self._epoch, stream)
         self._epoch += 1
         self._current_stream = weakref.ref(it)
         return it
 
-    def _make_stream(self, epoch: int) -> Stream:
+    def _drop_kept_stream(self) -> None:
+        kept, self._kept_stream = self._kept_stream, None
+        if kept is not None:
+            kept.close()
+
+    def _make_stream(self, dataset: Any, epoch: int) -> Stream:
         process = self._processes()
         workers = max(1, self.num_workers)
-        shards, collate = stream_parts(self.dataset, self._kind, self.collate_fn, workers)
+        shards, collate = stream_parts(dataset, self._kind, self.collate_fn, workers)
         options: dict[str, Any] = {}
+        init_fn = self.worker_init_fn
+        if isinstance(dataset, (IterDataPipe, MapDataPipe)):  # torch shards a DataPipe graph itself
+            world_size, rank = _get_distributed_settings()
+            if process:
+                init_fn = functools.partial(_sharding_worker_init_fn, init_fn, world_size, rank)
+            else:
+                apply_sharding(dataset, world_size, rank)
         if process:
             options = dict(
                 start_method=_start_method(self),
-                worker_init_fn=_ProcessWorkerInit(self.worker_init_fn, workers, self.dataset, self._base_seed),
+                worker_init_fn=_ProcessWorkerInit(init_fn, workers, dataset, self._base_seed),
             )
         pin = self._pin_device()
         try:
@@ -788,6 +823,9 @@ class _IterableIter:
         self._kind = loader._kind
         self._process = stream.mode == "process"
         self._pin_device = loader._pin_device()
+        # NOTE [ IterableDataset and __len__ ] in torch: a len() taken before this pass began makes
+        # every batch past it warn.
+        self._len_called: int | None = loader._IterableDataset_len_called
         self._batches: Iterator[Any] | None = iter(stream)
 
     def __iter__(self) -> _IterableIter:
@@ -825,6 +863,15 @@ class _IterableIter:
         if self._pin_device is not None:
             batch = _torch_pin_memory(batch, self._pin_device)
         self.yielded += 1
+        if self._len_called is not None and self.yielded > self._len_called:
+            # torch's warning, in torch's words (its tests match them).
+            message = (f"Length of IterableDataset {self.loader.dataset} was reported to be {self._len_called}"
+                       f"(when accessing len(dataloader)), but {self.yielded} samples have been fetched. ")
+            if self.loader.num_workers > 0:
+                message += ("For multiprocessing data-loading, this could be caused by not properly configuring "
+                            "the IterableDataset replica at each worker. Please see "
+                            "https://pytorch.org/docs/stable/data.html#torch.utils.data.IterableDataset for examples.")
+            warnings.warn(message, stacklevel=2)
         return batch
 
     def _error(self, err: BatchError) -> BaseException:
