@@ -316,6 +316,49 @@ def _stream_probe() -> Any:
     return _workloads()._tiny_stream(2, 4, 2)
 
 
+class _GrainStreamSession:
+    """Grain's streaming pipeline for shards of items: an ``InterleaveIterDataset`` reading
+    ``W`` shards at a time (each on its own thread, two items buffered), ``batch(B)``, then a
+    thread prefetch of two batches; items of several shards share a batch (Grain's order)."""
+
+    def __init__(self, seq: Any, *, workers: int) -> None:
+        from ._peers import grain_stream
+
+        self.dataset = grain_stream(seq.shards, seq.batch_size, workers)
+        self.batches_per_epoch = len(seq)
+
+    def epoch(self) -> Iterator[Any]:
+        return iter(self.dataset)
+
+    def stats(self) -> None:
+        return None
+
+    def close(self) -> None:
+        del self.dataset
+
+
+class _SpdlStreamSession:
+    """SPDL's streaming pipeline: the shards as its source, each iterated by a generator stage
+    with ``concurrency=W`` on ``W`` threads (items in completion order: unordered), ``aggregate(B)``,
+    a numpy collate stage, a sink of two batches."""
+
+    def __init__(self, seq: Any, *, workers: int) -> None:
+        self.seq = seq
+        self.workers = workers
+        self.batches_per_epoch = len(seq)
+
+    def epoch(self) -> Iterator[Any]:
+        from ._peers import spdl_stream
+
+        return spdl_stream(self.seq.shards, self.seq.batch_size, self.workers)
+
+    def stats(self) -> None:
+        return None
+
+    def close(self) -> None:
+        pass
+
+
 # -- Keras 3 PyDataset ------------------------------------------------------------------------
 
 
@@ -476,6 +519,14 @@ for _spec in [
                "pyloader.Stream(shards, batch_size=B, workers=W, mode='process'): streamed workloads only",
                functools.partial(_StreamSession, mode="process"), requires=("pyloader",),
                applies=_stream_workload, probe_sequence=_stream_probe),
+    LoaderSpec("grain-stream", "peer",
+               "Grain: InterleaveIterDataset over the shards (cycle_length=W), batch(B), thread "
+               "prefetch; streamed workloads only", _GrainStreamSession, requires=("grain",),
+               applies=_stream_workload, probe_sequence=_stream_probe),
+    LoaderSpec("spdl-stream", "peer",
+               "SPDL pipeline: the shards as source, a generator stage (concurrency=W) reading them, "
+               "aggregate(B), numpy collate; unordered; streamed workloads only", _SpdlStreamSession,
+               requires=("spdl",), applies=_stream_workload, probe_sequence=_stream_probe),
     LoaderSpec("torch", "peer", "torch DataLoader(seq, batch_size=None, num_workers=W); per-sample "
                "datasets: batch_size=sample_batch_size, shuffle=True, seeded generator; streamed: an "
                "IterableDataset whose workers read every W-th shard, batch_size=B",
