@@ -10,6 +10,7 @@ workers). Adapters: :mod:`pyloader.torch`, :mod:`pyloader.keras`, :mod:`pyloader
 
 from __future__ import annotations
 
+from ._batches import Batches, batches
 from ._errors import (
     BatchError,
     EpochEndError,
@@ -18,7 +19,6 @@ from ._errors import (
     StallWarning,
     WorkerDiedError,
 )
-from ._batches import Batches, batches
 from .arrays import ArraySequence
 from .collate import collate, stack
 from .prefetcher import Prefetcher, prefetch
