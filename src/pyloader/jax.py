@@ -82,7 +82,8 @@ class JaxPrefetcher:
         sharding: where every array leaf goes: a ``jax.sharding.Sharding`` (a ``NamedSharding``
             over a mesh, a ``SingleDeviceSharding``), or a ``jax.Device``; default: the first local
             device.
-        ahead: batches put on the devices ahead of the one the consumer holds.
+        ahead: batches put on the devices ahead of the one the consumer holds (from the second
+            batch of a pass on: the first is handed out as soon as it is placed).
         shard: ``"auto"`` (JAX's process index and count; no sharding in one process),
             ``(rank, world_size)``, or ``None``.
         **options: :class:`~pyloader.Prefetcher` options (``workers``, ``depth``, ``mode``...).
@@ -136,13 +137,16 @@ class JaxPrefetcher:
         return self.prefetcher.epoch
 
     def _put(self, batch: Any) -> Any:
-        sharding = self.sharding
+        """The batch with its numpy leaves on the sharding (one ``device_put`` for all of them:
+        jax's per-call overhead is paid once per batch)."""
+        arrays = [leaf for leaf in _tree.leaves(batch) if isinstance(leaf, np.ndarray)]
+        if not arrays:
+            return batch
         if self.processes > 1:
-            return _tree.map_structure(
-                lambda x: jax.make_array_from_process_local_data(sharding, x)
-                if isinstance(x, np.ndarray) else x, batch)
-        return _tree.map_structure(
-            lambda x: jax.device_put(x, sharding) if isinstance(x, np.ndarray) else x, batch)
+            placed = iter([jax.make_array_from_process_local_data(self.sharding, a) for a in arrays])
+        else:
+            placed = iter(jax.device_put(arrays, self.sharding))
+        return _tree.map_structure(lambda x: next(placed) if isinstance(x, np.ndarray) else x, batch)
 
     def __iter__(self) -> Iterator[Any]:
         """One epoch of batches (see :class:`~pyloader.Prefetcher` for epochs and resumption)."""
@@ -152,24 +156,22 @@ class JaxPrefetcher:
         return self._ahead(host, self._pass)
 
     def _ahead(self, host: Iterator[Any], live: list[Any]) -> Iterator[Any]:
+        # The first batch goes out as soon as it is placed (no wait for the ones behind it); from
+        # the second on, ``ahead`` batches are placed behind the one handed out.
         queue: collections.deque[Any] = collections.deque()
         more = True
-
-        def launch() -> bool:
-            try:
-                batch = next(host)
-            except StopIteration:
-                return False
-            queue.append(self._put(batch))
-            live[1] += 1
-            return True
-
-        while more and len(queue) < self.ahead:
-            more = launch()
-        while queue:
+        while True:
+            while more and len(queue) < (1 if live[2] == 0 else self.ahead + 1):
+                try:
+                    batch = next(host)
+                except StopIteration:
+                    more = False
+                    break
+                queue.append(self._put(batch))
+                live[1] += 1
+            if not queue:
+                return
             batch = queue.popleft()
-            if more:
-                more = launch()
             live[2] += 1
             yield batch
 
