@@ -27,7 +27,7 @@ import importlib.util
 import os
 import sys
 from collections.abc import Iterator
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, cast
 
 __all__ = [
     "LOADERS",
@@ -230,7 +230,8 @@ class _PyloaderJaxSession(_PyloaderSession):
             import pyloader.jax
         except ImportError as exc:
             raise Unavailable(f"pyloader.jax not importable: {exc}") from exc
-        self.loader = pyloader.jax.prefetch(seq, sharding=jax.local_devices()[0], workers=workers)
+        # A JaxPrefetcher: iteration, stats() and close() as the Prefetcher's.
+        self.loader = cast(Any, pyloader.jax.prefetch(seq, sharding=jax.local_devices()[0], workers=workers))
         self.epochs_started = 0
 
     def epoch(self) -> Iterator[Any]:
