@@ -197,3 +197,25 @@ def test_seed_none_draws_a_seed_that_is_recorded():
     again = pyloader.batches(Samples(10), 4, shuffle=True, seed=seq.seed)
     assert again.sample_order(3).tolist() == seq.sample_order(3).tolist()
     assert "seed=%d" % seq.seed in repr(seq)
+
+
+def test_an_epochs_sample_order_is_drawn_once_not_once_per_batch():
+    class Counting(pyloader.Batches):
+        draws = 0
+
+        def sample_order(self, epoch):
+            Counting.draws += 1
+            return super().sample_order(epoch)
+
+    seq = Counting(Samples(40), 2, shuffle=True, seed=0)
+    with pyloader.Prefetcher(seq, workers=2) as loader:
+        for epoch in range(3):
+            assert sum(labels(loader), []) == pyloader.batches(Samples(40), 2, shuffle=True, seed=0) \
+                .sample_order(epoch).tolist()
+    # 20 batches an epoch; two workers may both draw an epoch's order as it starts.
+    assert Counting.draws <= 4 * 2
+    import pickle
+    plain = pyloader.batches(np.arange(40), 2, shuffle=True, seed=0)
+    plain[0]
+    assert len(plain._orders) == 1
+    assert pickle.loads(pickle.dumps(plain))._orders == {}, "worker processes get no cached orders"

@@ -178,6 +178,9 @@ def test_process_mode_starts_fresh_interpreters_not_forks_of_jax():
     with pj.prefetch(pyloader.batches(data, 2), workers=1, mode="process") as loader:
         assert loader.prefetcher.start_method == "forkserver"
         assert rows(loader) == [[[0, 1], [2, 3]], [[4, 5], [6, 7]]]
+    # Any Sequence (here a list) is wrapped to turn jax.Array leaves into numpy; pickled to the workers.
+    with pj.prefetch([data[:2], data[2:]], workers=1, mode="process") as loader:
+        assert rows(loader) == [[[0, 1], [2, 3]], [[4, 5], [6, 7]]]
 
 
 def test_bad_options_are_refused_showing_the_value():
@@ -296,3 +299,21 @@ def test_two_jax_processes_assemble_global_batches_from_their_shares():
                     assert 4 * process <= start < 4 * (process + 1), "each process holds its own rows"
                     np.testing.assert_array_equal(np.asarray(data), want[start:start + len(data)])
                 assert got["sum"] == float(want.sum()), "a jitted step over the global batch"
+
+
+def test_the_bench_measures_pyloader_jax_and_grain_on_the_same_workload(tmp_path):
+    loaders = "pyloader-jax,grain"
+    r = subprocess.run([sys.executable, "-m", "pyloader", "bench", "--quick", "-w", "tiny", "-l", loaders,
+                        "--workers", "2", "--no-progress", "--json", "out.json"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    with open(tmp_path / "out.json", encoding="utf-8") as f:
+        rows = {row["loader"]: row for row in json.load(f)["results"]}
+    assert rows["pyloader-jax"]["status"] == "ok" and rows["pyloader-jax"]["batches_per_s"] > 0
+    grain = rows.get("grain", {"status": "unavailable"})
+    try:
+        import grain as _  # noqa: F401
+    except ImportError:
+        assert grain["status"] == "unavailable", "skipped with a note when grain is not installed"
+    else:
+        assert grain["status"] == "ok" and "grain" in rows["pyloader-jax"]["ratios"]

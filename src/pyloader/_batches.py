@@ -35,7 +35,7 @@ from ._plan import fresh_seed
 from .collate import collate as _collate_numpy
 from .collate import stack
 
-__all__ = ["Batches", "batches", "jax_to_numpy"]
+__all__ = ["Batches", "batches", "fetch_samples", "jax_to_numpy"]
 
 
 def _holds_jax(tree: Any, array_type: type) -> bool:
@@ -51,6 +51,38 @@ def jax_to_numpy(tree: Any) -> Any:
     if array_type is None or not _holds_jax(tree, array_type):
         return tree
     return _tree.map_structure(lambda x: np.asarray(x) if isinstance(x, array_type) else x, tree)
+
+
+def fetch_samples(dataset: Any, getitems: Callable[[list[Any]], Any] | None, indices: list[Any],
+                  failed: Callable[[Any, BaseException], None]) -> list[Any]:
+    """The samples of one batch, as torch's fetcher gets them: ``getitems(indices)`` when given
+    (``dataset.__getitems__``), else ``dataset[j]`` for each ``j``.
+
+    The one fetch of every sample batcher (:class:`Batches`; ``pyloader.torch``'s batches).
+
+    Args:
+        dataset: the per-sample dataset.
+        getitems: ``dataset.__getitems__``, or None to index sample by sample.
+        indices: the batch's dataset indices.
+        failed: called as ``failed(j, exc)`` inside the ``except`` of a sample ``j`` that raised
+            ``exc`` (``j`` None: ``getitems`` raised); it raises the error the caller wants, or
+            returns to re-raise ``exc`` itself.
+    """
+    if getitems is not None:
+        try:
+            return getitems(indices)
+        except Exception as exc:
+            failed(None, exc)
+            raise
+    samples = []
+    j = None
+    try:
+        for j in indices:
+            samples.append(dataset[j])
+    except Exception as exc:
+        failed(j, exc)
+        raise
+    return samples
 
 
 def _check_flag(name: str, value: object) -> bool:
@@ -111,6 +143,14 @@ class Batches:
         self.epoch = 0
         getitems = getattr(dataset, "__getitems__", None)
         self._getitems = getitems if callable(getitems) else None
+        # The latest epochs' sample orders, drawn once per epoch (not once per batch). Workers may
+        # draw one twice at an epoch's start (same result); pruning reads a snapshot of the keys.
+        self._orders: dict[int, np.ndarray] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_orders"] = {}  # recomputed where needed: pickled to worker processes without them
+        return state
 
     def __len__(self) -> int:
         if self.drop_last:
@@ -127,8 +167,17 @@ class Batches:
         """The dataset indices of batch ``index`` in ``epoch``."""
         start = index * self.batch_size
         stop = min(start + self.batch_size, self.samples)
-        order = self.sample_order(epoch)
-        return list(range(start, stop)) if order is None else order[start:stop].tolist()
+        if not self.shuffle:
+            return list(range(start, stop))
+        order = self._orders.get(epoch)
+        if order is None:
+            order = self.sample_order(epoch)
+            assert order is not None, "shuffled"
+            self._orders[epoch] = order
+            for old in list(self._orders):  # list(): one step under the GIL
+                if not epoch - 2 <= old <= epoch + 2:
+                    self._orders.pop(old, None)
+        return order[start:stop].tolist()
 
     def _index(self, index: Any) -> int:
         n = len(self)
@@ -150,26 +199,19 @@ class Batches:
         i = self._index(index)
         epoch = self.epoch
         indices = self.batch_indices(i, epoch)
-        if self._getitems is not None:
-            try:
-                samples = list(self._getitems(indices))
-            except Exception as exc:
+
+        def failed(j: Any, exc: BaseException) -> None:
+            if j is None:
                 add_note(exc, f"in dataset.__getitems__({indices}) for batch {i} of epoch {epoch}")
-                raise
-            if len(samples) != len(indices):
-                raise ValueError(
-                    f"dataset.__getitems__ returned {len(samples)} samples for the {len(indices)} "
-                    f"indices of batch {i} (epoch {epoch})"
-                )
-        else:
-            dataset = self.dataset
-            samples = []
-            for j in indices:
-                try:
-                    samples.append(dataset[j])
-                except Exception as exc:
-                    add_note(exc, f"in dataset[{j}], sample {len(samples)} of batch {i} (epoch {epoch})")
-                    raise
+            else:
+                add_note(exc, f"in dataset[{j}], sample {indices.index(j)} of batch {i} (epoch {epoch})")
+
+        samples = list(fetch_samples(self.dataset, self._getitems, indices, failed))
+        if len(samples) != len(indices):
+            raise ValueError(
+                f"dataset.__getitems__ returned {len(samples)} samples for the {len(indices)} "
+                f"indices of batch {i} (epoch {epoch})"
+            )
         return [jax_to_numpy(s) for s in samples]
 
     def __getitem__(self, index: int) -> Any:
