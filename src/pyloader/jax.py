@@ -126,7 +126,6 @@ class JaxPrefetcher:
         self.prefetcher = Prefetcher(sequence, shard=shard, **options)
         # The live pass: its start state, batches taken from the Prefetcher and handed out.
         self._pass: list[Any] = [None, 0, 0]  # [start state, taken, yielded]
-        self._token = 0
 
     def __len__(self) -> int:
         return len(self.prefetcher)
@@ -151,7 +150,6 @@ class JaxPrefetcher:
     def __iter__(self) -> Iterator[Any]:
         """One epoch of batches (see :class:`~pyloader.Prefetcher` for epochs and resumption)."""
         host = iter(self.prefetcher)
-        self._token += 1
         self._pass = [self.prefetcher.state_dict(), 0, 0]
         return self._ahead(host, self._pass)
 
@@ -191,9 +189,10 @@ class JaxPrefetcher:
         Raises:
             ValueError: see :meth:`pyloader.Prefetcher.load_state_dict`.
         """
-        if isinstance(self.source, Batches) and isinstance(state, dict) and "epoch" in state:
-            self.prefetcher._renew("set_epoch", state["epoch"])
-        self.prefetcher.load_state_dict(state)
+        self.prefetcher.load_state_dict(state)  # checks it first: a bad state changes nothing
+        if isinstance(self.source, Batches):
+            self.prefetcher._renew("set_epoch", state["epoch"])  # (moves the resume point: again)
+            self.prefetcher.load_state_dict(state)
         self._pass = [None, 0, 0]
 
     def set_epoch(self, epoch: int) -> None:
