@@ -4,10 +4,13 @@ Wrap a Sequence (``__len__`` = number of batches, ``__getitem__(i)`` = batch ``i
 :class:`Prefetcher`; iterate it once per epoch. Batches load ahead on native threads into reusable
 buffers and arrive in a deterministic order, each exactly once. ``mode="process"`` loads them in
 worker processes that write into shared memory, for a ``__getitem__`` that holds the GIL.
+:func:`batches` makes a per-sample dataset such a Sequence (samples collated natively by the
+workers). Adapters: :mod:`pyloader.torch`, :mod:`pyloader.keras`, :mod:`pyloader.jax`.
 """
 
 from __future__ import annotations
 
+from ._batches import Batches, batches
 from ._errors import (
     BatchError,
     EpochEndError,
@@ -26,6 +29,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ArraySequence",
     "BatchError",
+    "Batches",
     "EpochEndError",
     "PoolExhaustedError",
     "PoolExhaustedWarning",
@@ -34,6 +38,7 @@ __all__ = [
     "Stream",
     "WorkerDiedError",
     "__version__",
+    "batches",
     "collate",
     "prefetch",
     "stack",

@@ -27,7 +27,7 @@ import importlib.util
 import os
 import sys
 from collections.abc import Iterator
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, cast
 
 __all__ = [
     "LOADERS",
@@ -213,6 +213,59 @@ class _ArraySession(_PyloaderSession):
 
 def _open_array(seq: Any, *, workers: int) -> Session:
     return _ArraySession(seq, workers=workers)
+
+
+# -- JAX: pyloader.jax and Grain ---------------------------------------------------------------
+
+
+def _ready(batches: Any) -> Iterator[Any]:
+    """Each batch once its arrays are on the device (``jax.block_until_ready``), as a step needs it."""
+    import jax
+
+    for batch in batches:
+        yield jax.block_until_ready(batch)
+
+
+class _PyloaderJaxSession(_PyloaderSession):
+    """``pyloader.jax.prefetch`` onto the first local device: ``jax.Array`` batches."""
+
+    def __init__(self, seq: Any, *, workers: int) -> None:
+        try:
+            import jax
+
+            import pyloader.jax
+        except ImportError as exc:
+            raise Unavailable(f"pyloader.jax not importable: {exc}") from exc
+        # A JaxPrefetcher: iteration, stats() and close() as the Prefetcher's.
+        self.loader = cast(Any, pyloader.jax.prefetch(seq, sharding=jax.local_devices()[0], workers=workers))
+        self.epochs_started = 0
+
+    def epoch(self) -> Iterator[Any]:
+        return _ready(super().epoch())
+
+
+class _GrainSession:
+    """Grain's pipeline for the same job: ``MapDataset.source(seq).to_iter_dataset(
+    ReadOptions(num_threads=W))`` (its read threads and default read-ahead buffer), then
+    ``grain.experimental.device_put`` (Grain's prefetch onto the device) to the first device."""
+
+    def __init__(self, seq: Any, *, workers: int) -> None:
+        try:
+            import grain
+            import jax
+        except ImportError as exc:
+            raise Unavailable(f"grain not importable: {exc}") from exc
+        reads = grain.MapDataset.source(seq).to_iter_dataset(grain.ReadOptions(num_threads=workers))
+        self.loader = grain.experimental.device_put(reads, jax.local_devices()[0])
+
+    def epoch(self) -> Iterator[Any]:
+        return _ready(self.loader)
+
+    def stats(self) -> None:
+        return None
+
+    def close(self) -> None:
+        del self.loader
 
 
 # -- torch DataLoader -------------------------------------------------------------------------
@@ -527,6 +580,14 @@ for _spec in [
                "SPDL pipeline: the shards as source, a generator stage (concurrency=W) reading them, "
                "aggregate(B), numpy collate; unordered; streamed workloads only", _SpdlStreamSession,
                requires=("spdl",), applies=_stream_workload, probe_sequence=_stream_probe),
+    LoaderSpec("pyloader-jax", "pyloader",
+               "pyloader.jax.prefetch(seq, sharding=<first device>, workers=W): jax.Array batches, "
+               "each block_until_ready when handed over",
+               _PyloaderJaxSession, requires=("pyloader", "jax")),
+    LoaderSpec("grain", "peer",
+               "Grain: MapDataset.source(seq).to_iter_dataset(ReadOptions(num_threads=W)), then "
+               "grain.experimental.device_put to the first device; each batch block_until_ready",
+               _GrainSession, requires=("grain", "jax")),
     LoaderSpec("torch", "peer", "torch DataLoader(seq, batch_size=None, num_workers=W); per-sample "
                "datasets: batch_size=sample_batch_size, shuffle=True, seeded generator; streamed: an "
                "IterableDataset whose workers read every W-th shard, batch_size=B",

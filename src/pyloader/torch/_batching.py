@@ -2,7 +2,8 @@
 
 A pass's plan (its list of index batches) becomes an :class:`_EpochBatches`, the batch Sequence a
 :class:`~pyloader.Prefetcher` loads on its workers: batch ``i`` fetches the samples of ``plan[i]``
-(``dataset.__getitems__`` or ``dataset[j]``, like torch's fetcher) and, for torch's
+(:func:`pyloader._batches.fetch_samples`, the fetch :func:`pyloader.batches` uses too:
+``dataset.__getitems__`` or ``dataset[j]``, like torch's fetcher) and, for torch's
 ``default_collate``, returns :func:`pyloader.stack` of them, tensors packed as marked arrays
 (:mod:`._codec`); a custom ``collate_fn`` (or ``batch_size=None``) runs in the worker as torch's
 would. A sample that raises travels as a picklable :class:`_SampleFailure` that names it.
@@ -28,6 +29,7 @@ import torch
 from torch.utils.data import TensorDataset
 from torch.utils.data._utils import worker as _torch_worker
 
+from .._batches import fetch_samples
 from .._errors import add_note
 from ..arrays import ArraySequence
 from ..collate import stack
@@ -99,20 +101,10 @@ class _EpochBatches:
         return len(self.plan)
 
     def fetch(self, indices: Any) -> list[Any]:
-        if self.getitems is not None:
-            try:
-                return self.getitems(indices)
-            except Exception as exc:
-                raise _SampleFailure(None, indices) from exc
-        dataset = self.dataset
-        samples = []
-        j = None
-        try:
-            for j in indices:
-                samples.append(dataset[j])
-        except Exception as exc:
+        def failed(j: Any, exc: BaseException) -> None:
             raise _SampleFailure(j, indices) from exc
-        return samples
+
+        return fetch_samples(self.dataset, self.getitems, indices, failed)
 
     def get(self, index: Any) -> Any:
         try:
