@@ -226,7 +226,7 @@ def decide(current: Settings, m: Measurement, limits: Limits, floor: int = 1) ->
         new_depth, why = _depth(workers, m, limits)
         # A restart for a small change of depth costs more than it brings: not below a third.
         if new_depth != depth and (workers != current.workers or new_depth < depth
-                                   or new_depth >= depth + max(1, depth // 3)):
+                                   or 3 * new_depth >= 4 * depth):
             reasons.append(f"epoch {e}: depth {depth} -> {new_depth}: {why}")
             depth = new_depth
     return Decision(Settings(mode, workers, depth), floor, tuple(reasons))
