@@ -62,8 +62,10 @@ class GilProbe:
         return held / samples if samples >= MIN_SAMPLES else None
 
     def close(self) -> None:
-        """Stops the sampling thread (it ends within one interval). Idempotent."""
+        """Stops the sampling thread and joins it (it ends within one sleep). Idempotent."""
         self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(1.0)
 
     def __repr__(self) -> str:
         return f"GilProbe({self._samples} samples, {self._held} held)"

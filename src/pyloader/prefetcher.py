@@ -61,6 +61,7 @@ _MANY_WORKERS = 64  # workers above this and 8 per CPU earn a warning
 _MAX_EPOCH = 1 << 62  # positions are 64-bit: epochs beyond this could not be planned
 _RUN_BUDGET_US = 200.0  # a worker holding the GIL keeps loading ready batches while cheaper than this
 _MODES = ("thread", "process", "auto")
+_PREFAULT_HELD = 2  # buffers made ahead beyond depth: the batch the loop holds, the one it takes next
 _ARENA_SLACK = 1 << 30  # the arena's room beyond twice the pool's bound (it is sparse: costs nothing)
 
 _live: weakref.WeakSet[Prefetcher] = weakref.WeakSet()
@@ -271,6 +272,13 @@ class Prefetcher:
         self._on_epoch_end = hook if callable(hook) else None
         arena = 2 * self._max_pool_bytes + _ARENA_SLACK if mode == "process" and not self._native else 0
         self._pool = _C.BufferPool(self._max_pool_bytes, self._pin, arena)
+        # A fresh pool would map and first-touch its buffers while the first epoch fills them:
+        # make the first batches' buffers now, on a thread of their own (buffer_pool.h, "Faulting
+        # in ahead of need"). An ArraySequence's batch size is known before any batch loads.
+        self._prefault: threading.Thread | None = None
+        if self._native:
+            self._prefault = _start_prefault(self._pool, self.depth + _PREFAULT_HELD,
+                                             sequence._batch_nbytes(), self._max_pool_bytes)
         self._hooks_run = 0  # epoch hooks run so far (process mode: workers replay them)
         self._threads = self.workers  # the engine's threads (set again as each engine starts)
         self._proc_loader: Any = None
@@ -375,7 +383,9 @@ class Prefetcher:
             self._plan_through(epoch + 1)  # keep one epoch planned ahead: no bubble at the boundary
         self._pass_epoch = epoch
         if self._tuner is not None:
-            if self._probe is None and self._tuner.limits.auto_mode and self.mode == "thread":
+            # The GIL is sampled for epochs long enough to be tuned on (_tune.MIN_BATCHES).
+            if (self._probe is None and self._tuner.limits.auto_mode and self.mode == "thread"
+                    and self._plan.epoch_length >= _tune.MIN_BATCHES):
                 self._probe = GilProbe()
             self._pass_clock = (epoch, time.perf_counter(), time.process_time())
         return _EpochIterator(self, engine, epoch, self._end_of(epoch), self._token)
@@ -389,6 +399,8 @@ class Prefetcher:
             return
         wall = time.perf_counter() - clock[1]
         cpu = time.process_time() - clock[2]
+        if wall < _tune.MIN_EPOCH_S or self._plan.epoch_length < _tune.MIN_BATCHES:
+            return  # too short to tune on: not worth the summary
         entry = next((e for e in self.stats()["epochs"] if e["epoch"] == epoch), None)
         gil = self._probe.take() if self._probe is not None else None
         if entry is None or wall <= 0:
@@ -876,6 +888,9 @@ class Prefetcher:
         probe, self._probe = getattr(self, "_probe", None), None
         if probe is not None:
             probe.close()
+        prefault, self._prefault = getattr(self, "_prefault", None), None
+        if prefault is not None:
+            prefault.join()  # a few buffers' page faults: it ends soon
         self._retire_engine()
         abandoned = self._join_retired()
         workers, self._workers = getattr(self, "_workers", None), None
@@ -979,6 +994,16 @@ class _EpochIterator:
             epoch, consumed = self._loader._resume
             return max(0, len(self._loader) - consumed) if epoch == self._epoch and not self._ended else 0
         return max(0, self._end - self._engine.next_position)
+
+
+def _start_prefault(pool: _C.BufferPool, count: int, nbytes: int, max_pool_bytes: int) -> threading.Thread | None:
+    """Starts a thread that makes ``count`` buffers of ``nbytes`` in ``pool`` and touches their
+    pages, when they take at most half the pool's bound; returns it (None: nothing to do)."""
+    if nbytes <= 0 or count * nbytes > max_pool_bytes // 2:
+        return None
+    thread = threading.Thread(target=pool.reserve, args=(count, nbytes), name="pyloader-prefault", daemon=True)
+    thread.start()
+    return thread
 
 
 def _read_length(sequence: Any) -> int:
