@@ -274,7 +274,8 @@ class Prefetcher:
         self._pool = _C.BufferPool(self._max_pool_bytes, self._pin, arena)
         # A fresh pool would map and first-touch its buffers while the first epoch fills them:
         # make the first batches' buffers now, on a thread of their own (buffer_pool.h, "Faulting
-        # in ahead of need"). An ArraySequence's batch size is known before any batch loads.
+        # in ahead of need"), done by the first engine's start. An ArraySequence's batch size is
+        # known before any batch loads.
         self._prefault: threading.Thread | None = None
         if self._native:
             self._prefault = _start_prefault(self._pool, self.depth + _PREFAULT_HELD,
@@ -507,6 +508,11 @@ class Prefetcher:
 
     def _start_engine(self) -> None:
         self._warn_abandoned(self._join_retired())  # the stopped engine's threads joined or abandoned
+        prefault, self._prefault = self._prefault, None
+        if prefault is not None:
+            # Faulting pages in from one thread before loading starts costs less than the workers
+            # faulting them in while they fill (they contend for the address space's lock).
+            prefault.join()
         epoch, offset = self._resume
         cell: list[Any] = [None]  # a weak reference to the engine, once made
         hook = None if self._on_epoch_end is None else self._epoch_hook(cell)
