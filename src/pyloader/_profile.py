@@ -447,7 +447,7 @@ def _autotune(head: Any, step_s: float, say: Callable[[str], None]) -> dict[str,
 
     prefetcher = _engine()
     assert prefetcher is not None
-    say()
+    say("")
     say(f"5. autotune: Prefetcher(seq) with no settings, {AUTO_PASSES} passes with a "
         f"{step_s * 1e3:g} ms step")
     passes = []
