@@ -98,6 +98,18 @@ def test_no_thread_is_added_when_every_cpu_is_busy_or_the_workers_wait() -> None
     assert decide(THREADS, idle_workers, LIMITS).settings.workers == 4
 
 
+def test_busy_threads_beyond_the_busy_cpus_drop_to_one_per_cpu_but_never_below_the_floor() -> None:
+    m = measurement(gil_share=0.1, cpu_used=1.8)
+    two = Limits(cpus=2.0, max_pool_bytes=1 << 30)
+    d = decide(THREADS, m, two)
+    assert d.settings.workers == 2
+    assert "the 2 CPUs this process may use were busy (1.8 used)" in d.reasons[0]
+    assert decide(THREADS, m, two, floor=3).settings.workers == 3
+    # A load that leaves the CPUs mostly idle (waits) may run more threads than CPUs.
+    waiting = measurement(gil_share=0.1, cpu_used=0.4)
+    assert decide(THREADS, waiting, two).settings.workers == 8
+
+
 def test_a_consumer_bottleneck_drops_idle_workers_but_never_below_the_floor() -> None:
     m = measurement(wait_s=0.001, busy_fraction=0.2, gil_share=0.0)
     d = decide(Settings("thread", 8, 16), m, LIMITS)

@@ -17,7 +17,10 @@ The rules, applied to an epoch with enough batches and wall time to tell (:data:
      (:data:`MIN_SWITCH_S`);
    - else add workers, toward the count that would feed the loop's step with 20% to spare, at
      most doubling per epoch, and only while CPUs are idle (thread mode: the process used less
-     than ``cpus - 0.5`` CPUs; process mode: never more workers than usable CPUs).
+     than ``cpus - 0.5`` CPUs, and beyond one thread per CPU less than half of them, as loads
+     that wait do; process mode: never more workers than usable CPUs);
+   - in thread mode, with every usable CPU busy and more busy workers than CPUs, drop to one
+     worker per CPU (never below the floor).
 2. **The consumer is the bottleneck** (the loop waited less than :data:`STALL_LOW`) and the
    workers were mostly idle: drop workers to keep the rest about 70% busy, never back to a count
    that stalled (the floor: one more than the most workers seen to stall), so that the tuner
@@ -197,10 +200,21 @@ def decide(current: Settings, m: Measurement, limits: Limits, floor: int = 1) ->
             want = 2 * workers if math.isinf(need) else math.ceil(workers * 1.2 * need / rate)
             want = max(workers + 1, min(want, 2 * workers))
             cpus_idle = m.cpu_used is None or m.cpu_used < limits.cpus - 0.5
+            # Past one thread per CPU, only for loads that leave most CPU time unused (waits).
+            waits = m.cpu_used is None or m.cpu_used < limits.cpus / 2 or workers < limits.cpu_count
+            saturated = m.cpu_used is not None and not cpus_idle
             if busy < BUSY_LOW:
                 pass  # the workers wait (for depth, or for the pool): more would wait too
-            elif mode == "thread" and not cpus_idle:
-                pass  # every CPU is busy: another thread would only share them
+            elif mode == "thread" and saturated and workers > max(floor, limits.cpu_count):
+                new = max(floor, limits.cpu_count)
+                reasons.append(
+                    f"epoch {e}: workers {workers} -> {new}: the {limits.cpus:g} CPUs this process "
+                    f"may use were busy ({m.cpu_used:.1f} used) and the workers too ({busy:.0%}): "
+                    f"more busy workers than CPUs only take turns"
+                )
+                workers = new
+            elif mode == "thread" and (saturated or not waits):
+                pass  # the CPUs are busy: another thread would only share them
             elif min(want, cap) > workers:
                 new = min(want, cap)
                 used = "" if m.cpu_used is None else f", {m.cpu_used:.1f} of {limits.cpus:g} CPUs used"
