@@ -100,6 +100,22 @@ print(json.dumps({"epochs": epochs, "auto": auto}))
     assert any("workers" in d and "the loop waited" in d for d in out["auto"]["decisions"])
 
 
+def test_worker_processes_that_cannot_start_leave_threads_loading_and_say_why(python_subprocess):
+    out = run("""
+import json, pyloader
+seq = Gil(80)
+seq.unpicklable = lambda: None  # spawn pickles the Sequence: this one cannot be
+with pyloader.Prefetcher(seq, start_method="spawn") as p:
+    epochs = [[int(b[0]) for b in p] for _ in range(3)]
+    auto = p.stats()["autotune"]
+print(json.dumps({"epochs": epochs, "auto": auto}))
+""", python_subprocess)
+    assert out["epochs"] == [list(range(80))] * 3
+    assert out["auto"]["mode"] == "thread"
+    failed = [d for d in out["auto"]["decisions"] if "worker processes could not start" in d]
+    assert len(failed) == 1 and "threads go on" in failed[0], out["auto"]["decisions"]
+
+
 def test_explicit_settings_are_obeyed(python_subprocess):
     out = run("""
 import json, pyloader

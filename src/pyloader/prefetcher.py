@@ -385,7 +385,8 @@ class Prefetcher:
         self._pass_epoch = epoch
         if self._tuner is not None:
             # The GIL is sampled for epochs long enough to be tuned on (_tune.MIN_BATCHES).
-            if (self._probe is None and self._tuner.limits.auto_mode and self.mode == "thread"
+            limits = self._tuner.limits
+            if (self._probe is None and limits.auto_mode and limits.process_ok and self.mode == "thread"
                     and self._plan.epoch_length >= _tune.MIN_BATCHES):
                 self._probe = GilProbe()
             self._pass_clock = (epoch, time.perf_counter(), time.process_time())
@@ -434,6 +435,9 @@ class Prefetcher:
         if after == before:
             return
         self._stop_engine()
+        if after.mode == "process" and self._probe is not None:
+            self._probe.close()  # nothing left to decide about the GIL (and no thread while forking)
+            self._probe = None
         if after.mode == "process" and (before.mode != "process" or after.workers != before.workers):
             try:
                 self._start_processes(after.workers)
@@ -442,9 +446,6 @@ class Prefetcher:
                 tuner.settings = after = dataclasses.replace(after, mode="thread", workers=before.workers)
                 tuner.decisions.append(f"epoch {measured.epoch}: worker processes could not start "
                                        f"({type(exc).__name__}: {exc}); threads go on")
-        if after.mode == "process" and self._probe is not None:
-            self._probe.close()  # nothing left to decide about the GIL
-            self._probe = None
         self.mode, self.workers, self.depth = after.mode, after.workers, after.depth
 
     def _start_processes(self, workers: int) -> None:
