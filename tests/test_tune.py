@@ -95,7 +95,9 @@ def test_no_thread_is_added_when_every_cpu_is_busy_or_the_workers_wait() -> None
     busy_cpus = measurement(gil_share=0.0, cpu_used=3.8)
     assert decide(THREADS, busy_cpus, LIMITS).settings.workers == 4
     idle_workers = measurement(gil_share=0.0, cpu_used=0.5, busy_fraction=0.3)
-    assert decide(THREADS, idle_workers, LIMITS).settings.workers == 4
+    d = decide(THREADS, idle_workers, LIMITS)
+    assert d.settings.workers == 2  # ceil(4 * 0.3 / 0.7): the loop waits on something else
+    assert "the workers were only 30% busy: fewer load as much" in d.reasons[0]
 
 
 def test_busy_threads_beyond_the_busy_cpus_drop_to_one_per_cpu_but_never_below_the_floor() -> None:
@@ -103,11 +105,17 @@ def test_busy_threads_beyond_the_busy_cpus_drop_to_one_per_cpu_but_never_below_t
     two = Limits(cpus=2.0, max_pool_bytes=1 << 30)
     d = decide(THREADS, m, two)
     assert d.settings.workers == 2
-    assert "the 2 CPUs this process may use were busy (1.8 used)" in d.reasons[0]
+    assert "no CPU to spare (this process used 1.8 of the 2 it may use)" in d.reasons[0]
     assert decide(THREADS, m, two, floor=3).settings.workers == 3
-    # A load that leaves the CPUs mostly idle (waits) may run more threads than CPUs.
-    waiting = measurement(gil_share=0.1, cpu_used=0.4)
+    # A load that leaves the CPUs mostly idle (waits) may run more threads than CPUs, even on a
+    # machine others keep busy; one that computes may not, once the machine has no CPU idle.
+    waiting = measurement(gil_share=0.1, cpu_used=0.4, idle_cpus=0.0)
     assert decide(THREADS, waiting, two).settings.workers == 8
+    computing = measurement(gil_share=0.1, cpu_used=1.2, idle_cpus=0.1)  # others take the rest
+    d = decide(THREADS, computing, two)
+    assert d.settings.workers == 2 and "0.1 idle on the machine" in d.reasons[0]
+    one = measurement(gil_share=0.1, cpu_used=0.9, idle_cpus=0.9)
+    assert decide(Settings("thread", 1, 2), one, two).settings.workers == 2  # a CPU is idle
 
 
 def test_a_consumer_bottleneck_drops_idle_workers_but_never_below_the_floor() -> None:
@@ -125,6 +133,14 @@ def test_depth_follows_the_load_time_spread_within_max_pool_bytes() -> None:
     d = decide(THREADS, uneven, tight)
     assert d.settings.depth == 9 - _tune.HELD_BATCHES
     assert "capped by max_pool_bytes" in d.reasons[-1]
+
+
+def test_depth_does_not_grow_for_idle_workers() -> None:
+    uneven = measurement(gil_share=0.0, cpu_used=3.9, load_p50_s=0.25, load_p95_s=0.875, busy_fraction=0.6)
+    assert decide(THREADS, uneven, LIMITS).settings.depth == 14
+    idle = measurement(gil_share=0.0, cpu_used=3.9, load_p50_s=0.25, load_p95_s=0.875, busy_fraction=0.45,
+                       wait_s=0.001)
+    assert decide(Settings("thread", 2, 4), idle, LIMITS, floor=2).settings.depth == 4
 
 
 def test_a_small_growth_of_depth_is_not_worth_a_restart() -> None:

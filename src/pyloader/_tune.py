@@ -16,19 +16,22 @@ The rules, applied to an epoch with enough batches and wall time to tell (:data:
      processes (one per usable CPU), if the epoch is long enough to pay for starting them
      (:data:`MIN_SWITCH_S`);
    - else add workers, toward the count that would feed the loop's step with 20% to spare, at
-     most doubling per epoch, and only while CPUs are idle (thread mode: the process used less
-     than ``cpus - 0.5`` CPUs, and beyond one thread per CPU less than half of them, as loads
-     that wait do; process mode: never more workers than usable CPUs);
-   - in thread mode, with every usable CPU busy and more busy workers than CPUs, drop to one
-     worker per CPU (never below the floor).
-2. **The consumer is the bottleneck** (the loop waited less than :data:`STALL_LOW`) and the
-   workers were mostly idle: drop workers to keep the rest about 70% busy, never back to a count
+     most doubling per epoch: for a load that waits (each busy worker used less than
+     :data:`LIGHT_CPU_SHARE` of a CPU: I/O, sleeps) whatever the CPUs do, up to a few threads
+     per CPU; for one that computes, up to one worker per usable CPU and only while CPUs are
+     idle (the process used less than ``cpus - 0.5`` and the machine had half a CPU idle);
+   - in thread mode, for a load that computes with no CPU to spare and more busy workers than
+     CPUs, drop to one worker per CPU (never below the floor).
+2. **The workers are not the bottleneck**: they were mostly idle (busy less than
+   :data:`BUSY_LOW`), whether the loop hardly waited (the consumer is the bottleneck) or waited
+   on something else (the hand-off, the pool): drop workers to keep the rest about 70% busy, never back to a count
    that stalled (the floor: one more than the most workers seen to stall), so that the tuner
    does not oscillate.
 3. **Depth** follows the load-time spread: ``max(2 * workers, ceil(workers * p95 / p50))``, at
    most ``4 * workers``, and no more buffers of the batch's size than ``max_pool_bytes`` holds.
-   It grows only by a third or more at a time (or with the workers): each change restarts the
-   engine, which loads the positions it had loaded ahead again.
+   It grows only by a third or more at a time (or with the workers), and only for busy workers,
+   and shrinks only with the workers or for memory: each change restarts the engine, which loads
+   the positions it had loaded ahead again.
 
 Only the settings the user left ``"auto"`` change; an explicit number is always obeyed.
 """
@@ -48,6 +51,7 @@ __all__ = [
     "cpus_from",
     "decide",
     "initial_depth",
+    "idle_jiffies",
     "initial_workers",
     "usable_cpus",
 ]
@@ -60,6 +64,7 @@ STALL_LOW = 0.01  # at most this: the consumer is
 GIL_SWITCH = 0.7  # the GIL held this share of the waits: threads are capped by it
 BUSY_LOW = 0.5  # workers busy less than this share of the epoch are too many
 BUSY_TARGET = 0.7  # dropping workers aims at this busy share
+LIGHT_CPU_SHARE = 0.2  # busy workers using less CPU than this share of their time mostly wait
 MAX_THREAD_WORKERS = 64  # most threads auto starts
 THREADS_PER_CPU = 4  # threads auto may add per usable CPU (for waits: I/O, sleeps)
 DEPTH_PER_WORKER = 4  # most depth per worker the spread rule asks for
@@ -118,6 +123,8 @@ class Measurement:
         busy_fraction: the workers' busy share of their wall time.
         gil_share: share of the loop's waits during which the GIL was held (None: not measured).
         cpu_used: CPUs the process used on average over the epoch (None: not measured).
+        idle_cpus: CPUs of the machine idle on average over the epoch, whoever else runs there
+            (None: not measured).
         batch_bytes: bytes of buffer one batch takes (0: unknown).
     """
 
@@ -131,6 +138,7 @@ class Measurement:
     gil_share: float | None = None
     cpu_used: float | None = None
     batch_bytes: int = 0
+    idle_cpus: float | None = None
 
     @property
     def stall(self) -> float:
@@ -199,22 +207,36 @@ def decide(current: Settings, m: Measurement, limits: Limits, floor: int = 1) ->
             need = 1.0 / m.step_s if m.step_s > 0 else math.inf
             want = 2 * workers if math.isinf(need) else math.ceil(workers * 1.2 * need / rate)
             want = max(workers + 1, min(want, 2 * workers))
-            cpus_idle = m.cpu_used is None or m.cpu_used < limits.cpus - 0.5
-            # Past one thread per CPU, only for loads that leave most CPU time unused (waits).
-            waits = m.cpu_used is None or m.cpu_used < limits.cpus / 2 or workers < limits.cpu_count
-            saturated = m.cpu_used is not None and not cpus_idle
+            # A load that waits (I/O, sleeps: each busy worker used little CPU) may run more
+            # threads than CPUs, busy machine or not; one that computes, only up to one per CPU
+            # and while CPUs are idle, its own and the machine's.
+            light = (m.cpu_used is not None and busy > 0
+                     and m.cpu_used / (workers * busy) < LIGHT_CPU_SHARE)
+            idle = ((m.cpu_used is None or m.cpu_used < limits.cpus - 0.5)
+                    and (m.idle_cpus is None or m.idle_cpus >= 0.5))
+            can_add = light or (idle and (mode == "process" or workers < limits.cpu_count))
+            saturated = mode == "thread" and not light and not idle
             if busy < BUSY_LOW:
-                pass  # the workers wait (for depth, or for the pool): more would wait too
-            elif mode == "thread" and saturated and workers > max(floor, limits.cpu_count):
+                # The workers are not what the loop waits for (the hand-off, the GIL, the pool):
+                # more would wait too, fewer load as much.
+                new = max(1, floor, math.ceil(workers * busy / BUSY_TARGET))
+                if new < workers:
+                    reasons.append(
+                        f"epoch {e}: workers {workers} -> {new}: the loop waited {stall:.0%} of the "
+                        f"epoch but the workers were only {busy:.0%} busy: fewer load as much"
+                    )
+                    workers = new
+            elif saturated and workers > max(floor, limits.cpu_count):
                 new = max(floor, limits.cpu_count)
+                machine = "" if m.idle_cpus is None else f", {m.idle_cpus:.1f} idle on the machine"
                 reasons.append(
-                    f"epoch {e}: workers {workers} -> {new}: the {limits.cpus:g} CPUs this process "
-                    f"may use were busy ({m.cpu_used:.1f} used) and the workers too ({busy:.0%}): "
-                    f"more busy workers than CPUs only take turns"
+                    f"epoch {e}: workers {workers} -> {new}: no CPU to spare (this process used "
+                    f"{m.cpu_used:.1f} of the {limits.cpus:g} it may use{machine}) and the workers "
+                    f"were {busy:.0%} busy: more busy workers than CPUs only take turns"
                 )
                 workers = new
-            elif mode == "thread" and (saturated or not waits):
-                pass  # the CPUs are busy: another thread would only share them
+            elif not can_add:
+                pass  # the CPUs are busy: another worker would only share them
             elif min(want, cap) > workers:
                 new = min(want, cap)
                 used = "" if m.cpu_used is None else f", {m.cpu_used:.1f} of {limits.cpus:g} CPUs used"
@@ -239,8 +261,11 @@ def decide(current: Settings, m: Measurement, limits: Limits, floor: int = 1) ->
     if limits.auto_depth:
         new_depth, why = _depth(workers, m, limits)
         # A restart for a small change of depth costs more than it brings: not below a third.
-        if new_depth != depth and (workers != current.workers or new_depth < depth
-                                   or 3 * new_depth >= 4 * depth):
+        # Deeper only helps busy workers (uneven loads); idle ones are not what the loop waits for.
+        # It shrinks only with the workers or for memory: a noisy spread must not make it swing.
+        grow = 3 * new_depth >= 4 * depth and busy >= BUSY_LOW
+        capped = "max_pool_bytes" in why and new_depth < depth
+        if new_depth != depth and (workers != current.workers or capped or grow):
             reasons.append(f"epoch {e}: depth {depth} -> {new_depth}: {why}")
             depth = new_depth
     return Decision(Settings(mode, workers, depth), floor, tuple(reasons))
@@ -311,6 +336,21 @@ def cpus_from(affinity: int, cpu_max: list[str]) -> float:
         if quota > 0 and period > 0:
             cpus = min(cpus, quota / period)
     return max(1.0, cpus)
+
+
+def idle_jiffies() -> tuple[int, int] | None:
+    """``(idle, total)`` CPU time of the whole machine so far, in clock ticks (``/proc/stat``), or
+    None where there is none. Two readings give the CPUs idle in between:
+    ``cpus * d_idle / d_total``."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    ticks = [int(v) for v in fields[1:]]
+    return ticks[3] + (ticks[4] if len(ticks) > 4 else 0), sum(ticks[:8])
 
 
 def usable_cpus() -> float:

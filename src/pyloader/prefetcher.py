@@ -286,8 +286,11 @@ class Prefetcher:
         # Autotune: the settings left "auto" change at epoch boundaries (_autotune).
         self._tuner: _tune.Tuner | None = None
         self._probe: GilProbe | None = None
-        self._pass_clock: tuple[int, float, float] | None = None  # (epoch, wall, CPU) at its iter()
+        # (epoch, wall, CPU, the machine's idle ticks) at the pass's iter()
+        self._pass_clock: tuple[int, float, float, tuple[int, int] | None] | None = None
         self._measured: _tune.Measurement | None = None  # the latest finished pass, not yet tuned on
+        self._pending: list[tuple[int, float, float]] = []  # short passes pooled: (epoch, wall, CPU)
+        self._idle_start: tuple[int, int] | None = None  # the machine's idle ticks when they began
         if auto_workers or auto_depth or auto_mode:
             limits = _tune.Limits(usable, self._max_pool_bytes, auto_mode and not self._native,
                                   auto_workers, auto_depth, process_ok=not self._native)
@@ -384,42 +387,61 @@ class Prefetcher:
             self._plan_through(epoch + 1)  # keep one epoch planned ahead: no bubble at the boundary
         self._pass_epoch = epoch
         if self._tuner is not None:
-            # The GIL is sampled for epochs long enough to be tuned on (_tune.MIN_BATCHES).
+            # The GIL is sampled for passes that will be tuned on: an epoch of _tune.MIN_BATCHES,
+            # or short ones pooled (from the second on).
             limits = self._tuner.limits
             if (self._probe is None and limits.auto_mode and limits.process_ok and self.mode == "thread"
-                    and self._plan.epoch_length >= _tune.MIN_BATCHES):
+                    and (self._plan.epoch_length >= _tune.MIN_BATCHES or self._pending)):
                 self._probe = GilProbe()
-            self._pass_clock = (epoch, time.perf_counter(), time.process_time())
+            self._pass_clock = (epoch, time.perf_counter(), time.process_time(), _tune.idle_jiffies())
         return _EpochIterator(self, engine, epoch, self._end_of(epoch), self._token)
 
     # ---- autotune ------------------------------------------------------------------------------
 
     def _pass_ended(self, epoch: int) -> None:
-        """A pass ran to its end: its figures are what the next ``iter()`` tunes on."""
+        """A pass ran to its end: its figures are what the next ``iter()`` tunes on. Passes too
+        short to tell (``_tune.MIN_EPOCH_S``, ``_tune.MIN_BATCHES``) are pooled with the next ones
+        until they are long enough together; only then is ``stats()`` read."""
         clock, self._pass_clock = self._pass_clock, None
         if self._tuner is None or clock is None or clock[0] != epoch:
             return
-        wall = time.perf_counter() - clock[1]
-        cpu = time.process_time() - clock[2]
-        if wall < _tune.MIN_EPOCH_S or self._plan.epoch_length < _tune.MIN_BATCHES:
-            return  # too short to tune on: not worth the summary
-        entry = next((e for e in self.stats()["epochs"] if e["epoch"] == epoch), None)
+        self._pending.append((epoch, time.perf_counter() - clock[1], time.process_time() - clock[2]))
+        if self._idle_start is None:
+            self._idle_start = clock[3]
+        wall = sum(p[1] for p in self._pending)
+        if wall < _tune.MIN_EPOCH_S:
+            return  # pooled with the next passes: not worth a summary yet
+        pending, self._pending = self._pending, []
+        cpu = sum(p[2] for p in pending)
+        idle_start, self._idle_start = self._idle_start, None
+        idle_end = _tune.idle_jiffies()
+        idle_cpus = None
+        if idle_start is not None and idle_end is not None and idle_end[1] > idle_start[1]:
+            machine = os.cpu_count() or 1
+            idle_cpus = machine * (idle_end[0] - idle_start[0]) / (idle_end[1] - idle_start[1])
+        by_epoch = {e["epoch"]: e for e in self.stats()["epochs"]}
+        entries = [by_epoch[p[0]] for p in pending if p[0] in by_epoch]
+        batches = sum(e["batches"] for e in entries)
         gil = self._probe.take() if self._probe is not None else None
-        if entry is None or wall <= 0:
+        if batches < _tune.MIN_BATCHES:
             return
-        buffers = entry["pool_buffers"]
+        wall_s = sum(e["wall_s"] for e in entries)
+        last = entries[-1]
+        buffers = last["pool_buffers"]
         self._measured = _tune.Measurement(
             epoch=epoch,
-            batches=entry["batches"],
-            wall_s=entry["wall_s"],
-            wait_s=entry["wait_s"],
-            load_p50_s=entry["load_ms_p50"] / 1e3,
-            load_p95_s=entry["load_ms_p95"] / 1e3,
-            busy_fraction=entry["worker_busy_fraction"],
+            batches=batches,
+            wall_s=wall_s,
+            wait_s=sum(e["wait_s"] for e in entries),
+            load_p50_s=sum(e["load_ms_p50"] * e["batches"] for e in entries) / batches / 1e3,
+            load_p95_s=sum(e["load_ms_p95"] * e["batches"] for e in entries) / batches / 1e3,
+            busy_fraction=(sum(e["worker_busy_fraction"] * e["wall_s"] for e in entries) / wall_s
+                           if wall_s > 0 else 0.0),
             gil_share=gil,
             # Process mode's workers are other processes: this one's CPU time does not count them.
             cpu_used=cpu / wall if self._workers is None else None,
-            batch_bytes=entry["pool_bytes"] // buffers if buffers else 0,
+            batch_bytes=last["pool_bytes"] // buffers if buffers else 0,
+            idle_cpus=idle_cpus,
         )
 
     def _autotune(self) -> None:
