@@ -77,7 +77,7 @@ def test_a_switch_keeps_the_users_worker_count() -> None:
 
 
 def test_a_gil_free_load_that_stalls_adds_workers_while_cpus_are_idle() -> None:
-    d = decide(THREADS, measurement(gil_share=0.05, cpu_used=0.5), LIMITS)
+    d = decide(THREADS, measurement(gil_share=0.05, cpu_used=0.3), LIMITS)
     assert d.settings.mode == "thread"
     assert d.settings.workers == 8  # at most doubling per epoch
     assert d.floor == 5  # four stalled: never back to them
@@ -86,7 +86,7 @@ def test_a_gil_free_load_that_stalls_adds_workers_while_cpus_are_idle() -> None:
 
 def test_workers_are_added_toward_the_count_that_feeds_the_step() -> None:
     # 100 batches in 2 s (50/s) with 4 workers; the step takes 12.5 ms (80/s wanted, +20%: 96/s).
-    m = measurement(gil_share=0.0, cpu_used=0.5, wall_s=2.0, wait_s=0.75)
+    m = measurement(gil_share=0.0, cpu_used=0.3, wall_s=2.0, wait_s=0.75)
     assert m.step_s == 0.0125
     assert decide(THREADS, m, LIMITS).settings.workers == math.ceil(4 * 1.2 * 80 / 50)
 
@@ -109,7 +109,7 @@ def test_busy_threads_beyond_the_busy_cpus_drop_to_one_per_cpu_but_never_below_t
     assert decide(THREADS, m, two, floor=3).settings.workers == 3
     # A load that leaves the CPUs mostly idle (waits) may run more threads than CPUs, even on a
     # machine others keep busy; one that computes may not, once the machine has no CPU idle.
-    waiting = measurement(gil_share=0.1, cpu_used=0.4, idle_cpus=0.0)
+    waiting = measurement(gil_share=0.1, cpu_used=0.2, idle_cpus=0.0)
     assert decide(THREADS, waiting, two).settings.workers == 8
     computing = measurement(gil_share=0.1, cpu_used=1.2, idle_cpus=0.1)  # others take the rest
     d = decide(THREADS, computing, two)
