@@ -221,3 +221,20 @@ def test_two_prefetchers_over_one_array_sequence_keep_each_others_sample_orders(
     assert {frozenset(ys.tolist()) for _, ys in got} == expected
     for xs, ys in got:
         np.testing.assert_array_equal(xs, x[ys])
+
+
+def test_a_fresh_prefetcher_over_an_array_sequence_makes_its_first_buffers_ahead():
+    # Two columns, the second at a 64-byte aligned offset after the first: the buffers made ahead
+    # must fit what the gather asks for, or the first epoch would map new ones.
+    x = np.arange(64 * 4 * 1000, dtype=np.float32).reshape(64 * 4, 1000)
+    y = np.arange(64 * 4 * 3, dtype=np.int16).reshape(64 * 4, 3)
+    seq = pyloader.ArraySequence(x, y, batch_size=4)
+    with pyloader.Prefetcher(seq, workers=2, depth=4) as loader:
+        assert loader._prefault is not None
+        loader._prefault.join()
+        info = loader.memory_info()
+        assert (info["buffers"], info["leased"], info["allocations"]) == (4 + 2, 0, 4 + 2)
+        for i, (bx, by) in enumerate(loader):
+            np.testing.assert_array_equal(bx, x[4 * i:4 * i + 4])
+            np.testing.assert_array_equal(by, y[4 * i:4 * i + 4])
+        assert loader.memory_info()["allocations"] == 4 + 2  # the first epoch mapped nothing

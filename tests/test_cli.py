@@ -224,7 +224,7 @@ def test_profile_recommends_settings_for_the_sample(tmp_path: Any) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
     for heading in ("1. load time", "2. thread-mode throughput", "3. recommendation",
-                    "4. consumer stall"):
+                    "4. consumer stall", "5. autotune"):
         assert heading in out
     result = json.loads((tmp_path / "profile.json").read_text())
     rec = result["recommendation"]
@@ -241,6 +241,14 @@ def test_profile_recommends_settings_for_the_sample(tmp_path: Any) -> None:
     measured = gil is not None and gil >= 0.5 and result["cpus"] > 1
     assert (result["process_scaling"] != []) == measured, (gil, result["process_scaling"])
     assert all(0.0 <= s["stall_fraction"] <= 1.0 for s in result["stall"])
+    # Step 5 runs the Prefetcher's own tuner: the settings of each pass, and each decision shown.
+    auto = result["autotune"]
+    assert len(auto["passes"]) == 4
+    assert all(p["mode"] in ("thread", "process") and p["workers"] >= 1 for p in auto["passes"])
+    for decision in auto["decisions"]:
+        assert f"   - {decision}" in out
+    if not auto["decisions"]:
+        assert "   - no change" in out
 
 
 def test_profile_measures_process_mode_before_recommending_it(tmp_path: Any) -> None:

@@ -543,8 +543,10 @@ def test_options_are_validated():
 
     with pytest.raises(ValueError, match="start_method must be one of"):
         pyloader.Prefetcher(ProcSeq(2), mode="process", start_method="vfork")
-    with pytest.raises(ValueError, match="apply to mode='process' only"):
-        pyloader.Prefetcher(ProcSeq(2), start_method="spawn")
+    with pytest.raises(ValueError, match=r"apply to mode='process' \(or 'auto'\) only"):
+        pyloader.Prefetcher(ProcSeq(2), mode="thread", start_method="spawn")
+    # mode="auto" (the default) may move to processes: it takes them, for then.
+    pyloader.Prefetcher(ProcSeq(2), start_method="spawn", worker_init_fn=print).close()
     with pytest.raises(ValueError, match="worker_init_fn must be callable"):
         pyloader.Prefetcher(ProcSeq(2), mode="process", worker_init_fn=3)
     with pytest.raises(ValueError, match="max_retries must be an integer >= 0"):

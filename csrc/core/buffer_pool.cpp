@@ -151,6 +151,24 @@ BufferLease BufferPool::try_acquire(std::size_t bytes, std::int64_t priority) {
   }
 }
 
+std::size_t BufferPool::reserve(std::size_t count, std::size_t bytes) {
+  std::vector<BufferLease> made;
+  made.reserve(count);
+  while (made.size() < count) {
+    {
+      std::lock_guard lock(mu_);
+      if (closed_) break;
+    }
+    BufferLease lease = try_acquire(bytes);
+    if (!lease) break;
+    // One write per page faults it in (a huge page's first write faults in all of it).
+    volatile std::byte* const bytes_of = lease.data();
+    for (std::size_t at = 0; at < lease.capacity(); at += page_size()) bytes_of[at] = std::byte{0};
+    made.push_back(std::move(lease));
+  }
+  return made.size();  // the leases return their buffers to the free list here
+}
+
 std::int32_t BufferPool::take_free_locked(std::size_t need) {
   std::int32_t found = -1;
   std::size_t found_at = 0;

@@ -50,6 +50,14 @@
 // Shutdown: acquire() takes a cancel flag; after setting it, call wake_all() and every waiter
 // returns an empty lease at once.
 //
+// Faulting in ahead of need (reserve): a fresh pool maps and first-touches each buffer while the
+// first batches are filled, which makes a first epoch slower than the rest. reserve() makes the
+// buffers of the first batches ahead (from a thread of the owner's, before or while loading
+// starts) and touches every page of them, then returns them to the free list: the workers then
+// lease buffers that take no page fault. It holds its leases until it has made them all (a free
+// one would be leased again by its own next call), within the pool's bound, and stops early once
+// the pool is closed.
+//
 // Fork (fork.h): in a forked child the pool is a copy whose mu_ may be held by a parent's thread
 // that is not there and whose arena is the parent's: release() and the destructor do nothing.
 #pragma once
@@ -135,6 +143,10 @@ class BufferPool : public std::enable_shared_from_this<BufferPool> {
   BufferLease acquire(std::size_t bytes, const std::atomic<bool>& cancel,
                       std::int64_t priority = std::numeric_limits<std::int64_t>::max(),
                       const std::function<bool()>* may_exceed = nullptr);
+  // Makes sure the pool holds `count` buffers of at least `bytes` bytes with every page touched
+  // (see "Faulting in ahead of need"); returns how many it leased and touched (fewer at the bound,
+  // or once closed). Never waits for a buffer.
+  std::size_t reserve(std::size_t count, std::size_t bytes);
   // A buffer now, or an empty lease if getting one would mean waiting (or the OS refuses memory).
   BufferLease try_acquire(std::size_t bytes,
                           std::int64_t priority = std::numeric_limits<std::int64_t>::max());

@@ -60,6 +60,15 @@ void register_pool(py::module_& m) {
            }),
            py::arg("max_bytes"), py::arg("pin"), py::arg("arena_bytes") = 0)
       .def("info", [](const PyPool& p) { return pool_info(*p.pool); })
+      .def(
+          "reserve",
+          [](const PyPool& p, std::size_t count, std::size_t bytes) {
+            std::shared_ptr<BufferPool> pool = p.pool;
+            py::gil_scoped_release release;
+            // no Python below
+            return pool->reserve(count, bytes);
+          },
+          py::arg("count"), py::arg("bytes"))
       .def_property_readonly(
           "arena_fd", [](const PyPool& p) { return p.pool->arena() ? p.pool->arena()->fd() : -1; })
       .def_property_readonly(

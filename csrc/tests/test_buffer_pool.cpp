@@ -90,6 +90,26 @@ TEST(reuse_without_allocations_in_steady_state) {
   CHECK_EQ(info.pin_failures, 0u);
 }
 
+// reserve() makes the buffers of the first batches ahead: the acquires that follow allocate
+// nothing; it stays within the bound and does nothing once the pool is closed.
+TEST(reserve_makes_buffers_ahead_within_the_bound) {
+  auto pool = BufferPool::create(10 * kPage, PinRequest::kOff);
+  CHECK_EQ(pool->reserve(3, 2 * kPage), 3u);
+  auto info = pool->info();
+  CHECK_EQ(info.buffers, 3u);
+  CHECK_EQ(info.leased, 0u);
+  CHECK_EQ(info.allocations, 3u);
+  std::vector<BufferLease> held;
+  for (int i = 0; i < 3; ++i) held.push_back(pool->acquire(2 * kPage - 5, kNoCancel));
+  CHECK_EQ(pool->info().allocations, 3u);
+  held.clear();
+  CHECK_EQ(pool->reserve(8, 2 * kPage), 5u);  // the bound: 10 pages
+  CHECK_EQ(pool->info().buffers, 5u);
+  pool->close();
+  CHECK_EQ(pool->reserve(2, kPage), 0u);
+  CHECK_EQ(pool->info().buffers, 0u);
+}
+
 // Buffers are page-aligned, page-rounded, and at least as large as asked (one page for 0 bytes).
 TEST(page_alignment) {
   const std::uint64_t seed = check::test_seed();

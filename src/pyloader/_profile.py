@@ -19,6 +19,11 @@ Four steps, each printed as it finishes:
    recommended workers with the default depth, and with the recommended depth, with a consumer
    that spends ``--step-ms`` per batch.
 
+5. **Autotune.** ``Prefetcher(seq)`` with no settings (``workers``, ``depth`` and ``mode`` all
+   ``"auto"``), :data:`AUTO_PASSES` passes over the same batches with the same step: the settings
+   of each pass and every decision of the tuner (:mod:`pyloader._tune`, the one the Prefetcher
+   runs), with why.
+
 If the engine cannot be imported, step 2 falls back to an ordered thread pool (the GIL estimate
 still holds) and step 4 times the consumer itself; the output says so.
 """
@@ -41,6 +46,8 @@ import numpy as np
 from ._consume import consume
 
 __all__ = ["load_target", "profile"]
+
+AUTO_PASSES = 4  # passes of step 5, the autotuned Prefetcher
 
 
 def load_target(target: str) -> Any:
@@ -424,7 +431,40 @@ def profile(
     if step_s == 0:
         say("   (no --step-ms: the consumer only loads, so it always waits; pass your training "
             "step time to see the stall your loop will see)")
+
+    # 5. autotune ----------------------------------------------------------------------------------
+    autotune = _autotune(head, step_s, say) if engine else None
     return {"sequence": type(seq).__name__, "length": total, "cpus": cpus, "engine": engine,
             "load": load, "scaling": thread_scaling, "process_scaling": process_scaling,
             "gil_share": gil,
-            "recommendation": recommendation, "stall": stall, "step_ms": step_ms}
+            "recommendation": recommendation, "stall": stall, "step_ms": step_ms,
+            "autotune": autotune}
+
+
+def _autotune(head: Any, step_s: float, say: Callable[[str], None]) -> dict[str, Any]:
+    """Step 5: the Prefetcher's own tuner over ``head``, :data:`AUTO_PASSES` passes."""
+    from . import _tune
+
+    prefetcher = _engine()
+    assert prefetcher is not None
+    say("")
+    say(f"5. autotune: Prefetcher(seq) with no settings, {AUTO_PASSES} passes with a "
+        f"{step_s * 1e3:g} ms step")
+    passes = []
+    with prefetcher(head) as loader:
+        for index in range(AUTO_PASSES):
+            it = iter(loader)  # applies the decisions taken on the pass before
+            settings = {"mode": loader.mode, "workers": loader.workers, "depth": loader.depth}
+            r = _consume(it, step_s)
+            passes.append({**settings, "batches_per_s": r["batches_per_s"],
+                           "stall_fraction": r["stall_fraction"]})
+            say(f"   pass {index}: mode={settings['mode']:<7} workers={settings['workers']:<3} "
+                f"depth={settings['depth']:<4} {r['batches_per_s']:9.1f} batches/s, stall "
+                f"{r['stall_fraction']:6.1%}")
+        decisions = list(loader.stats()["autotune"]["decisions"])
+    for decision in decisions:
+        say(f"   - {decision}")
+    if not decisions:
+        say(f"   - no change: the first settings fit, or passes shorter than {_tune.MIN_EPOCH_S:g} s "
+            f"or {_tune.MIN_BATCHES} batches tell too little (raise --batches)")
+    return {"passes": passes, "decisions": decisions}

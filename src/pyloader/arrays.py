@@ -136,6 +136,15 @@ class ArraySequence:
         return cls(*[np.load(cast(PathLike, p), mmap_mode="r") for p in paths], batch_size=batch_size,
                    **options)
 
+    def _batch_nbytes(self) -> int:
+        """Buffer bytes a full batch takes: its columns one after the other, each at a 64-byte
+        aligned offset (``csrc/core/gather.h``)."""
+        total = 0
+        for a in self._arrays:
+            row = a.itemsize * int(np.prod(a.shape[1:], dtype=np.int64))
+            total = -(-total // 64) * 64 + row * self.batch_size
+        return total
+
     def __len__(self) -> int:
         if self.drop_last:
             return self.samples // self.batch_size

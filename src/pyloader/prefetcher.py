@@ -38,6 +38,7 @@ import atexit
 import dataclasses
 import os
 import threading
+import time
 import warnings
 import weakref
 from collections.abc import Iterator
@@ -45,9 +46,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import _C, _stats
+from . import _C, _stats, _tune
 from . import process as _process
 from ._errors import EpochEndError, PoolExhaustedWarning, StallWarning, batch_error
+from ._gil import GilProbe
 from ._plan import Plan, fresh_seed, resolve_shard
 
 if TYPE_CHECKING:
@@ -61,7 +63,8 @@ _STATE_KEYS = ("epoch", "batches_consumed", "seed", "shuffle", "length", "rank",
 _MANY_WORKERS = 64  # workers above this and 8 per CPU earn a warning
 _MAX_EPOCH = 1 << 62  # positions are 64-bit: epochs beyond this could not be planned
 _RUN_BUDGET_US = 200.0  # a worker holding the GIL keeps loading ready batches while cheaper than this
-_MODES = ("thread", "process")
+_MODES = ("thread", "process", "auto")
+_PREFAULT_HELD = 2  # buffers made ahead beyond depth: the batch the loop holds, the one it takes next
 _ARENA_SLACK = 1 << 30  # the arena's room beyond twice the pool's bound (it is sparse: costs nothing)
 
 _live: weakref.WeakSet[Prefetcher] = weakref.WeakSet()
@@ -128,8 +131,11 @@ class Prefetcher:
             ``i``): a ``keras.utils.PyDataset``/``Sequence``, a map-style batch dataset, a class
             of your own. A batch is a numpy array, a number, or a tuple/list/dict (nested) of
             them; other values pass through untouched.
-        workers: native loading threads.
-        depth: batches loaded ahead of the consumer (Keras's ``max_queue_size``); default
+        workers: native loading threads (or worker processes). ``"auto"`` (the default): chosen
+            and adapted at epoch boundaries (README, "Autotune"; :meth:`stats` lists each decision
+            and why).
+        depth: batches loaded ahead of the consumer (Keras's ``max_queue_size``). ``"auto"`` (the
+            default): from the load-time spread, within ``max_pool_bytes``; ``None``: fixed at
             ``2 * workers``.
         shuffle: permute the batch order each epoch, from ``(seed, epoch)``.
         seed: the seed of the order. ``None`` draws one (recorded in :meth:`state_dict`), or uses
@@ -144,7 +150,9 @@ class Prefetcher:
             ``None`` waits forever.
         mode: ``"thread"``, or ``"process"`` for a ``__getitem__`` that holds the GIL: worker
             processes write batches straight into shared memory (see :mod:`pyloader.process`).
-            An :class:`~pyloader.ArraySequence` is gathered natively on threads in either mode.
+            ``"auto"`` (the default) starts with threads and moves to processes at an epoch
+            boundary when the GIL caps loading. An :class:`~pyloader.ArraySequence` is gathered
+            natively on threads in every mode.
         max_pool_bytes: bound of the buffer pool; it grows past ``depth`` buffers only while you
             keep references to old batches. Default: half the physical memory.
         start_method: process mode: how the worker processes start. ``"fork"`` (the default
@@ -189,15 +197,15 @@ class Prefetcher:
         self,
         sequence: Any,
         *,
-        workers: int = 4,
-        depth: int | None = None,
+        workers: int | str = "auto",
+        depth: int | str | None = "auto",
         shuffle: bool = False,
         seed: int | None = None,
         shard: tuple[int, int] | str | None = None,
         drop_last: bool = False,
         pin: bool | str = "auto",
         timeout: float | None = None,
-        mode: str = "thread",
+        mode: str = "auto",
         max_pool_bytes: int | None = None,
         start_method: str | None = None,
         worker_init_fn: Any = None,
@@ -212,7 +220,9 @@ class Prefetcher:
                 f"got {type(sequence).__name__}"
             )
         length = _read_length(sequence)
-        self.workers = _check_int("workers", workers, 1)
+        usable = _tune.usable_cpus()
+        auto_workers, auto_depth, auto_mode = workers == "auto", depth == "auto", mode == "auto"
+        self.workers = _tune.initial_workers(usable) if auto_workers else _check_int("workers", workers, 1)
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         if self.workers > max(_MANY_WORKERS, 8 * cpus):
             warnings.warn(
@@ -222,13 +232,16 @@ class Prefetcher:
                 f"two epochs' batches' worth of them.",
                 stacklevel=2,
             )
-        self.depth = 2 * self.workers if depth is None else _check_int("depth", depth, 1)
+        if depth is None or auto_depth:
+            self.depth = _tune.initial_depth(self.workers)
+        else:
+            self.depth = _check_int("depth", depth, 1)
         self.shuffle = _check_bool("shuffle", shuffle)
         self.drop_last = _check_bool("drop_last", drop_last)
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
-        self.mode = mode
-        if mode == "process":
+        self.mode = "thread" if auto_mode else mode
+        if mode in ("process", "auto"):
             if start_method is None:
                 start_method = _process.default_start_method()
             if start_method not in _process.START_METHODS:
@@ -236,8 +249,9 @@ class Prefetcher:
             if worker_init_fn is not None and not callable(worker_init_fn):
                 raise ValueError(f"worker_init_fn must be callable or None, got {worker_init_fn!r}")
         elif start_method is not None or worker_init_fn is not None:
-            raise ValueError("start_method and worker_init_fn apply to mode='process' only")
+            raise ValueError("start_method and worker_init_fn apply to mode='process' (or 'auto') only")
         self.start_method = start_method
+        self._worker_init_fn = worker_init_fn
         self.max_retries = _check_int("max_retries", max_retries, 0)
         if timeout is not None and (
             isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0
@@ -252,6 +266,7 @@ class Prefetcher:
             seed = 0 if world > 1 else fresh_seed()
         seed = _check_int("seed", seed, 0)
         self._plan = Plan(length, self.shuffle, seed, rank, world, self.drop_last)
+        self._seed = seed
         self._sequence = sequence
         # An ArraySequence is gathered natively: the engine passes it the epoch, no hook needed.
         # In process mode too: it holds no GIL, so processes would add nothing but copies.
@@ -260,9 +275,29 @@ class Prefetcher:
         self._on_epoch_end = hook if callable(hook) else None
         arena = 2 * self._max_pool_bytes + _ARENA_SLACK if mode == "process" and not self._native else 0
         self._pool = _C.BufferPool(self._max_pool_bytes, self._pin, arena)
+        # A fresh pool would map and first-touch its buffers while the first epoch fills them:
+        # make the first batches' buffers now, on a thread of their own (buffer_pool.h, "Faulting
+        # in ahead of need"), done by the first engine's start. An ArraySequence's batch size is
+        # known before any batch loads.
+        self._prefault: threading.Thread | None = None
+        if self._native:
+            self._prefault = _start_prefault(self._pool, self.depth + _PREFAULT_HELD,
+                                             sequence._batch_nbytes(), self._max_pool_bytes)
         self._hooks_run = 0  # epoch hooks run so far (process mode: workers replay them)
         self._threads = self.workers  # the engine's threads (set again as each engine starts)
         self._proc_loader: Any = None
+        # Autotune: the settings left "auto" change at epoch boundaries (_autotune).
+        self._tuner: _tune.Tuner | None = None
+        self._probe: GilProbe | None = None
+        # (epoch, wall, CPU, the machine's idle ticks) at the pass's iter()
+        self._pass_clock: tuple[int, float, float, tuple[int, int] | None] | None = None
+        self._measured: _tune.Measurement | None = None  # the latest finished pass, not yet tuned on
+        self._pending: list[tuple[int, float, float]] = []  # short passes pooled: (epoch, wall, CPU)
+        self._idle_start: tuple[int, int] | None = None  # the machine's idle ticks when they began
+        if auto_workers or auto_depth or auto_mode:
+            limits = _tune.Limits(usable, self._max_pool_bytes, auto_mode and not self._native,
+                                  auto_workers, auto_depth, process_ok=not self._native)
+            self._tuner = _tune.Tuner(_tune.Settings(self.mode, self.workers, self.depth), limits)
         if mode == "process" and not self._native:
             # Now, before any thread of this Prefetcher runs: the zygote is forked from this image.
             assert start_method is not None, "resolved above for mode='process'"
@@ -313,6 +348,7 @@ class Prefetcher:
     def __iter__(self) -> Iterator[Any]:
         """One epoch of batches, in plan order. See the module docstring for resumption."""
         self._check_open()
+        self._autotune()
         self._token += 1
         self._pass_epoch = None
         engine = self._engine
@@ -353,7 +389,112 @@ class Prefetcher:
         if self._plan_ahead:
             self._plan_through(epoch + 1)  # keep one epoch planned ahead: no bubble at the boundary
         self._pass_epoch = epoch
+        if self._tuner is not None:
+            # The GIL is sampled for passes that will be tuned on: an epoch of _tune.MIN_BATCHES,
+            # or short ones pooled (from the second on).
+            limits = self._tuner.limits
+            if (self._probe is None and limits.auto_mode and limits.process_ok and self.mode == "thread"
+                    and (self._plan.epoch_length >= _tune.MIN_BATCHES or self._pending)):
+                self._probe = GilProbe()
+            self._pass_clock = (epoch, time.perf_counter(), time.process_time(), _tune.idle_jiffies())
         return _EpochIterator(self, engine, epoch, self._end_of(epoch), self._token)
+
+    # ---- autotune ------------------------------------------------------------------------------
+
+    def _pass_ended(self, epoch: int) -> None:
+        """A pass ran to its end: its figures are what the next ``iter()`` tunes on. Passes too
+        short to tell (``_tune.MIN_EPOCH_S``, ``_tune.MIN_BATCHES``) are pooled with the next ones
+        until they are long enough together; only then is ``stats()`` read."""
+        clock, self._pass_clock = self._pass_clock, None
+        if self._tuner is None or clock is None or clock[0] != epoch:
+            return
+        self._pending.append((epoch, time.perf_counter() - clock[1], time.process_time() - clock[2]))
+        if self._idle_start is None:
+            self._idle_start = clock[3]
+        wall = sum(p[1] for p in self._pending)
+        if wall < _tune.MIN_EPOCH_S:
+            return  # pooled with the next passes: not worth a summary yet
+        pending, self._pending = self._pending, []
+        cpu = sum(p[2] for p in pending)
+        idle_start, self._idle_start = self._idle_start, None
+        idle_end = _tune.idle_jiffies()
+        idle_cpus = None
+        if idle_start is not None and idle_end is not None and idle_end[1] > idle_start[1]:
+            machine = os.cpu_count() or 1
+            idle_cpus = machine * (idle_end[0] - idle_start[0]) / (idle_end[1] - idle_start[1])
+        by_epoch = {e["epoch"]: e for e in self.stats()["epochs"]}
+        entries = [by_epoch[p[0]] for p in pending if p[0] in by_epoch]
+        batches = sum(e["batches"] for e in entries)
+        gil = self._probe.take() if self._probe is not None else None
+        if batches < _tune.MIN_BATCHES:
+            return
+        wall_s = sum(e["wall_s"] for e in entries)
+        last = entries[-1]
+        buffers = last["pool_buffers"]
+        self._measured = _tune.Measurement(
+            epoch=epoch,
+            batches=batches,
+            wall_s=wall_s,
+            wait_s=sum(e["wait_s"] for e in entries),
+            load_p50_s=sum(e["load_ms_p50"] * e["batches"] for e in entries) / batches / 1e3,
+            load_p95_s=sum(e["load_ms_p95"] * e["batches"] for e in entries) / batches / 1e3,
+            busy_fraction=(sum(e["worker_busy_fraction"] * e["wall_s"] for e in entries) / wall_s
+                           if wall_s > 0 else 0.0),
+            gil_share=gil,
+            # Process mode's workers are other processes: this one's CPU time does not count them.
+            cpu_used=cpu / wall if self._workers is None else None,
+            batch_bytes=last["pool_bytes"] // buffers if buffers else 0,
+            idle_cpus=idle_cpus,
+        )
+
+    def _autotune(self) -> None:
+        """At a new pass after a finished one: the tuner's next settings, applied by restarting
+        the engine at the epoch's start (nothing delivered is lost or repeated: the positions the
+        stopped engine loaded ahead are loaded again by the new one)."""
+        measured, self._measured = self._measured, None
+        tuner = self._tuner
+        if tuner is None or measured is None:
+            return
+        before = tuner.settings
+        after = tuner.observe(measured)
+        if after == before:
+            return
+        self._stop_engine()
+        if after.mode == "process" and self._probe is not None:
+            self._probe.close()  # nothing left to decide about the GIL (and no thread while forking)
+            self._probe = None
+        if after.mode == "process" and (before.mode != "process" or after.workers != before.workers):
+            try:
+                self._start_processes(after.workers)
+            except Exception as exc:  # e.g. a Sequence that spawn cannot pickle: threads go on
+                tuner.limits = dataclasses.replace(tuner.limits, process_ok=False)
+                tuner.settings = after = dataclasses.replace(after, mode="thread", workers=before.workers)
+                tuner.decisions.append(f"epoch {measured.epoch}: worker processes could not start "
+                                       f"({type(exc).__name__}: {exc}); threads go on")
+        self.mode, self.workers, self.depth = after.mode, after.workers, after.depth
+
+    def _start_processes(self, workers: int) -> None:
+        """Process mode from now on, with ``workers`` worker processes (the engine is stopped):
+        a buffer pool carved from a shared arena, and a new zygote forked from this image (or
+        sent the Sequence pickled), whose copy of the Sequence has every hook run so far."""
+        old = self._workers
+        self._workers = None
+        if old is not None:
+            old.close()
+        if self._pool.arena_size == 0:
+            # Thread mode's pool has no arena: batches still held keep the old pool's buffers.
+            arena = 2 * self._max_pool_bytes + _ARENA_SLACK
+            pool = _C.BufferPool(self._max_pool_bytes, self._pin, arena)
+            self._pool.close()
+            self._pool = pool
+        start_method = self.start_method or _process.default_start_method()
+        self._workers = _process.WorkerPool(
+            self._sequence, workers=workers, pool=self._pool, start_method=start_method,
+            worker_init_fn=self._worker_init_fn, seed=self._seed,
+            replay_hooks=self._on_epoch_end is not None,
+        )
+        self.start_method = start_method
+        self._hooks_run = 0  # the new workers' copies start from this process's Sequence
 
     def _length_changed(self, epoch: int) -> bool:
         """Without a hook an epoch starts at iter(): whether len(sequence) differs from its plan's."""
@@ -393,6 +534,11 @@ class Prefetcher:
 
     def _start_engine(self) -> None:
         self._warn_abandoned(self._join_retired())  # the stopped engine's threads joined or abandoned
+        prefault, self._prefault = self._prefault, None
+        if prefault is not None:
+            # Faulting pages in from one thread before loading starts costs less than the workers
+            # faulting them in while they fill (they contend for the address space's lock).
+            prefault.join()
         epoch, offset = self._resume
         cell: list[Any] = [None]  # a weak reference to the engine, once made
         hook = None if self._on_epoch_end is None else self._epoch_hook(cell)
@@ -640,12 +786,23 @@ class Prefetcher:
         merged). Load-time percentiles come from a log-scale histogram: exact below 16 µs, else
         within 3.1% of the order statistic at rank ``floor(q * (n - 1))``.
 
+        With autotune (a setting left ``"auto"``), ``"autotune"`` holds the settings in force
+        (``mode``, ``workers``, ``depth``) and ``decisions``: every change made, each with its
+        epoch and why (for example ``"epoch 2: thread -> process: the GIL was held 92% of the time
+        the loop waited for a batch ..."``); ``None`` without autotune.
+
         Returns:
             ``{"epochs": [dict per epoch], "current": the latest epoch's dict or None, "earlier":
-            the older epochs merged, or None}``.
+            the older epochs merged, or None, "autotune": dict or None}``.
         """
         live = self._engine.stats() if self._engine is not None else None
-        return self._past_stats.view(live, self._threads)
+        view = self._past_stats.view(live, self._threads)
+        tuner = self._tuner
+        view["autotune"] = None if tuner is None else {
+            "mode": self.mode, "workers": self.workers, "depth": self.depth,
+            "decisions": list(tuner.decisions),
+        }
+        return view
 
     def memory_info(self) -> dict[str, Any]:
         """What the buffer pool holds and what was pinned, how, and why.
@@ -763,6 +920,12 @@ class Prefetcher:
         if getattr(self, "_closed", True):
             return
         self._closed = True
+        probe, self._probe = getattr(self, "_probe", None), None
+        if probe is not None:
+            probe.close()
+        prefault, self._prefault = getattr(self, "_prefault", None), None
+        if prefault is not None:
+            prefault.join()  # a few buffers' page faults: it ends soon
         self._retire_engine()
         abandoned = self._join_retired()
         workers, self._workers = getattr(self, "_workers", None), None
@@ -835,14 +998,22 @@ class _EpochIterator:
         engine = self._engine
         if engine is None and not self._ended:
             engine = self._engine = self._loader._continue_pass(self)
+        probe = self._loader._probe
         try:
             if engine is not None:
                 # The end is checked in the engine, in the same turn as the take: two threads
                 # racing for the epoch's last batch cannot take one of the next epoch (one of them
                 # is refused with pyloader._C.ConcurrentConsumerError, a RuntimeError).
-                return engine.next_batch(self._timeout, self._end)
+                if probe is None:
+                    return engine.next_batch(self._timeout, self._end)
+                probe.waiting = True  # the GIL probe samples the loader's use of it now
+                try:
+                    return engine.next_batch(self._timeout, self._end)
+                finally:
+                    probe.waiting = False
         except StopIteration:
-            pass
+            if not self._ended and engine is not None:
+                self._loader._pass_ended(self._epoch)
         except TimeoutError:
             self._loader._abandon(self)
             raise
@@ -858,6 +1029,16 @@ class _EpochIterator:
             epoch, consumed = self._loader._resume
             return max(0, len(self._loader) - consumed) if epoch == self._epoch and not self._ended else 0
         return max(0, self._end - self._engine.next_position)
+
+
+def _start_prefault(pool: _C.BufferPool, count: int, nbytes: int, max_pool_bytes: int) -> threading.Thread | None:
+    """Starts a thread that makes ``count`` buffers of ``nbytes`` in ``pool`` and touches their
+    pages, when they take at most half the pool's bound; returns it (None: nothing to do)."""
+    if nbytes <= 0 or count * nbytes > max_pool_bytes // 2:
+        return None
+    thread = threading.Thread(target=pool.reserve, args=(count, nbytes), name="pyloader-prefault", daemon=True)
+    thread.start()
+    return thread
 
 
 def _read_length(sequence: Any) -> int:

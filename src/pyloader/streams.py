@@ -83,8 +83,9 @@ class Stream:
             ranks in step. Every rank needs at least one shard.
         workers: worker threads (or processes); None (the default): 4. More than this rank's shard
             count would idle, and are not started.
-        **options: the other options of :class:`~pyloader.Prefetcher` (``depth``, ``mode``,
-            ``timeout``, ``pin_memory``...).
+        **options: the other options of :class:`~pyloader.Prefetcher` (``depth``, default
+            ``2 * workers``; ``mode``, default ``"thread"``; ``timeout``, ``pin``...; not tuned
+            while loading).
 
     Raises:
         TypeError: a shard is none of the above, or a single iterator is given with other shards,
@@ -158,6 +159,10 @@ class Stream:
         self._source = StreamSource(
             mine, names, workers, batch_size, bool(drop_last), collate, shuffle_buffer, self.seed
         )
+        # Fixed settings: the autotuner restarts engines between epochs, which for a stream means
+        # replaying shards (and a single iterator cannot be replayed).
+        options.setdefault("mode", "thread")
+        options.setdefault("depth", None)  # 2 * workers
         self._options = dict(options, workers=workers, shuffle=False)
         self._loader = Prefetcher(self._source, **self._options)
         self._pass = 0

@@ -166,7 +166,7 @@ def _open_plain(seq: Any, *, workers: int) -> Session:
 
 
 class _PyloaderSession:
-    def __init__(self, seq: Any, *, workers: int, mode: str) -> None:
+    def __init__(self, seq: Any, *, workers: int | str, mode: str) -> None:
         try:
             import pyloader
 
@@ -198,7 +198,7 @@ class _ArraySession(_PyloaderSession):
     natively, without the GIL. Same batch size and random rows (a per-epoch sample shuffle), but
     an epoch is every row once, so it has ``rows / batch_size`` batches, not ``len(seq)``."""
 
-    def __init__(self, seq: Any, *, workers: int) -> None:
+    def __init__(self, seq: Any, *, workers: int | str) -> None:
         try:
             import pyloader
 
@@ -266,6 +266,16 @@ class _GrainSession:
 
     def close(self) -> None:
         del self.loader
+
+
+def _open_auto(seq: Any, *, workers: int | None) -> Session:
+    del workers  # autotune: no worker count, measured once
+    return _PyloaderSession(seq, workers="auto", mode="auto")
+
+
+def _open_array_auto(seq: Any, *, workers: int | None) -> Session:
+    del workers
+    return _ArraySession(seq, workers="auto")
 
 
 # -- torch DataLoader -------------------------------------------------------------------------
@@ -541,6 +551,15 @@ for _spec in [
                functools.partial(_PyloaderSession, mode="thread"), requires=("pyloader",)),
     LoaderSpec("pyloader-process", "pyloader", "pyloader.Prefetcher, mode='process'",
                functools.partial(_PyloaderSession, mode="process"), requires=("pyloader",)),
+    LoaderSpec("pyloader-auto", "pyloader",
+               "pyloader.Prefetcher(seq) with no settings: workers, depth and mode 'auto' (autotune)",
+               _open_auto, requires=("pyloader",), uses_workers=False),
+    LoaderSpec("pyloader-array-auto", "pyloader",
+               "pyloader-array with no settings: workers and depth 'auto' (gather workload only)",
+               _open_array_auto, requires=("pyloader",), uses_workers=False,
+               applies=lambda workload: workload == "gather",
+               probe_sequence=lambda: _workloads().GatherSequence(rows=8, batch_size=4,
+                                                                  batches=2)),
     LoaderSpec("pyloader-array", "pyloader",
                "pyloader.Prefetcher over pyloader.ArraySequence (native GIL-free row gather; "
                "gather workload only)", _open_array, requires=("pyloader",),

@@ -1,0 +1,379 @@
+"""Autotune policy: from what one epoch measured, the next epoch's mode, workers and depth.
+
+Pure: :func:`decide` maps ``(settings, measurement, limits, floor)`` to a :class:`Decision` (the
+next settings and, for each change, a sentence saying why), with no clock, thread or I/O, so that
+it is tested on simulated figures. :class:`Tuner` keeps what the policy needs across epochs (the
+fewest workers that were seen to keep up, the decisions made so far). :func:`usable_cpus` reads
+the CPUs this process may use (affinity and the cgroup v2 ``cpu.max`` quota); the Prefetcher and
+``python -m pyloader profile`` measure, this module only decides.
+
+The rules, applied to an epoch with enough batches and wall time to tell (:data:`MIN_BATCHES`,
+:data:`MIN_EPOCH_S`):
+
+1. **Loading is the bottleneck** (the loop waited at least :data:`STALL_HIGH` of the epoch):
+   - in thread mode, when the GIL was held at least :data:`GIL_SWITCH` of the time the loop
+     waited and at least 2 CPUs are usable, more threads cannot load faster: switch to worker
+     processes (one per usable CPU), if the epoch is long enough to pay for starting them
+     (:data:`MIN_SWITCH_S`);
+   - else add workers, toward the count that would feed the loop's step with 20% to spare, at
+     most doubling per epoch: for a load that waits (each busy worker used less than
+     :data:`LIGHT_CPU_SHARE` of a CPU: I/O, sleeps) whatever the CPUs do, up to a few threads
+     per CPU; for one that computes, up to one worker per usable CPU and only while CPUs are
+     idle (the process used less than ``cpus - 0.5`` and the machine had half a CPU idle);
+   - in thread mode, for a load that computes with no CPU to spare and more busy workers than
+     CPUs, drop to one worker per CPU (never below the floor).
+2. **The workers are not the bottleneck**: they were mostly idle (busy less than
+   :data:`BUSY_LOW`), whether the loop hardly waited (the consumer is the bottleneck) or waited
+   on something else (the hand-off, the pool): drop workers to keep the rest about 70% busy, never back to a count
+   that stalled (the floor: one more than the most workers seen to stall), so that the tuner
+   does not oscillate.
+3. **Depth** follows the load-time spread: ``max(2 * workers, ceil(workers * p95 / p50))``, at
+   most ``4 * workers``, and no more buffers of the batch's size than ``max_pool_bytes`` holds.
+   It grows only by a third or more at a time (or with the workers), and only for busy workers,
+   and shrinks only with the workers or for memory: each change restarts the engine, which loads
+   the positions it had loaded ahead again.
+
+Only the settings the user left ``"auto"`` change; an explicit number is always obeyed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+__all__ = [
+    "Decision",
+    "Limits",
+    "Measurement",
+    "Settings",
+    "Tuner",
+    "cpus_from",
+    "decide",
+    "initial_depth",
+    "idle_jiffies",
+    "initial_workers",
+    "usable_cpus",
+]
+
+MIN_BATCHES = 16  # an epoch with fewer batches tells too little to act on
+MIN_EPOCH_S = 0.25  # ... or shorter than this (a restart would cost more than it could save)
+MIN_SWITCH_S = 0.5  # thread -> process only for epochs long enough to pay for starting processes
+STALL_HIGH = 0.05  # the loop waited at least this share of the epoch: loading is the bottleneck
+STALL_LOW = 0.01  # at most this: the consumer is
+GIL_SWITCH = 0.7  # the GIL held this share of the waits: threads are capped by it
+BUSY_LOW = 0.5  # workers busy less than this share of the epoch are too many
+BUSY_TARGET = 0.7  # dropping workers aims at this busy share
+LIGHT_CPU_SHARE = 0.1  # busy workers using less CPU than this share of their time mostly wait
+MAX_THREAD_WORKERS = 64  # most threads auto starts
+THREADS_PER_CPU = 4  # threads auto may add per usable CPU (for waits: I/O, sleeps)
+DEPTH_PER_WORKER = 4  # most depth per worker the spread rule asks for
+HELD_BATCHES = 2  # buffers kept for batches the consumer holds, when memory bounds the depth
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the loader runs with: ``mode`` (``"thread"`` or ``"process"``), ``workers``, ``depth``."""
+
+    mode: str
+    workers: int
+    depth: int
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What bounds the decisions.
+
+    Attributes:
+        cpus: CPUs this process may use (:func:`usable_cpus`; a quota may make it fractional).
+        max_pool_bytes: the buffer pool's bound.
+        auto_mode, auto_workers, auto_depth: which settings the user left ``"auto"``.
+        process_ok: whether process mode applies (not for an ``ArraySequence``, gathered natively).
+    """
+
+    cpus: float
+    max_pool_bytes: int
+    auto_mode: bool = True
+    auto_workers: bool = True
+    auto_depth: bool = True
+    process_ok: bool = True
+
+    @property
+    def cpu_count(self) -> int:
+        """Whole CPUs: at least 1."""
+        return max(1, math.floor(self.cpus))
+
+    def max_workers(self, mode: str) -> int:
+        """The most workers auto uses: one per CPU for processes, a few per CPU for threads."""
+        if mode == "process":
+            return self.cpu_count
+        return min(MAX_THREAD_WORKERS, THREADS_PER_CPU * self.cpu_count)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One epoch's figures (from :meth:`pyloader.Prefetcher.stats` and the loop's clock).
+
+    Attributes:
+        epoch: the epoch measured.
+        batches: batches the loop took.
+        wall_s: the epoch's wall time (first request to last batch).
+        wait_s: time the loop waited for batches.
+        load_p50_s, load_p95_s: per-batch load time percentiles.
+        busy_fraction: the workers' busy share of their wall time.
+        gil_share: share of the loop's waits during which the GIL was held (None: not measured).
+        cpu_used: CPUs the process used on average over the epoch (None: not measured).
+        idle_cpus: CPUs of the machine idle on average over the epoch, whoever else runs there
+            (None: not measured).
+        batch_bytes: bytes of buffer one batch takes (0: unknown).
+    """
+
+    epoch: int
+    batches: int
+    wall_s: float
+    wait_s: float
+    load_p50_s: float
+    load_p95_s: float
+    busy_fraction: float
+    gil_share: float | None = None
+    cpu_used: float | None = None
+    batch_bytes: int = 0
+    idle_cpus: float | None = None
+
+    @property
+    def stall(self) -> float:
+        """The loop's wait as a share of the epoch."""
+        return min(1.0, self.wait_s / self.wall_s) if self.wall_s > 0 else 0.0
+
+    @property
+    def step_s(self) -> float:
+        """The loop's own time per batch (its step), outside the waits."""
+        return max(0.0, self.wall_s - self.wait_s) / self.batches if self.batches else 0.0
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The next settings, the floor of workers from now on, and why each change."""
+
+    settings: Settings
+    floor: int
+    reasons: tuple[str, ...] = ()
+
+
+def initial_workers(cpus: float) -> int:
+    """Workers auto starts with: the former default 4, or one per CPU on a larger machine (up to 8)."""
+    return min(8, max(4, math.floor(cpus)))
+
+
+def initial_depth(workers: int) -> int:
+    """Depth auto starts with: two batches per worker."""
+    return 2 * workers
+
+
+def decide(current: Settings, m: Measurement, limits: Limits, floor: int = 1) -> Decision:
+    """The settings for the epoch after ``m``. See the module docstring for the rules.
+
+    Args:
+        current: the settings the epoch ran with.
+        m: what it measured.
+        limits: the machine's and the user's bounds.
+        floor: workers never drop below it (one more than the most workers seen to stall).
+
+    Returns:
+        The decision; ``settings == current`` and no reasons when nothing changes.
+    """
+    if m.batches < MIN_BATCHES or m.wall_s < MIN_EPOCH_S:
+        return Decision(current, floor)
+    mode, workers, depth = current.mode, current.workers, current.depth
+    reasons: list[str] = []
+    e = m.epoch
+    stall, busy = m.stall, m.busy_fraction
+    if stall >= STALL_HIGH:
+        gil = m.gil_share
+        if (limits.auto_mode and mode == "thread" and limits.process_ok and gil is not None
+                and gil >= GIL_SWITCH and limits.cpu_count >= 2 and m.wall_s >= MIN_SWITCH_S):
+            mode = "process"
+            floor = 1
+            if limits.auto_workers:
+                workers = limits.max_workers("process")
+            reasons.append(
+                f"epoch {e}: thread -> process: the GIL was held {gil:.0%} of the time the loop "
+                f"waited for a batch ({stall:.0%} of the epoch), so more threads cannot load "
+                f"faster; {workers} worker processes"
+            )
+        elif limits.auto_workers:
+            cap = limits.max_workers(mode)
+            rate = m.batches / m.wall_s
+            need = 1.0 / m.step_s if m.step_s > 0 else math.inf
+            want = 2 * workers if math.isinf(need) else math.ceil(workers * 1.2 * need / rate)
+            want = max(workers + 1, min(want, 2 * workers))
+            # A load that waits (I/O, sleeps: each busy worker used little CPU) may run more
+            # threads than CPUs, busy machine or not; one that computes, only up to one per CPU
+            # and while CPUs are idle, its own and the machine's.
+            light = (m.cpu_used is not None and busy > 0
+                     and m.cpu_used / (workers * busy) < LIGHT_CPU_SHARE)
+            idle = ((m.cpu_used is None or m.cpu_used < limits.cpus - 0.5)
+                    and (m.idle_cpus is None or m.idle_cpus >= 0.5))
+            can_add = light or (idle and (mode == "process" or workers < limits.cpu_count))
+            saturated = mode == "thread" and not light and not idle
+            if busy < BUSY_LOW:
+                # The workers are not what the loop waits for (the hand-off, the GIL, the pool):
+                # more would wait too, fewer load as much.
+                new = max(1, floor, math.ceil(workers * busy / BUSY_TARGET))
+                if new < workers:
+                    reasons.append(
+                        f"epoch {e}: workers {workers} -> {new}: the loop waited {stall:.0%} of the "
+                        f"epoch but the workers were only {busy:.0%} busy: fewer load as much"
+                    )
+                    workers = new
+            elif saturated and workers > max(floor, limits.cpu_count):
+                new = max(floor, limits.cpu_count)
+                machine = "" if m.idle_cpus is None else f", {m.idle_cpus:.1f} idle on the machine"
+                reasons.append(
+                    f"epoch {e}: workers {workers} -> {new}: no CPU to spare (this process used "
+                    f"{m.cpu_used:.1f} of the {limits.cpus:g} it may use{machine}) and the workers "
+                    f"were {busy:.0%} busy: more busy workers than CPUs only take turns"
+                )
+                workers = new
+            elif not can_add:
+                pass  # the CPUs are busy: another worker would only share them
+            elif min(want, cap) > workers:
+                new = min(want, cap)
+                used = "" if m.cpu_used is None else f", {m.cpu_used:.1f} of {limits.cpus:g} CPUs used"
+                reasons.append(
+                    f"epoch {e}: workers {workers} -> {new}: the loop waited {stall:.0%} of the "
+                    f"epoch with the workers {busy:.0%} busy{used}"
+                )
+                floor = max(floor, workers + 1)  # fewer stalled: never drop back to them
+                workers = new
+    elif stall < STALL_LOW and limits.auto_workers and workers > 1 and busy < BUSY_LOW:
+        new = max(1, floor, math.ceil(workers * busy / BUSY_TARGET))
+        if new < workers:
+            reasons.append(
+                f"epoch {e}: workers {workers} -> {new}: the loop waited only {stall:.1%} of the "
+                f"epoch and the workers were {busy:.0%} busy: the consumer is the bottleneck"
+            )
+            workers = new
+    if mode == "process" and limits.auto_workers and workers > limits.cpu_count:
+        reasons.append(f"epoch {e}: workers {workers} -> {limits.cpu_count}: no more worker "
+                       f"processes than the {limits.cpus:g} CPUs this process may use")
+        workers = limits.cpu_count
+    if limits.auto_depth:
+        new_depth, why = _depth(workers, m, limits)
+        # A restart for a small change of depth costs more than it brings: not below a third.
+        # Deeper only helps busy workers (uneven loads); idle ones are not what the loop waits for.
+        # It shrinks only with the workers or for memory: a noisy spread must not make it swing.
+        grow = 3 * new_depth >= 4 * depth and busy >= BUSY_LOW
+        capped = "max_pool_bytes" in why and new_depth < depth
+        if new_depth != depth and (workers != current.workers or capped or grow):
+            reasons.append(f"epoch {e}: depth {depth} -> {new_depth}: {why}")
+            depth = new_depth
+    return Decision(Settings(mode, workers, depth), floor, tuple(reasons))
+
+
+def _depth(workers: int, m: Measurement, limits: Limits) -> tuple[int, str]:
+    """Depth for ``workers`` from the load-time spread, within the pool's bound."""
+    spread = m.load_p95_s / m.load_p50_s if m.load_p50_s > 0 else 1.0
+    want = max(2 * workers, min(DEPTH_PER_WORKER * workers, math.ceil(workers * spread)))
+    why = f"load times p95/p50 = {spread:.1f} with {workers} workers"
+    if m.batch_bytes > 0:
+        fits = max(1, limits.max_pool_bytes // m.batch_bytes - HELD_BATCHES)
+        if want > fits:
+            return fits, why + f"; capped by max_pool_bytes ({fits} batches of {m.batch_bytes} bytes)"
+    return want, why
+
+
+class Tuner:
+    """The policy's state across epochs: the settings, the floor and every decision made.
+
+    Args:
+        settings: the settings the first epoch runs with.
+        limits: the bounds (fixed for the loader's life).
+    """
+
+    def __init__(self, settings: Settings, limits: Limits) -> None:
+        self.settings = settings
+        self.limits = limits
+        self.floor = 1
+        self.decisions: list[str] = []
+        self.measured: set[int] = set()  # epochs already decided on
+
+    def observe(self, m: Measurement) -> Settings:
+        """Takes one epoch's figures (once per epoch) and returns the next epoch's settings."""
+        if m.epoch in self.measured:
+            return self.settings
+        self.measured.add(m.epoch)
+        d = decide(self.settings, m, self.limits, self.floor)
+        self.settings, self.floor = d.settings, d.floor
+        self.decisions.extend(d.reasons)
+        return self.settings
+
+    def __repr__(self) -> str:
+        return f"Tuner({self.settings}, floor={self.floor}, {len(self.decisions)} decisions)"
+
+
+def cpus_from(affinity: int, cpu_max: list[str]) -> float:
+    """CPUs usable under ``affinity`` CPUs and the cgroup v2 ``cpu.max`` texts of the process's
+    cgroup and its ancestors (``"max 100000"``: no quota; ``"150000 100000"``: 1.5 CPUs).
+
+    Args:
+        affinity: CPUs in the process's affinity mask.
+        cpu_max: the contents of each ``cpu.max`` on the way to the root (any order).
+
+    Returns:
+        The smaller of the affinity and the tightest quota, at least 1 (a quota below one CPU
+        still runs one worker).
+    """
+    cpus = float(max(1, affinity))
+    for text in cpu_max:
+        parts = text.split()
+        if len(parts) != 2 or parts[0] == "max":
+            continue
+        try:
+            quota, period = int(parts[0]), int(parts[1])
+        except ValueError:
+            continue
+        if quota > 0 and period > 0:
+            cpus = min(cpus, quota / period)
+    return max(1.0, cpus)
+
+
+def idle_jiffies() -> tuple[int, int] | None:
+    """``(idle, total)`` CPU time of the whole machine so far, in clock ticks (``/proc/stat``), or
+    None where there is none. Two readings give the CPUs idle in between:
+    ``cpus * d_idle / d_total``."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    ticks = [int(v) for v in fields[1:]]
+    return ticks[3] + (ticks[4] if len(ticks) > 4 else 0), sum(ticks[:8])
+
+
+def usable_cpus() -> float:
+    """CPUs this process may use: its affinity mask, bounded by the cgroup v2 CPU quota."""
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        affinity = os.cpu_count() or 1
+    texts: list[str] = []
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = f.read().splitlines()
+        path = next((line[3:] for line in lines if line.startswith("0::")), None)
+        if path is not None:
+            parts = [p for p in path.split("/") if p]
+            for depth in range(len(parts), -1, -1):
+                cpu_max = os.path.join("/sys/fs/cgroup", *parts[:depth], "cpu.max")
+                try:
+                    with open(cpu_max) as f:
+                        texts.append(f.read())
+                except OSError:
+                    continue
+    except OSError:
+        pass
+    return cpus_from(affinity, texts)
+

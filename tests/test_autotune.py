@@ -1,0 +1,158 @@
+"""Autotune on the Prefetcher (workers/depth/mode="auto"): real loads, in subprocesses with timeouts.
+
+The policy itself is tested on simulated timings in test_tune.py; these tests check that the
+Prefetcher measures, decides and applies at epoch boundaries without losing or repeating a batch.
+No assertion is on a speed: only on the decisions that follow from what a Sequence does (holding
+the GIL or releasing it) and on the batches delivered.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+import pyloader
+from pyloader import _tune
+
+pytestmark = [
+    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process mode uses fork and /proc"),
+    pytest.mark.skipif(_tune.usable_cpus() < 2, reason="thread -> process needs two usable CPUs"),
+]
+
+# A Sequence whose __getitem__ holds the GIL (a fixed amount of pure-Python work, ~10-20 ms), and
+# one that releases it (time.sleep). Batch i is i, with an offset the epoch hook moves: the
+# batches show which hooks ran before they were loaded, in whichever process.
+SEQUENCES = """
+import time
+import numpy as np
+
+class Gil:
+    def __init__(self, n=80, hook=False):
+        self.n, self.offset = n, 0
+        if hook:
+            self.on_epoch_end = self._end
+    def _end(self):
+        self.offset += 1000
+    def __len__(self):
+        return self.n
+    def __getitem__(self, i):
+        x = 0
+        for k in range(250_000):
+            x += k
+        return np.full(4, i + self.offset, dtype=np.int64)
+
+class Sleepy:
+    def __len__(self):
+        return 120
+    def __getitem__(self, i):
+        time.sleep(0.02)
+        return np.full(4, i, dtype=np.int64)
+"""
+
+
+def run(code: str, python_subprocess, timeout: float = 240.0) -> dict:
+    done = python_subprocess(SEQUENCES + code, timeout=timeout)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_auto_moves_a_gil_holding_sequence_to_processes_keeping_every_batch_once_in_order(python_subprocess):
+    out = run("""
+import json, pyloader
+seq = Gil(hook=True)
+epochs, modes = [], []
+with pyloader.Prefetcher(seq, shuffle=True, seed=7) as p:
+    for _ in range(3):
+        epochs.append([int(b[0]) for b in p])
+        modes.append(p.mode)
+    auto = p.stats()["autotune"]
+    pids = p.worker_pids()
+print(json.dumps({"epochs": epochs, "modes": modes, "auto": auto, "pids": pids}))
+""", python_subprocess)
+    from pyloader._plan import Plan
+
+    plan = Plan(80, True, 7, 0, 1, False)
+    for epoch, got in enumerate(out["epochs"]):
+        # The hook of each earlier epoch ran before any batch of this one loaded (in the worker
+        # processes too, which replay it), every batch once, in the plan's order.
+        assert got == [int(i) + 1000 * epoch for i in plan.indices(epoch)], epoch
+    assert out["modes"][0] == "thread" and out["modes"][-1] == "process"
+    assert out["auto"]["mode"] == "process" and len(out["pids"]) == out["auto"]["workers"]
+    switch = [d for d in out["auto"]["decisions"] if "thread -> process" in d]
+    assert len(switch) == 1 and switch[0].startswith("epoch 0: thread -> process: the GIL was held")
+
+
+def test_auto_keeps_threads_for_a_sequence_that_releases_the_gil(python_subprocess):
+    out = run("""
+import json, pyloader
+with pyloader.Prefetcher(Sleepy()) as p:
+    epochs = [[int(b[0]) for b in p] for _ in range(3)]
+    auto = p.stats()["autotune"]
+print(json.dumps({"epochs": epochs, "auto": auto}))
+""", python_subprocess)
+    assert out["epochs"] == [list(range(120))] * 3
+    assert out["auto"]["mode"] == "thread"
+    assert not any("process" in d for d in out["auto"]["decisions"]), out["auto"]["decisions"]
+    # The loop waited on sleeping workers with CPUs idle: workers were added, and said why.
+    assert out["auto"]["workers"] > _tune.initial_workers(_tune.usable_cpus())
+    assert any("workers" in d and "the loop waited" in d for d in out["auto"]["decisions"])
+
+
+def test_worker_processes_that_cannot_start_leave_threads_loading_and_say_why(python_subprocess):
+    out = run("""
+import json, pyloader
+seq = Gil(80)
+seq.unpicklable = lambda: None  # spawn pickles the Sequence: this one cannot be
+with pyloader.Prefetcher(seq, start_method="spawn") as p:
+    epochs = [[int(b[0]) for b in p] for _ in range(3)]
+    auto = p.stats()["autotune"]
+print(json.dumps({"epochs": epochs, "auto": auto}))
+""", python_subprocess)
+    assert out["epochs"] == [list(range(80))] * 3
+    assert out["auto"]["mode"] == "thread"
+    failed = [d for d in out["auto"]["decisions"] if "worker processes could not start" in d]
+    assert len(failed) == 1 and "threads go on" in failed[0], out["auto"]["decisions"]
+
+
+def test_explicit_settings_are_obeyed(python_subprocess):
+    out = run("""
+import json, pyloader
+with pyloader.Prefetcher(Gil(40), workers=3, depth=5, mode="thread") as p:
+    epochs = [[int(b[0]) for b in p] for _ in range(2)]
+    print(json.dumps({"epochs": epochs, "settings": [p.mode, p.workers, p.depth],
+                      "auto": p.stats()["autotune"]}))
+""", python_subprocess)
+    assert out["epochs"] == [list(range(40))] * 2
+    assert out["settings"] == ["thread", 3, 5]
+    assert out["auto"] is None
+
+
+def test_an_interrupted_pass_is_not_tuned_on_and_resumes_exactly(python_subprocess):
+    out = run("""
+import json, pyloader
+with pyloader.Prefetcher(Gil(40)) as p:
+    first = []
+    for b in p:
+        first.append(int(b[0]))
+        if len(first) == 10:
+            break
+    state = p.state_dict()
+    second = [int(b[0]) for b in p]
+    auto = p.stats()["autotune"]
+print(json.dumps({"first": first, "second": second, "state": state, "auto": auto}))
+""", python_subprocess)
+    assert out["first"] == list(range(10))
+    assert out["state"]["batches_consumed"] == 10
+    assert out["second"] == list(range(40))  # the next epoch, whole
+    assert out["auto"]["decisions"] == []
+
+
+def test_defaults_are_auto():
+    seq = [1, 2, 3]
+    with pyloader.Prefetcher(seq) as p:
+        assert p.stats()["autotune"] == {"mode": "thread", "workers": p.workers, "depth": p.depth,
+                                         "decisions": []}
+        assert p.workers == _tune.initial_workers(_tune.usable_cpus()) and p.depth == 2 * p.workers
+        assert list(p) == [1, 2, 3]
