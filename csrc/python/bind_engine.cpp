@@ -178,6 +178,17 @@ class PyEngine {
     return out;
   }
 
+  // Workers that are inside a position (loading, waiting for its buffer, filling, running the
+  // epoch hook): a stop now would interrupt them (process mode: mid-conversation, so the worker
+  // process is replaced). Idle ones are between positions (e.g. waiting for a ring slot).
+  int busy_workers() const {
+    int busy = 0;
+    for (const WorkerActivity& a : live()->engine().activity()) {
+      if (a.phase != WorkerPhase::kIdle) ++busy;
+    }
+    return busy;
+  }
+
   // Stops the engine (at once: no new position starts, no batch is taken any more) without
   // waiting for its workers; close() then joins them. Idempotent.
   void stop() {
@@ -307,6 +318,7 @@ void register_engine(py::module_& m) {
       .def("drain_to", &PyEngine::drain_to, py::arg("position"), py::arg("timeout") = py::none())
       .def("epoch_error", &PyEngine::epoch_error, py::arg("epoch"))
       .def("stats", &PyEngine::stats)
+      .def("busy_workers", &PyEngine::busy_workers)
       .def("stop", &PyEngine::stop)
       .def("close", &PyEngine::close, py::arg("grace_s") = py::none());
 }

@@ -761,6 +761,18 @@ class Prefetcher:
         epoch, consumed = self._resume
         self._resume = (epoch + 1, 0) if consumed else (epoch, 0)
 
+    def _quiesce(self, timeout_s: float) -> None:
+        """Waits, at most ``timeout_s``, until no worker is inside a position (between positions
+        they wait for a ring slot or a plan), so that the next stop interrupts none: in process
+        mode an interrupted worker process is replaced, losing its state (a persistent worker's
+        random streams). For a pass that ends before the plan does (a stream's)."""
+        engine = self._engine
+        if engine is None or self._workers is None:
+            return
+        deadline = time.monotonic() + timeout_s
+        while engine.busy_workers() and time.monotonic() < deadline:
+            time.sleep(0.001)
+
     def set_epoch(self, epoch: int) -> None:
         """Makes the next pass be epoch ``epoch`` from its start (like ``sampler.set_epoch``)."""
         self._check_open()

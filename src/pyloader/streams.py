@@ -56,6 +56,7 @@ from .prefetcher import Prefetcher
 __all__ = ["Stream"]
 
 _STATE_VERSION = 1
+_QUIESCE_S = 2.0  # at most this long for the workers to finish the slots past a pass's end
 
 
 class Stream:
@@ -219,6 +220,10 @@ class Stream:
         iterator.done = True
         self._pass = iterator.pass_ + 1
         loader = self.loader
+        # The engine loads on past the end (slots of ended shards): let the workers finish those
+        # first, so that the stop replaces no worker process (whose state a persistent torch worker
+        # keeps from pass to pass).
+        loader._quiesce(_QUIESCE_S)
         loader.set_epoch(self._pass << _stream._PASS_SHIFT)  # stops the engine; the next iter() starts it
 
     def state_dict(self) -> dict[str, Any]:
