@@ -98,6 +98,20 @@ run once. No fork or thread start per epoch. A worker process that dies is repla
 from the zygote, which then receives the current pass's batches before its first one. A new pass
 takes the workers over from an unfinished one, whose iterator then raises ``RuntimeError``.
 
+An ``IterableDataset`` is loaded by pyloader as torch loads it (:mod:`._iterable`): worker process
+``k`` iterates its own copy of the dataset (which may shard itself with ``get_worker_info()``),
+batches its own items (``batch_size``, ``drop_last``, ``collate_fn``), and the batches arrive
+round-robin over the workers, a worker that has ended dropping out: a :class:`~pyloader.Stream`
+whose shards are the workers. Seeds, ``get_worker_info()``, ``worker_init_fn``, persistent
+workers, torch's warning for batches past a ``len()`` taken before the pass, and DataPipe graphs
+(seeded per pass from ``generator``, sharded per worker) are torch's. What differs: an exception
+raised by a worker's iterator ends that worker's stream for the pass (torch's worker generator
+ends too), and ``state_dict()`` is refused (torch has none; :class:`~pyloader.Stream` resumes
+streams of shards). ``mode="thread"`` with ``num_workers > 0`` is refused: torch keeps
+``get_worker_info()`` per process, so worker threads could not give each copy its own. With
+``num_workers=0`` one worker thread iterates the dataset ahead of the loop, with no worker info,
+as torch's main process does.
+
 Distributed: when ``torch.distributed`` is initialized and no ``sampler``/``batch_sampler`` is
 given, the default sampler becomes ``DistributedSampler(dataset, shuffle=shuffle, seed=...,
 drop_last=drop_last)`` whose epoch advances with every pass (``set_epoch`` is called for you).
@@ -106,7 +120,8 @@ Pass any sampler explicitly to opt out.
 The package, one idea per module: :mod:`._loader` (the DataLoader and its iterator: torch's epochs
 on a Prefetcher), :mod:`._batching` (what the workers run for one batch; the natively gathered
 arrays), :mod:`._codec` (tensors to marked arrays and back; torch's batch from a delivered one),
-:mod:`._device` (``prefetch``: batches copied to a device ahead); the walk over nested batches is
+:mod:`._device` (``prefetch``: batches copied to a device ahead), :mod:`._iterable` (an
+``IterableDataset`` as a Stream of torch's workers); the walk over nested batches is
 :mod:`pyloader._tree`'s.
 """
 
