@@ -35,6 +35,7 @@ import inspect
 import random
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from itertools import islice
 from typing import Any
 
 import numpy as np
@@ -269,11 +270,19 @@ class StreamSource:
 
         items: list[Any] = []
         try:
-            while len(items) < want:
-                ok, item = read() if cursor.buffer is None else cursor.buffer.take(read)
-                if not ok:
-                    break
-                items.append(item)
+            if cursor.buffer is None:
+                # list.extend keeps the items it appended when the iterator raises: the count
+                # still names the failing item. (islice: no Python call per item.)
+                try:
+                    items.extend(islice(iterator, want))
+                finally:
+                    cursor.items += len(items)
+            else:
+                while len(items) < want:
+                    ok, item = cursor.buffer.take(read)
+                    if not ok:
+                        break
+                    items.append(item)
         except Exception as exc:
             cursor.ended = True
             add_note(
