@@ -98,9 +98,13 @@ def test_an_exception_in_a_workers_iterator_is_the_users_type_and_the_loop_goes_
     assert "Caught KeyError in DataLoader worker process 1" in notes and "shard 1" in notes
 
 
-def test_thread_mode_with_workers_is_refused_with_the_reason():
-    with pytest.raises(ValueError, match="get_worker_info"):
-        pt.DataLoader(Sharded(4), num_workers=2, mode="thread")
+def test_thread_mode_with_workers_uses_processes_and_says_so():
+    with pytest.warns(UserWarning, match="get_worker_info"):
+        loader = pt.DataLoader(Sharded(7), num_workers=2, mode="thread")
+    assert iter(loader).stream.mode == "process"
+    with pytest.warns(UserWarning, match="get_worker_info"):
+        ours = run(pt.DataLoader, Sharded(7), num_workers=2, batch_size=2, mode="thread")
+    assert ours == run(TorchLoader, Sharded(7), num_workers=2, batch_size=2)
     assert run(pt.DataLoader, Sharded(5), num_workers=0, mode="thread") == run(TorchLoader, Sharded(5))
 
 

@@ -107,8 +107,9 @@ workers, torch's warning for batches past a ``len()`` taken before the pass, and
 (seeded per pass from ``generator``, sharded per worker) are torch's. What differs: an exception
 raised by a worker's iterator ends that worker's stream for the pass (torch's worker generator
 ends too), and ``state_dict()`` is refused (torch has none; :class:`~pyloader.Stream` resumes
-streams of shards). ``mode="thread"`` with ``num_workers > 0`` is refused: torch keeps
-``get_worker_info()`` per process, so worker threads could not give each copy its own. With
+streams of shards). ``mode="thread"`` with ``num_workers > 0`` loads it with worker processes
+all the same, and warns: torch keeps ``get_worker_info()`` per process, so worker threads could
+not give each copy its own (each would read the whole dataset). With
 ``num_workers=0`` one worker thread iterates the dataset ahead of the loop, with no worker info,
 as torch's main process does.
 

@@ -13,7 +13,8 @@ are torch's for the same ``num_workers``.
 With ``num_workers=0`` (torch: the main process iterates the dataset, ``get_worker_info()`` is
 None) one worker thread iterates the dataset ahead of the loop, with no worker info, as in torch.
 Worker *threads* cannot give each copy of the dataset its own ``get_worker_info()`` (torch keeps
-it in a process-wide variable), so ``mode="thread"`` with ``num_workers > 0`` is refused.
+it in a process-wide variable), so ``mode="thread"`` with ``num_workers > 0`` uses worker processes
+for an ``IterableDataset`` all the same (the DataLoader warns).
 """
 
 from __future__ import annotations

@@ -173,10 +173,13 @@ class DataLoader(torch.utils.data.DataLoader[_T_co]):
             self._kind = _CONVERT if self.collate_fn is default_convert else _CUSTOM
         if self._iterable:
             if mode == "thread" and num_workers > 0:
-                raise ValueError(
-                    "mode='thread' cannot load an IterableDataset with num_workers > 0: each worker's "
-                    "copy of the dataset needs its own get_worker_info() (to shard itself), which torch "
-                    "keeps per process; use mode='auto' (worker processes, as torch) or num_workers=0"
+                warnings.warn(
+                    "pyloader.torch.DataLoader(mode='thread'): an IterableDataset is loaded by worker "
+                    "processes all the same: each worker's copy of the dataset needs its own "
+                    "get_worker_info() (to shard itself), which torch keeps per process, so threads "
+                    "would each read the whole dataset",
+                    UserWarning,
+                    stacklevel=2,
                 )
             self._epoch = 0
             self._drew_base_seed = False
@@ -221,7 +224,7 @@ class DataLoader(torch.utils.data.DataLoader[_T_co]):
     def _processes(self) -> bool:
         """Do the passes that call the dataset run it in worker processes? ``mode="auto"``: yes
         whenever ``num_workers > 0``, as torch's workers are processes (see the module docs)."""
-        return self.mode == "process" or (self.mode == "auto" and self.num_workers > 0)
+        return self.mode == "process" or (self.num_workers > 0 and (self.mode == "auto" or self._iterable))
 
     def check_worker_number_rationality(self) -> None:
         """torch's warning about more worker processes than CPUs, when pyloader starts worker
