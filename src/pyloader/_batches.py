@@ -22,7 +22,6 @@ worker (``numpy.asarray``), so that the native stack and the slot layout see arr
 
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -31,7 +30,7 @@ import numpy as np
 
 from . import _tree
 from ._errors import add_note
-from ._plan import fresh_seed
+from ._plan import batch_count, fresh_seed, sample_permutation
 from .collate import collate as _collate_numpy
 from .collate import stack
 
@@ -153,15 +152,13 @@ class Batches:
         return state
 
     def __len__(self) -> int:
-        if self.drop_last:
-            return self.samples // self.batch_size
-        return math.ceil(self.samples / self.batch_size)
+        return batch_count(self.samples, self.batch_size, self.drop_last)
 
     def sample_order(self, epoch: int) -> np.ndarray | None:
         """The order of the samples in ``epoch`` (``None``: unshuffled, ``0, 1, 2, ...``)."""
         if not self.shuffle:
             return None
-        return np.random.default_rng([self.seed, 1, epoch]).permutation(self.samples).astype(np.int64, copy=False)
+        return sample_permutation(self.seed, epoch, self.samples)
 
     def batch_indices(self, index: int, epoch: int) -> list[int]:
         """The dataset indices of batch ``index`` in ``epoch``."""

@@ -107,3 +107,14 @@ def _check_shard(shard: tuple) -> tuple[int, int]:
     if world < 1 or not 0 <= rank < world:
         raise ValueError(f"shard=(rank, world_size) needs 0 <= rank < world_size, got {shard!r}")
     return int(rank), int(world)
+
+
+def batch_count(samples: int, batch_size: int, drop_last: bool) -> int:
+    """Batches of ``batch_size`` over ``samples`` samples (the last one partial unless dropped)."""
+    return samples // batch_size if drop_last else math.ceil(samples / batch_size)
+
+
+def sample_permutation(seed: int, epoch: int, samples: int) -> np.ndarray:
+    """The sample order of ``epoch`` for per-sample shuffling (``ArraySequence``, ``batches``):
+    a permutation of ``range(samples)`` drawn from ``(seed, epoch)``, as int64."""
+    return np.random.default_rng([seed, 1, epoch]).permutation(samples).astype(np.int64, copy=False)

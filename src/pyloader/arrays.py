@@ -17,7 +17,6 @@ No copy of the data is ever made: arrays are used in place, ``.npy`` files are m
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping
 from os import PathLike
@@ -26,7 +25,7 @@ from typing import Any, cast
 import numpy as np
 
 from . import _C
-from ._plan import fresh_seed
+from ._plan import batch_count, fresh_seed, sample_permutation
 
 __all__ = ["ArraySequence"]
 
@@ -146,15 +145,13 @@ class ArraySequence:
         return total
 
     def __len__(self) -> int:
-        if self.drop_last:
-            return self.samples // self.batch_size
-        return math.ceil(self.samples / self.batch_size)
+        return batch_count(self.samples, self.batch_size, self.drop_last)
 
     def sample_order(self, epoch: int) -> np.ndarray | None:
         """The order of the samples in ``epoch`` (``None``: unshuffled)."""
         if not self.shuffle:
             return None
-        return np.random.default_rng([self.seed, 1, epoch]).permutation(self.samples).astype(np.int64, copy=False)
+        return sample_permutation(self.seed, epoch, self.samples)
 
     def batch_indices(self, index: int, epoch: int) -> slice | np.ndarray:
         """The samples of batch ``index`` in ``epoch``."""

@@ -210,7 +210,7 @@ class Stream:
                 "a single iterator (a generator) is read once: this Stream's one pass is over; give "
                 "a generator function (a shard that reopens) to read the data again"
             )
-        epoch, consumed = loader._resume if loader._engine is None else loader._position()
+        epoch = loader._resume[0] if loader._engine is None else loader._position()[0]
         if epoch >> _stream._PASS_SHIFT != self._pass:
             loader.set_epoch(self._pass << _stream._PASS_SHIFT)
         self._iterator = _StreamIterator(self, self._pass)

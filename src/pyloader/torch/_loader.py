@@ -712,13 +712,7 @@ class _LoaderIter:
         at = self.yielded - self.plan.skipped  # the plan position that failed
         cause = err.__cause__
         if isinstance(err, WorkerDiedError):
-            # torch: a RuntimeError naming the worker's pid and signal ("DataLoader worker (pid
-            # 123) is killed by signal: ..."); WorkerDiedError is one, and its text says both.
-            raise WorkerDiedError(
-                f"DataLoader worker process {err.worker} exited unexpectedly while loading batch "
-                f"{self.yielded} of epoch {self.epoch}, on every retry: {err}",
-                index=self.yielded, epoch=self.epoch, position=err.position, worker=err.worker,
-            )
+            raise _worker_died(err, self.yielded, self.epoch)
         if isinstance(cause, _SampleFailure):
             raise self._sample_error(cause, err.worker)
         if cause is None:
@@ -855,8 +849,9 @@ class _IterableIter:
         except TimeoutError as exc:
             raise RuntimeError(f"DataLoader timed out after {self.loader.timeout} seconds") from exc
         if failed is not None:  # outside the except clause: the user's exception keeps its context
-            self.yielded += 1
-            raise self._error(failed)
+            error = self._error(failed)
+            self.yielded += 1  # like torch's iterator, the next next() gives the next batch
+            raise error
         if self._kind is _STACK:
             batch = _collated(batch)
         elif self._kind is _CONVERT:
@@ -880,11 +875,7 @@ class _IterableIter:
     def _error(self, err: BatchError) -> BaseException:
         """What torch raises: a dead worker's RuntimeError, or the user's exception with a note."""
         if isinstance(err, WorkerDiedError):
-            return WorkerDiedError(
-                f"DataLoader worker process {err.worker} exited unexpectedly while loading batch "
-                f"{self.yielded} of epoch {self.epoch}, on every retry: {err}",
-                index=self.yielded, epoch=self.epoch, position=err.position, worker=err.worker,
-            )
+            return _worker_died(err, self.yielded, self.epoch)
         cause = err.__cause__
         if cause is None:
             return err
@@ -911,3 +902,14 @@ class _IterableIter:
     def __del__(self) -> None:
         if not getattr(self, "finished", True):
             self._finish()
+
+
+def _worker_died(err: WorkerDiedError, batch: int, epoch: int) -> WorkerDiedError:
+    """torch's error for a batch whose workers died: a RuntimeError naming the worker's pid and
+    signal ("DataLoader worker (pid 123) is killed by signal: ..."); WorkerDiedError is one, and
+    its text says both."""
+    return WorkerDiedError(
+        f"DataLoader worker process {err.worker} exited unexpectedly while loading batch {batch} "
+        f"of epoch {epoch}, on every retry: {err}",
+        index=batch, epoch=epoch, position=err.position, worker=err.worker,
+    )
