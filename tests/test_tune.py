@@ -79,9 +79,9 @@ def test_a_switch_keeps_the_users_worker_count() -> None:
 def test_a_gil_free_load_that_stalls_adds_workers_while_cpus_are_idle() -> None:
     d = decide(THREADS, measurement(gil_share=0.05, cpu_used=0.3), LIMITS)
     assert d.settings.mode == "thread"
-    assert d.settings.workers == 8  # at most doubling per epoch
+    assert d.settings.workers == 8  # at most doubling per decision
     assert d.floor == 5  # four stalled: never back to them
-    assert any("workers 4 -> 8: the loop waited 90% of the epoch" in r for r in d.reasons)
+    assert any("workers 4 -> 8: the loop waited 90% of the time" in r for r in d.reasons)
 
 
 def test_workers_are_added_toward_the_count_that_feeds_the_step() -> None:
@@ -232,8 +232,20 @@ def test_a_gil_bound_load_with_a_fast_consumer_ends_in_process_mode(gil: float, 
     assert any("thread -> process" in r for r in tuner.decisions)
 
 
-def test_the_tuner_decides_once_per_epoch() -> None:
+def test_the_tuner_decides_once_per_window() -> None:
     tuner = Tuner(THREADS, LIMITS)
     first = tuner.observe(measurement())
     assert tuner.observe(measurement()) == first
     assert len(tuner.decisions) == len(decide(THREADS, measurement(), LIMITS).reasons)
+
+
+def test_a_window_that_ends_mid_pass_says_where() -> None:
+    d = decide(THREADS, measurement(batch=48), LIMITS)
+    assert d.reasons[0].startswith("epoch 2, batch 48: thread -> process: the GIL was held 92%")
+    # The same window, a pass later: another decision (the tuner keys windows by epoch and batch).
+    tuner = Tuner(Settings("thread", 2, 4), Limits(cpus=8.0, max_pool_bytes=1 << 30, auto_mode=False))
+    light = dict(gil_share=0.0, cpu_used=0.05, busy_fraction=0.95)
+    tuner.observe(measurement(batch=48, **light))
+    tuner.observe(measurement(**light))
+    assert tuner.settings.workers == 8 and [r.split(":")[0] for r in tuner.decisions[::2]] == [
+        "epoch 2, batch 48", "epoch 2"]

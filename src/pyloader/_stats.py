@@ -54,6 +54,18 @@ def merge(into: dict[str, Any] | None, later: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def append(records: list[dict[str, Any]] | deque[dict[str, Any]], raw: dict[str, Any]) -> None:
+    """Appends an engine's record to ``records``, joined to the last one when both are of the same
+    single epoch: an epoch split over two engines (restarted mid-epoch by autotune or after a
+    ``TimeoutError``) is one record."""
+    if records and raw["epochs"] == 1 and records[-1]["epochs"] == 1 and records[-1]["epoch"] == raw["epoch"]:
+        joined = merge(records[-1], raw)
+        joined["epochs"] = 1
+        records[-1] = joined
+    else:
+        records.append(raw)
+
+
 def with_threads(raw: dict[str, Any], threads: int) -> dict[str, Any]:
     """An engine's record with ``thread_ns``: the workers' wall time (the busy fraction's base)."""
     return dict(raw, thread_ns=raw["wall_ns"] * threads)
@@ -95,7 +107,7 @@ class EpochRecords:
         if engine_stats["earlier"] is not None:
             self.earlier = merge(self.earlier, with_threads(engine_stats["earlier"], threads))
         for raw in engine_stats["recent"]:
-            self.recent.append(with_threads(raw, threads))
+            append(self.recent, with_threads(raw, threads))
         while len(self.recent) > WINDOW:
             self.earlier = merge(self.earlier, self.recent.popleft())
 
@@ -110,7 +122,8 @@ class EpochRecords:
                     earlier = merge(earlier, raw)
                 recent = []
                 earlier = merge(earlier, with_threads(live["earlier"], threads))
-            recent += [with_threads(raw, threads) for raw in live["recent"]]
+            for raw in live["recent"]:
+                append(recent, with_threads(raw, threads))
         while len(recent) > WINDOW:
             earlier = merge(earlier, recent.pop(0))
         epochs = [summarize(raw) for raw in recent]

@@ -1,22 +1,23 @@
-"""Autotune policy: from what one epoch measured, the next epoch's mode, workers and depth.
+"""Autotune policy: from what one window of batches measured, the next mode, workers and depth.
 
 Pure: :func:`decide` maps ``(settings, measurement, limits, floor)`` to a :class:`Decision` (the
 next settings and, for each change, a sentence saying why), with no clock, thread or I/O, so that
-it is tested on simulated figures. :class:`Tuner` keeps what the policy needs across epochs (the
+it is tested on simulated figures. :class:`Tuner` keeps what the policy needs across windows (the
 fewest workers that were seen to keep up, the decisions made so far). :func:`usable_cpus` reads
 the CPUs this process may use (affinity and the cgroup v2 ``cpu.max`` quota); the Prefetcher and
 ``python -m pyloader profile`` measure, this module only decides.
 
-The rules, applied to an epoch with enough batches and wall time to tell (:data:`MIN_BATCHES`,
+The rules, applied to a window (:mod:`pyloader._window`: the batches since the last decision,
+mid-pass or at an epoch's end) with enough batches and wall time to tell (:data:`MIN_BATCHES`,
 :data:`MIN_EPOCH_S`):
 
-1. **Loading is the bottleneck** (the loop waited at least :data:`STALL_HIGH` of the epoch):
+1. **Loading is the bottleneck** (the loop waited at least :data:`STALL_HIGH` of the window):
    - in thread mode, when the GIL was held at least :data:`GIL_SWITCH` of the time the loop
      waited and at least 2 CPUs are usable, more threads cannot load faster: switch to worker
-     processes (one per usable CPU), if the epoch is long enough to pay for starting them
+     processes (one per usable CPU), if the window is long enough to pay for starting them
      (:data:`MIN_SWITCH_S`);
    - else add workers, toward the count that would feed the loop's step with 20% to spare, at
-     most doubling per epoch: for a load that waits (each busy worker used less than
+     most doubling per decision: for a load that waits (each busy worker used less than
      :data:`LIGHT_CPU_SHARE` of a CPU: I/O, sleeps) whatever the CPUs do, up to a few threads
      per CPU; for one that computes, up to one worker per usable CPU and only while CPUs are
      idle (the process used less than ``cpus - 0.5`` and the machine had half a CPU idle);
@@ -56,13 +57,14 @@ __all__ = [
     "usable_cpus",
 ]
 
-MIN_BATCHES = 16  # an epoch with fewer batches tells too little to act on
+MIN_BATCHES = 16  # a window of fewer batches tells too little to act on
 MIN_EPOCH_S = 0.25  # ... or shorter than this (a restart would cost more than it could save)
-MIN_SWITCH_S = 0.5  # thread -> process only for epochs long enough to pay for starting processes
-STALL_HIGH = 0.05  # the loop waited at least this share of the epoch: loading is the bottleneck
+MID_PASS_S = 0.5  # a window decided on mid-pass lasts at least this (a restart reloads a few batches)
+MIN_SWITCH_S = 0.5  # thread -> process only for windows long enough to pay for starting processes
+STALL_HIGH = 0.05  # the loop waited at least this share of the window: loading is the bottleneck
 STALL_LOW = 0.01  # at most this: the consumer is
 GIL_SWITCH = 0.7  # the GIL held this share of the waits: threads are capped by it
-BUSY_LOW = 0.5  # workers busy less than this share of the epoch are too many
+BUSY_LOW = 0.5  # workers busy less than this share of the window are too many
 BUSY_TARGET = 0.7  # dropping workers aims at this busy share
 LIGHT_CPU_SHARE = 0.1  # busy workers using less CPU than this share of their time mostly wait
 MAX_THREAD_WORKERS = 64  # most threads auto starts
@@ -112,20 +114,22 @@ class Limits:
 
 @dataclass(frozen=True)
 class Measurement:
-    """One epoch's figures (from :meth:`pyloader.Prefetcher.stats` and the loop's clock).
+    """One window's figures (:class:`pyloader._window.Window`: the engine's records and the loop's clock).
 
     Attributes:
-        epoch: the epoch measured.
+        epoch: the epoch measured (the one the measurement ends in).
         batches: batches the loop took.
-        wall_s: the epoch's wall time (first request to last batch).
+        wall_s: the wall time they took (first request to last batch).
         wait_s: time the loop waited for batches.
         load_p50_s, load_p95_s: per-batch load time percentiles.
         busy_fraction: the workers' busy share of their wall time.
         gil_share: share of the loop's waits during which the GIL was held (None: not measured).
-        cpu_used: CPUs the process used on average over the epoch (None: not measured).
-        idle_cpus: CPUs of the machine idle on average over the epoch, whoever else runs there
+        cpu_used: CPUs the process used on average over the window (None: not measured).
+        idle_cpus: CPUs of the machine idle on average over the window, whoever else runs there
             (None: not measured).
         batch_bytes: bytes of buffer one batch takes (0: unknown).
+        batch: for a measurement that ends mid-pass, the batch of ``epoch`` it ends at (None: it
+            ends with the epoch).
     """
 
     epoch: int
@@ -139,10 +143,17 @@ class Measurement:
     cpu_used: float | None = None
     batch_bytes: int = 0
     idle_cpus: float | None = None
+    batch: int | None = None
+
+    @property
+    def where(self) -> str:
+        """Where the measurement ends, for the reasons: ``"epoch 2"`` (at its end) or
+        ``"epoch 2, batch 160"`` (mid-pass)."""
+        return f"epoch {self.epoch}" if self.batch is None else f"epoch {self.epoch}, batch {self.batch}"
 
     @property
     def stall(self) -> float:
-        """The loop's wait as a share of the epoch."""
+        """The loop's wait as a share of the window."""
         return min(1.0, self.wait_s / self.wall_s) if self.wall_s > 0 else 0.0
 
     @property
@@ -161,8 +172,10 @@ class Decision:
 
 
 def initial_workers(cpus: float) -> int:
-    """Workers auto starts with: the former default 4, or one per CPU on a larger machine (up to 8)."""
-    return min(8, max(4, math.floor(cpus)))
+    """Workers auto starts with: one per usable CPU, at least 2 (one can load while another
+    waits), at most 8. A load that computes is then where it should be; one that waits (I/O,
+    sleeps) gets more within its first pass, from the first window's figures."""
+    return min(8, max(2, math.floor(cpus)))
 
 
 def initial_depth(workers: int) -> int:
@@ -171,10 +184,10 @@ def initial_depth(workers: int) -> int:
 
 
 def decide(current: Settings, m: Measurement, limits: Limits, floor: int = 1) -> Decision:
-    """The settings for the epoch after ``m``. See the module docstring for the rules.
+    """The settings after the window ``m``. See the module docstring for the rules.
 
     Args:
-        current: the settings the epoch ran with.
+        current: the settings the window ran with.
         m: what it measured.
         limits: the machine's and the user's bounds.
         floor: workers never drop below it (one more than the most workers seen to stall).
@@ -186,7 +199,7 @@ def decide(current: Settings, m: Measurement, limits: Limits, floor: int = 1) ->
         return Decision(current, floor)
     mode, workers, depth = current.mode, current.workers, current.depth
     reasons: list[str] = []
-    e = m.epoch
+    e = m.where
     stall, busy = m.stall, m.busy_fraction
     if stall >= STALL_HIGH:
         gil = m.gil_share
@@ -197,8 +210,8 @@ def decide(current: Settings, m: Measurement, limits: Limits, floor: int = 1) ->
             if limits.auto_workers:
                 workers = limits.max_workers("process")
             reasons.append(
-                f"epoch {e}: thread -> process: the GIL was held {gil:.0%} of the time the loop "
-                f"waited for a batch ({stall:.0%} of the epoch), so more threads cannot load "
+                f"{e}: thread -> process: the GIL was held {gil:.0%} of the time the loop "
+                f"waited for a batch ({stall:.0%} of the time), so more threads cannot load "
                 f"faster; {workers} worker processes"
             )
         elif limits.auto_workers:
@@ -222,15 +235,15 @@ def decide(current: Settings, m: Measurement, limits: Limits, floor: int = 1) ->
                 new = max(1, floor, math.ceil(workers * busy / BUSY_TARGET))
                 if new < workers:
                     reasons.append(
-                        f"epoch {e}: workers {workers} -> {new}: the loop waited {stall:.0%} of the "
-                        f"epoch but the workers were only {busy:.0%} busy: fewer load as much"
+                        f"{e}: workers {workers} -> {new}: the loop waited {stall:.0%} of the "
+                        f"time but the workers were only {busy:.0%} busy: fewer load as much"
                     )
                     workers = new
             elif saturated and workers > max(floor, limits.cpu_count):
                 new = max(floor, limits.cpu_count)
                 machine = "" if m.idle_cpus is None else f", {m.idle_cpus:.1f} idle on the machine"
                 reasons.append(
-                    f"epoch {e}: workers {workers} -> {new}: no CPU to spare (this process used "
+                    f"{e}: workers {workers} -> {new}: no CPU to spare (this process used "
                     f"{m.cpu_used:.1f} of the {limits.cpus:g} it may use{machine}) and the workers "
                     f"were {busy:.0%} busy: more busy workers than CPUs only take turns"
                 )
@@ -241,8 +254,8 @@ def decide(current: Settings, m: Measurement, limits: Limits, floor: int = 1) ->
                 new = min(want, cap)
                 used = "" if m.cpu_used is None else f", {m.cpu_used:.1f} of {limits.cpus:g} CPUs used"
                 reasons.append(
-                    f"epoch {e}: workers {workers} -> {new}: the loop waited {stall:.0%} of the "
-                    f"epoch with the workers {busy:.0%} busy{used}"
+                    f"{e}: workers {workers} -> {new}: the loop waited {stall:.0%} of the "
+                    f"time with the workers {busy:.0%} busy{used}"
                 )
                 floor = max(floor, workers + 1)  # fewer stalled: never drop back to them
                 workers = new
@@ -250,12 +263,12 @@ def decide(current: Settings, m: Measurement, limits: Limits, floor: int = 1) ->
         new = max(1, floor, math.ceil(workers * busy / BUSY_TARGET))
         if new < workers:
             reasons.append(
-                f"epoch {e}: workers {workers} -> {new}: the loop waited only {stall:.1%} of the "
-                f"epoch and the workers were {busy:.0%} busy: the consumer is the bottleneck"
+                f"{e}: workers {workers} -> {new}: the loop waited only {stall:.1%} of the "
+                f"time and the workers were {busy:.0%} busy: the consumer is the bottleneck"
             )
             workers = new
     if mode == "process" and limits.auto_workers and workers > limits.cpu_count:
-        reasons.append(f"epoch {e}: workers {workers} -> {limits.cpu_count}: no more worker "
+        reasons.append(f"{e}: workers {workers} -> {limits.cpu_count}: no more worker "
                        f"processes than the {limits.cpus:g} CPUs this process may use")
         workers = limits.cpu_count
     if limits.auto_depth:
@@ -266,7 +279,7 @@ def decide(current: Settings, m: Measurement, limits: Limits, floor: int = 1) ->
         grow = 3 * new_depth >= 4 * depth and busy >= BUSY_LOW
         capped = "max_pool_bytes" in why and new_depth < depth
         if new_depth != depth and (workers != current.workers or capped or grow):
-            reasons.append(f"epoch {e}: depth {depth} -> {new_depth}: {why}")
+            reasons.append(f"{e}: depth {depth} -> {new_depth}: {why}")
             depth = new_depth
     return Decision(Settings(mode, workers, depth), floor, tuple(reasons))
 
@@ -284,7 +297,7 @@ def _depth(workers: int, m: Measurement, limits: Limits) -> tuple[int, str]:
 
 
 class Tuner:
-    """The policy's state across epochs: the settings, the floor and every decision made.
+    """The policy's state across windows: the settings, the floor and every decision made.
 
     Args:
         settings: the settings the first epoch runs with.
@@ -296,13 +309,13 @@ class Tuner:
         self.limits = limits
         self.floor = 1
         self.decisions: list[str] = []
-        self.measured: set[int] = set()  # epochs already decided on
+        self.measured: set[tuple[int, int | None]] = set()  # windows decided on: (epoch, batch)
 
     def observe(self, m: Measurement) -> Settings:
-        """Takes one epoch's figures (once per epoch) and returns the next epoch's settings."""
-        if m.epoch in self.measured:
+        """Takes one window's figures (once per window) and returns the settings from now on."""
+        if (m.epoch, m.batch) in self.measured:
             return self.settings
-        self.measured.add(m.epoch)
+        self.measured.add((m.epoch, m.batch))
         d = decide(self.settings, m, self.limits, self.floor)
         self.settings, self.floor = d.settings, d.floor
         self.decisions.extend(d.reasons)

@@ -51,6 +51,7 @@ from . import process as _process
 from ._errors import EpochEndError, PoolExhaustedWarning, StallWarning, batch_error
 from ._gil import GilProbe
 from ._plan import Plan, fresh_seed, resolve_shard
+from ._window import Window
 
 if TYPE_CHECKING:
     from .streams import Stream
@@ -66,6 +67,8 @@ _RUN_BUDGET_US = 200.0  # a worker holding the GIL keeps loading ready batches w
 _MODES = ("thread", "process", "auto")
 _PREFAULT_HELD = 2  # buffers made ahead beyond depth: the batch the loop holds, the one it takes next
 _ARENA_SLACK = 1 << 30  # the arena's room beyond twice the pool's bound (it is sparse: costs nothing)
+_CHECK_EVERY = 8  # autotune: batches between two looks at the window's clock, mid-pass
+_NEVER = 1 << 62  # no mid-pass checkpoint (no tuner)
 
 _live: weakref.WeakSet[Prefetcher] = weakref.WeakSet()
 _live_lock = threading.Lock()
@@ -286,14 +289,12 @@ class Prefetcher:
         self._hooks_run = 0  # epoch hooks run so far (process mode: workers replay them)
         self._threads = self.workers  # the engine's threads (set again as each engine starts)
         self._proc_loader: Any = None
-        # Autotune: the settings left "auto" change at epoch boundaries (_autotune).
+        # Autotune: the settings left "auto" change mid-pass (_checkpoint) and at epoch boundaries
+        # (_autotune), decided on what the window measured since the last decision.
         self._tuner: _tune.Tuner | None = None
         self._probe: GilProbe | None = None
-        # (epoch, wall, CPU, the machine's idle ticks) at the pass's iter()
-        self._pass_clock: tuple[int, float, float, tuple[int, int] | None] | None = None
-        self._measured: _tune.Measurement | None = None  # the latest finished pass, not yet tuned on
-        self._pending: list[tuple[int, float, float]] = []  # short passes pooled: (epoch, wall, CPU)
-        self._idle_start: tuple[int, int] | None = None  # the machine's idle ticks when they began
+        self._window = Window()
+        self._measured: _tune.Measurement | None = None  # a window ended with a pass, not yet tuned on
         if auto_workers or auto_depth or auto_mode:
             limits = _tune.Limits(usable, self._max_pool_bytes, auto_mode and not self._native,
                                   auto_workers, auto_depth, process_ok=not self._native)
@@ -394,71 +395,69 @@ class Prefetcher:
             # or short ones pooled (from the second on).
             limits = self._tuner.limits
             if (self._probe is None and limits.auto_mode and limits.process_ok and self.mode == "thread"
-                    and (self._plan.epoch_length >= _tune.MIN_BATCHES or self._pending)):
+                    and (self._plan.epoch_length >= _tune.MIN_BATCHES or self._window.pooled)):
                 self._probe = GilProbe()
-            self._pass_clock = (epoch, time.perf_counter(), time.process_time(), _tune.idle_jiffies())
+            self._window.start(engine, epoch)
         return _EpochIterator(self, engine, epoch, self._end_of(epoch), self._token)
 
     # ---- autotune ------------------------------------------------------------------------------
 
-    def _pass_ended(self, epoch: int) -> None:
-        """A pass ran to its end: its figures are what the next ``iter()`` tunes on. Passes too
-        short to tell (``_tune.MIN_EPOCH_S``, ``_tune.MIN_BATCHES``) are pooled with the next ones
-        until they are long enough together; only then is ``stats()`` read."""
-        clock, self._pass_clock = self._pass_clock, None
-        if self._tuner is None or clock is None or clock[0] != epoch:
+    def _pass_ended(self, engine: _C.Engine, epoch: int) -> None:
+        """A pass ran to its end on ``engine``: its last segment joins the window, and a window
+        long enough to tell is what the next ``iter()`` tunes on (short passes are pooled until
+        they are long enough together)."""
+        if self._tuner is None or not self._window.open:
             return
-        self._pending.append((epoch, time.perf_counter() - clock[1], time.process_time() - clock[2]))
-        if self._idle_start is None:
-            self._idle_start = clock[3]
-        wall = sum(p[1] for p in self._pending)
-        if wall < _tune.MIN_EPOCH_S:
-            return  # pooled with the next passes: not worth a summary yet
-        pending, self._pending = self._pending, []
-        cpu = sum(p[2] for p in pending)
-        idle_start, self._idle_start = self._idle_start, None
-        idle_end = _tune.idle_jiffies()
-        idle_cpus = None
-        if idle_start is not None and idle_end is not None and idle_end[1] > idle_start[1]:
-            machine = os.cpu_count() or 1
-            idle_cpus = machine * (idle_end[0] - idle_start[0]) / (idle_end[1] - idle_start[1])
-        by_epoch = {e["epoch"]: e for e in self.stats()["epochs"]}
-        entries = [by_epoch[p[0]] for p in pending if p[0] in by_epoch]
-        batches = sum(e["batches"] for e in entries)
+        self._window.close(engine, self._threads)
+        if self._window.ready():
+            self._measured = self._take_window(epoch, None)
+
+    def _take_window(self, epoch: int, batch: int | None) -> _tune.Measurement:
         gil = self._probe.take() if self._probe is not None else None
-        if batches < _tune.MIN_BATCHES:
+        # Process mode's workers are other processes: this one's CPU time does not count them.
+        return self._window.take(epoch, batch, gil, count_cpu=self._workers is None)
+
+    def _checkpoint(self, iterator: _EpochIterator) -> None:
+        """Mid-pass, before the consumer's next batch: once the window has run ``_tune.MID_PASS_S``,
+        the tuner decides on it, and a change is applied now, by restarting the engine at the
+        consumer's position (the batches the stopped engine loaded ahead are loaded again: none
+        is lost or repeated). Only while the epoch's last position cannot have started loading
+        (at most ``depth`` ahead of the consumer): its ``on_epoch_end`` must not have run."""
+        engine, window, tuner = self._engine, self._window, self._tuner
+        if (tuner is None or engine is None or engine is not iterator._engine or not window.open
+                or window.elapsed_s() < _tune.MID_PASS_S
+                or iterator._end - engine.next_position <= self.depth):
             return
-        wall_s = sum(e["wall_s"] for e in entries)
-        last = entries[-1]
-        buffers = last["pool_buffers"]
-        self._measured = _tune.Measurement(
-            epoch=epoch,
-            batches=batches,
-            wall_s=wall_s,
-            wait_s=sum(e["wait_s"] for e in entries),
-            load_p50_s=sum(e["load_ms_p50"] * e["batches"] for e in entries) / batches / 1e3,
-            load_p95_s=sum(e["load_ms_p95"] * e["batches"] for e in entries) / batches / 1e3,
-            busy_fraction=(sum(e["worker_busy_fraction"] * e["wall_s"] for e in entries) / wall_s
-                           if wall_s > 0 else 0.0),
-            gil_share=gil,
-            # Process mode's workers are other processes: this one's CPU time does not count them.
-            cpu_used=cpu / wall if self._workers is None else None,
-            batch_bytes=last["pool_bytes"] // buffers if buffers else 0,
-            idle_cpus=idle_cpus,
-        )
+        window.close(engine, self._threads)
+        epoch, consumed = self._position()
+        if window.ready():
+            before = tuner.settings
+            measured = self._take_window(epoch, consumed)
+            after = tuner.observe(measured)
+            if after != before:
+                self._apply(before, after, measured)
+                engine = self._continue_pass(iterator)
+                assert engine is not None, "mid-epoch: the pass goes on"
+                iterator._engine = engine
+        window.start(engine, epoch)
 
     def _autotune(self) -> None:
-        """At a new pass after a finished one: the tuner's next settings, applied by restarting
-        the engine at the epoch's start (nothing delivered is lost or repeated: the positions the
-        stopped engine loaded ahead are loaded again by the new one)."""
+        """At a new pass after a window that ended with a pass: the tuner's next settings, applied
+        by restarting the engine at the epoch's start."""
         measured, self._measured = self._measured, None
         tuner = self._tuner
         if tuner is None or measured is None:
             return
         before = tuner.settings
         after = tuner.observe(measured)
-        if after == before:
-            return
+        if after != before:
+            self._apply(before, after, measured)
+
+    def _apply(self, before: _tune.Settings, after: _tune.Settings, measured: _tune.Measurement) -> None:
+        """Stops the engine and takes the tuner's new settings (the caller starts the next engine,
+        where the consumer is): a new set of worker processes when their mode or number changes."""
+        tuner = self._tuner
+        assert tuner is not None
         self._stop_engine()
         if after.mode == "process" and self._probe is not None:
             self._probe.close()  # nothing left to decide about the GIL (and no thread while forking)
@@ -469,7 +468,7 @@ class Prefetcher:
             except Exception as exc:  # e.g. a Sequence that spawn cannot pickle: threads go on
                 tuner.limits = dataclasses.replace(tuner.limits, process_ok=False)
                 tuner.settings = after = dataclasses.replace(after, mode="thread", workers=before.workers)
-                tuner.decisions.append(f"epoch {measured.epoch}: worker processes could not start "
+                tuner.decisions.append(f"{measured.where}: worker processes could not start "
                                        f"({type(exc).__name__}: {exc}); threads go on")
         self.mode, self.workers, self.depth = after.mode, after.workers, after.depth
 
@@ -989,7 +988,8 @@ class _EpochIterator:
     pass: the next ``iter()`` of the Prefetcher starts the next epoch.
     """
 
-    __slots__ = ("_loader", "_engine", "_epoch", "_end", "_token", "_timeout", "_ended", "_epoch_error")
+    __slots__ = ("_loader", "_engine", "_epoch", "_end", "_token", "_timeout", "_ended", "_epoch_error",
+                 "_taken", "_check_at")
 
     def __init__(self, loader: Prefetcher, engine: _C.Engine, epoch: int, end: int, token: int) -> None:
         self._loader = loader
@@ -1000,6 +1000,9 @@ class _EpochIterator:
         self._token = token
         self._timeout = loader.timeout
         self._ended = False
+        self._taken = 0  # batches taken by this pass
+        # Autotune's mid-pass checkpoints: every _CHECK_EVERY batches (never without a tuner).
+        self._check_at = _CHECK_EVERY if loader._tuner is not None else _NEVER
 
     def __iter__(self) -> _EpochIterator:
         return self
@@ -1010,6 +1013,11 @@ class _EpochIterator:
         engine = self._engine
         if engine is None and not self._ended:
             engine = self._engine = self._loader._continue_pass(self)
+        elif self._taken >= self._check_at and engine is not None:
+            # Before the take: a restart that fails loses no batch taken.
+            self._check_at = self._taken + _CHECK_EVERY
+            self._loader._checkpoint(self)
+            engine = self._engine
         probe = self._loader._probe
         try:
             if engine is not None:
@@ -1017,15 +1025,18 @@ class _EpochIterator:
                 # racing for the epoch's last batch cannot take one of the next epoch (one of them
                 # is refused with pyloader._C.ConcurrentConsumerError, a RuntimeError).
                 if probe is None:
-                    return engine.next_batch(self._timeout, self._end)
-                probe.waiting = True  # the GIL probe samples the loader's use of it now
-                try:
-                    return engine.next_batch(self._timeout, self._end)
-                finally:
-                    probe.waiting = False
+                    batch = engine.next_batch(self._timeout, self._end)
+                else:
+                    probe.waiting = True  # the GIL probe samples the loader's use of it now
+                    try:
+                        batch = engine.next_batch(self._timeout, self._end)
+                    finally:
+                        probe.waiting = False
+                self._taken += 1
+                return batch
         except StopIteration:
             if not self._ended and engine is not None:
-                self._loader._pass_ended(self._epoch)
+                self._loader._pass_ended(engine, self._epoch)
         except TimeoutError:
             self._loader._abandon(self)
             raise
