@@ -10,8 +10,10 @@ the GIL or releasing it) and on the batches delivered.
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
+import time
 
 import pytest
 
@@ -204,3 +206,84 @@ def test_defaults_are_auto():
                                          "decisions": []}
         assert p.workers == _tune.initial_workers(_tune.usable_cpus()) and p.depth == 2 * p.workers
         assert list(p) == [1, 2, 3]
+
+
+# The machine's bounds: a Prefetcher with no settings reads the CPUs it may use from its affinity
+# and its cgroup's quota, and never runs more busy workers than that (nor worker processes on one).
+BOUNDED = """
+import json, os, pyloader
+from pyloader import _tune
+{setup}
+with pyloader.Prefetcher(Gil(80)) as p:
+    epochs = [[int(b[0]) for b in p] for _ in range(2)]
+    auto = p.stats()["autotune"]
+print(json.dumps({{"cpus": _tune.usable_cpus(), "epochs": epochs, "auto": auto}}))
+"""
+
+
+def test_an_affinity_of_one_cpu_keeps_one_thread_and_no_processes(python_subprocess):
+    out = run(BOUNDED.format(setup="os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})"), python_subprocess)
+    assert out["cpus"] == 1.0
+    assert out["epochs"] == [list(range(80))] * 2
+    # The GIL-bound load stalls the loop, but a second worker would only take turns on the CPU.
+    assert out["auto"]["mode"] == "thread" and out["auto"]["workers"] == 1, out["auto"]
+
+
+def _cgroup_with_quota(tmp_name: str, quota: int, period: int) -> str | None:
+    """A new cgroup under this process's own, with a CPU quota (v1 ``cpu`` or v2), or None where
+    none can be made here (no permission, no cpu controller)."""
+    with open("/proc/self/cgroup") as f:
+        cgroup = f.read()
+    with open("/proc/self/mountinfo") as f:
+        mounts = [line.split() for line in f.read().splitlines() if " - " in line]
+    for fields in mounts:
+        after = fields[fields.index("-") + 1:]
+        v2 = after[0] == "cgroup2"
+        if not (v2 or (after[0] == "cgroup" and "cpu" in after[2].split(","))):
+            continue
+        for line in cgroup.splitlines():
+            _, controllers, path = line.split(":", 2)
+            if (controllers == "") != v2 or (not v2 and "cpu" not in controllers.split(",")):
+                continue
+            root = fields[3]
+            rel = path[len(root):] if root != "/" and path.startswith(root) else path
+            parent = os.path.join(fields[4], *[p for p in rel.split("/") if p])
+            try:
+                if v2:
+                    with open(os.path.join(parent, "cgroup.subtree_control")) as f:
+                        if "cpu" not in f.read().split():
+                            continue
+                where = os.path.join(parent, tmp_name)
+                os.mkdir(where)
+                if v2:
+                    with open(os.path.join(where, "cpu.max"), "w") as f:
+                        f.write(f"{quota} {period}")
+                else:
+                    with open(os.path.join(where, "cpu.cfs_period_us"), "w") as f:
+                        f.write(str(period))
+                    with open(os.path.join(where, "cpu.cfs_quota_us"), "w") as f:
+                        f.write(str(quota))
+                return where
+            except OSError:
+                continue
+    return None
+
+
+def test_a_cgroup_cpu_quota_bounds_the_workers(python_subprocess):
+    where = _cgroup_with_quota(f"pyloader-test-{os.getpid()}", 150_000, 100_000)
+    if where is None:
+        pytest.skip("no cgroup with a CPU quota can be made here (needs write access to a cpu hierarchy)")
+    try:
+        setup = f"open({os.path.join(where, 'cgroup.procs')!r}, 'w').write(str(os.getpid()))"
+        out = run(BOUNDED.format(setup=setup), python_subprocess)
+    finally:
+        for _ in range(50):  # the subprocess has exited; its cgroup empties as the kernel reaps it
+            try:
+                os.rmdir(where)
+                break
+            except OSError:
+                time.sleep(0.1)
+    assert out["cpus"] == 1.5
+    assert out["epochs"] == [list(range(80))] * 2
+    # 1.5 CPUs: one whole one. No worker processes (they need two) and one busy thread.
+    assert out["auto"]["mode"] == "thread" and out["auto"]["workers"] == 1, out["auto"]

@@ -42,6 +42,42 @@ def test_usable_cpus_is_at_least_one_and_at_most_the_affinity() -> None:
     assert 1.0 <= cpus <= len(os.sched_getaffinity(0))
 
 
+def test_cgroup_quotas_are_read_from_v2_and_v1_hierarchies_and_a_containers_root(tmp_path) -> None:
+    # cgroup v2 at <tmp>/v2, the process in /jobs/train (its parent has a quota of 3 CPUs).
+    v2 = tmp_path / "v2"
+    (v2 / "jobs" / "train").mkdir(parents=True)
+    (v2 / "cpu.max").write_text("max 100000\n")
+    (v2 / "jobs" / "cpu.max").write_text("300000 100000\n")
+    (v2 / "jobs" / "train" / "cpu.max").write_text("max 100000\n")
+    # cgroup v1 (cpu,cpuacct) at <tmp>/v1, mounted as a container sees it: its own cgroup
+    # /docker/abc is the mount's root.
+    v1 = tmp_path / "v1"
+    v1.mkdir()
+    (v1 / "cpu.cfs_quota_us").write_text("150000\n")
+    (v1 / "cpu.cfs_period_us").write_text("100000\n")
+    cgroup = "4:cpu,cpuacct:/docker/abc\n2:memory:/docker/abc\n0::/jobs/train\n"
+    mountinfo = (
+        f"30 23 0:27 / {v2} rw,relatime - cgroup2 cgroup2 rw\n"
+        f"32 31 0:29 /docker/abc {v1} rw,relatime - cgroup cgroup rw,cpu,cpuacct\n"
+        "33 31 0:30 / /elsewhere rw,relatime - cgroup cgroup rw,memory\n"
+        "40 1 8:1 / / rw,relatime - ext4 /dev/sda1 rw\n"
+    )
+
+    def read(path: str) -> str | None:
+        try:
+            with open(path) as f:
+                return f.read()
+        except OSError:
+            return None
+
+    texts = _tune.cgroup_quotas(cgroup, mountinfo, read)
+    assert sorted(texts) == sorted(["max 100000\n", "300000 100000\n", "max 100000\n", "150000 100000"])
+    assert cpus_from(8, texts) == 1.5
+    (v1 / "cpu.cfs_quota_us").write_text("-1\n")  # v1's "no quota"
+    assert cpus_from(8, _tune.cgroup_quotas(cgroup, mountinfo, read)) == 3.0
+    assert _tune.cgroup_quotas("", mountinfo, read) == []
+
+
 def test_an_epoch_too_short_to_tell_changes_nothing() -> None:
     for m in (measurement(batches=_tune.MIN_BATCHES - 1), measurement(wall_s=_tune.MIN_EPOCH_S / 2, wait_s=0.1)):
         d = decide(THREADS, m, LIMITS)

@@ -4,7 +4,7 @@ Pure: :func:`decide` maps ``(settings, measurement, limits, floor)`` to a :class
 next settings and, for each change, a sentence saying why), with no clock, thread or I/O, so that
 it is tested on simulated figures. :class:`Tuner` keeps what the policy needs across windows (the
 fewest workers that were seen to keep up, the decisions made so far). :func:`usable_cpus` reads
-the CPUs this process may use (affinity and the cgroup v2 ``cpu.max`` quota); the Prefetcher and
+the CPUs this process may use (affinity and the cgroup's CPU quota, v2 or v1); the Prefetcher and
 ``python -m pyloader profile`` measure, this module only decides.
 
 The rules, applied to a window (:mod:`pyloader._window`: the batches since the last decision,
@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 __all__ = [
@@ -49,6 +50,7 @@ __all__ = [
     "Measurement",
     "Settings",
     "Tuner",
+    "cgroup_quotas",
     "cpus_from",
     "decide",
     "initial_depth",
@@ -172,10 +174,10 @@ class Decision:
 
 
 def initial_workers(cpus: float) -> int:
-    """Workers auto starts with: one per usable CPU, at least 2 (one can load while another
-    waits), at most 8. A load that computes is then where it should be; one that waits (I/O,
-    sleeps) gets more within its first pass, from the first window's figures."""
-    return min(8, max(2, math.floor(cpus)))
+    """Workers auto starts with: one per usable CPU (never more busy workers than CPUs), at most
+    8. A load that computes is then where it should be; one that waits (I/O, sleeps) gets more
+    within its first pass, from the first window's figures."""
+    return min(8, max(1, math.floor(cpus)))
 
 
 def initial_depth(workers: int) -> int:
@@ -326,8 +328,8 @@ class Tuner:
 
 
 def cpus_from(affinity: int, cpu_max: list[str]) -> float:
-    """CPUs usable under ``affinity`` CPUs and the cgroup v2 ``cpu.max`` texts of the process's
-    cgroup and its ancestors (``"max 100000"``: no quota; ``"150000 100000"``: 1.5 CPUs).
+    """CPUs usable under ``affinity`` CPUs and the ``cpu.max`` texts (:func:`cgroup_quotas`) of the
+    process's cgroup and its ancestors (``"max 100000"``: no quota; ``"150000 100000"``: 1.5 CPUs).
 
     Args:
         affinity: CPUs in the process's affinity mask.
@@ -366,27 +368,74 @@ def idle_jiffies() -> tuple[int, int] | None:
     return ticks[3] + (ticks[4] if len(ticks) > 4 else 0), sum(ticks[:8])
 
 
+def cgroup_quotas(cgroup: str, mountinfo: str, read: Callable[[str], str | None]) -> list[str]:
+    """The CPU quotas of a process's cgroup and its ancestors, as ``cpu.max`` texts (``"quota
+    period"``, ``"max period"`` for none), under cgroup v2 and v1 (``cpu.cfs_quota_us`` and
+    ``cpu.cfs_period_us``, ``-1`` for none) alike, as a container runtime sets either.
+
+    Args:
+        cgroup: the text of ``/proc/<pid>/cgroup`` (``id:controllers:path`` lines).
+        mountinfo: the text of ``/proc/<pid>/mountinfo`` (where each hierarchy is mounted, and
+            which of its directories the mount shows: a container sees its own cgroup as the root).
+        read: reads a file's text, or None when it cannot.
+    """
+    paths: dict[str, str] = {}  # "v2" or "v1" (the hierarchy with the cpu controller) -> path
+    for line in cgroup.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        if parts[0] == "0" and parts[1] == "":
+            paths["v2"] = parts[2]
+        elif "cpu" in parts[1].split(","):
+            paths["v1"] = parts[2]
+    texts: list[str] = []
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        if " - " not in line or len(fields) < 5:
+            continue
+        after = line.split(" - ", 1)[1].split()
+        fstype, options = after[0], (after[2] if len(after) > 2 else "")
+        if fstype == "cgroup2":
+            kind = "v2"
+        elif fstype == "cgroup" and "cpu" in options.split(","):
+            kind = "v1"
+        else:
+            continue
+        path, root, mount = paths.get(kind), fields[3], fields[4]
+        if path is None:
+            continue
+        if root != "/" and (path == root or path.startswith(root + "/")):
+            path = path[len(root):]
+        parts = [p for p in path.split("/") if p]
+        for depth in range(len(parts), -1, -1):
+            where = os.path.join(mount, *parts[:depth])
+            if kind == "v2":
+                text = read(os.path.join(where, "cpu.max"))
+                if text is not None:
+                    texts.append(text)
+                continue
+            quota = read(os.path.join(where, "cpu.cfs_quota_us"))
+            period = read(os.path.join(where, "cpu.cfs_period_us"))
+            if quota is not None and period is not None:
+                q = quota.strip()
+                texts.append(f"{'max' if q.startswith('-') else q} {period.strip()}")
+    return texts
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
 def usable_cpus() -> float:
-    """CPUs this process may use: its affinity mask, bounded by the cgroup v2 CPU quota."""
+    """CPUs this process may use: its affinity mask, bounded by its cgroup's CPU quota (v2 or v1)."""
     try:
         affinity = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         affinity = os.cpu_count() or 1
-    texts: list[str] = []
-    try:
-        with open("/proc/self/cgroup") as f:
-            lines = f.read().splitlines()
-        path = next((line[3:] for line in lines if line.startswith("0::")), None)
-        if path is not None:
-            parts = [p for p in path.split("/") if p]
-            for depth in range(len(parts), -1, -1):
-                cpu_max = os.path.join("/sys/fs/cgroup", *parts[:depth], "cpu.max")
-                try:
-                    with open(cpu_max) as f:
-                        texts.append(f.read())
-                except OSError:
-                    continue
-    except OSError:
-        pass
+    cgroup, mountinfo = _read_text("/proc/self/cgroup"), _read_text("/proc/self/mountinfo")
+    texts = cgroup_quotas(cgroup, mountinfo, _read_text) if cgroup and mountinfo else []
     return cpus_from(affinity, texts)
-
