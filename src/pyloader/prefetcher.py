@@ -514,20 +514,28 @@ class Prefetcher:
         self._retire_engine()
         self._resume = (epoch + 1, 0)
         self._warn_abandoned(self._join_retired())
-        if self._on_epoch_end is not None:
-            self._hooks_run += 1
-            try:
-                self._on_epoch_end()
-            except Exception:
-                pass  # as for any skipped epoch: the hook's error ends no pass
+        self._run_epoch_hook()  # its error ends no pass, as for any skipped epoch
+        return None
+
+    def _run_epoch_hook(self) -> Exception | None:
+        """Runs ``on_epoch_end`` here, where no engine will (an epoch that ended without one:
+        empty, or its last batch given up): counted, so that worker processes replay it.
+        Returns the hook's exception (None: it returned, or there is no hook)."""
+        if self._on_epoch_end is None:
+            return None
+        self._hooks_run += 1
+        try:
+            self._on_epoch_end()
+        except Exception as exc:
+            return exc
         return None
 
     def _empty_epoch(self) -> Iterator[Any]:
         epoch, _ = self._resume
         self._resume = (epoch + 1, 0)
-        if self._on_epoch_end is not None:
-            self._hooks_run += 1
-            self._on_epoch_end()
+        error = self._run_epoch_hook()
+        if error is not None:
+            raise error
         return
         yield  # a generator that yields nothing
 
@@ -900,11 +908,7 @@ class Prefetcher:
         self._abandoned_epoch = None
         if self._on_epoch_end is not None:
             self._warn_abandoned(self._join_retired())  # process mode: the hook count first
-            self._hooks_run += 1
-            try:
-                self._on_epoch_end()
-            except Exception as exc:
-                iterator._epoch_error = exc
+            iterator._epoch_error = self._run_epoch_hook()
 
     def _continue_pass(self, iterator: _EpochIterator) -> _C.Engine | None:
         """The engine for a pass whose engine was stopped after a timeout, or None if the
