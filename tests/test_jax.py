@@ -159,7 +159,7 @@ def test_two_jax_processes_assemble_global_batches_from_their_shares():
 
 
 def test_the_bench_measures_pyloader_jax_and_grain_on_the_same_workload(tmp_path):
-    loaders = "pyloader-jax,grain"
+    loaders = "pyloader-jax,grain-jax"
     r = subprocess.run([sys.executable, "-m", "pyloader", "bench", "--quick", "-w", "tiny", "-l", loaders,
                         "--workers", "2", "--no-progress", "--json", "out.json"],
                        cwd=tmp_path, capture_output=True, text=True, timeout=300)
@@ -167,10 +167,10 @@ def test_the_bench_measures_pyloader_jax_and_grain_on_the_same_workload(tmp_path
     with open(tmp_path / "out.json", encoding="utf-8") as f:
         rows = {row["loader"]: row for row in json.load(f)["results"]}
     assert rows["pyloader-jax"]["status"] == "ok" and rows["pyloader-jax"]["batches_per_s"] > 0
-    grain = rows.get("grain", {"status": "unavailable"})
+    grain = rows.get("grain-jax", {"status": "unavailable"})
     try:
         import grain as _  # noqa: F401
     except ImportError:
         assert grain["status"] == "unavailable", "skipped with a note when grain is not installed"
     else:
-        assert grain["status"] == "ok" and "grain" in rows["pyloader-jax"]["ratios"]
+        assert grain["status"] == "ok" and "grain-jax" in rows["pyloader-jax"]["ratios"]

@@ -1,6 +1,8 @@
-"""Grain's and SPDL's pipelines for the streamed workloads, as their docs build them.
+"""Grain's and SPDL's pipelines, as their docs build them: over a map-style source (a Sequence
+of batches: ``grain``, ``grain-process``, ``spdl``, ``spdl-unordered``) and over streamed shards
+(``grain-stream``, ``spdl-stream``).
 
-Imported only by the ``grain-stream`` and ``spdl-stream`` loaders (each needs its package).
+Imported only by those loaders (each needs its package).
 """
 
 from __future__ import annotations
@@ -63,6 +65,37 @@ def spdl_stream(shards: list[Any], batch_size: int, workers: int) -> Iterator[An
         .pipe(read, concurrency=workers)
         .aggregate(batch_size)
         .pipe(_collate)
+        .add_sink(2)
+        .build(num_threads=workers)
+    )
+    with pipeline.auto_stop():
+        yield from pipeline.get_iterator()
+
+
+def grain_map(seq: Any, workers: int, processes: bool) -> Any:
+    """An iterable of one epoch's batches, in order: Grain's Dataset API over a map-style source,
+    ``MapDataset.source(seq).to_iter_dataset(ReadOptions(num_threads=W))`` (its read threads and
+    default read-ahead), or for Python-heavy loads (``processes``) ``to_iter_dataset()`` then
+    ``mp_prefetch(MultiprocessingOptions(num_workers=W))``, the worker processes its docs
+    recommend."""
+    import grain
+
+    source = grain.MapDataset.source(seq)
+    if not processes:
+        return source.to_iter_dataset(grain.ReadOptions(num_threads=workers))
+    return source.to_iter_dataset().mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+
+
+def spdl_map(seq: Any, workers: int, ordered: bool) -> Iterator[Any]:
+    """One epoch of batches from an SPDL pipeline over a map-style source: the indices as source,
+    ``seq.__getitem__`` as a stage with ``concurrency=W`` on ``W`` threads, in input order
+    (``ordered``) or completion order, a sink of two batches."""
+    from spdl.pipeline import PipelineBuilder
+
+    pipeline = (
+        PipelineBuilder()
+        .add_source(range(len(seq)))
+        .pipe(seq.__getitem__, concurrency=workers, output_order="input" if ordered else "completion")
         .add_sink(2)
         .build(num_threads=workers)
     )

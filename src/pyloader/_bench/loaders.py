@@ -268,6 +268,43 @@ class _GrainSession:
         del self.loader
 
 
+class _GrainMapSession:
+    """Grain over a map-style source, in order (``_peers.grain_map``): read threads, or worker
+    processes (``mp_prefetch``)."""
+
+    def __init__(self, seq: Any, *, workers: int, processes: bool = False) -> None:
+        from ._peers import grain_map
+
+        self.dataset = grain_map(seq, workers, processes)
+
+    def epoch(self) -> Iterator[Any]:
+        return iter(self.dataset)
+
+    def stats(self) -> None:
+        return None
+
+    def close(self) -> None:
+        del self.dataset
+
+
+class _SpdlMapSession:
+    """SPDL over a map-style source (``_peers.spdl_map``): in order, or unordered."""
+
+    def __init__(self, seq: Any, *, workers: int, ordered: bool = True) -> None:
+        self.seq, self.workers, self.ordered = seq, workers, ordered
+
+    def epoch(self) -> Iterator[Any]:
+        from ._peers import spdl_map
+
+        return spdl_map(self.seq, self.workers, self.ordered)
+
+    def stats(self) -> None:
+        return None
+
+    def close(self) -> None:
+        pass
+
+
 def _open_auto(seq: Any, *, workers: int | None) -> Session:
     del workers  # autotune: no worker count, measured once
     return _PyloaderSession(seq, workers="auto", mode="auto")
@@ -603,10 +640,23 @@ for _spec in [
                "pyloader.jax.prefetch(seq, sharding=<first device>, workers=W): jax.Array batches, "
                "each block_until_ready when handed over",
                _PyloaderJaxSession, requires=("pyloader", "jax")),
-    LoaderSpec("grain", "peer",
+    LoaderSpec("grain-jax", "peer",
                "Grain: MapDataset.source(seq).to_iter_dataset(ReadOptions(num_threads=W)), then "
                "grain.experimental.device_put to the first device; each batch block_until_ready",
-               _GrainSession, requires=("grain", "jax")),
+               _GrainSession, requires=("grain", "jax"), default=False),
+    LoaderSpec("grain", "peer",
+               "Grain: MapDataset.source(seq).to_iter_dataset(ReadOptions(num_threads=W)): read threads, "
+               "in order", _GrainMapSession, requires=("grain",)),
+    LoaderSpec("grain-process", "peer",
+               "Grain: MapDataset.source(seq).to_iter_dataset().mp_prefetch(MultiprocessingOptions("
+               "num_workers=W)): worker processes, in order",
+               functools.partial(_GrainMapSession, processes=True), requires=("grain",)),
+    LoaderSpec("spdl", "peer",
+               "SPDL pipeline: indices as source, seq.__getitem__ stage (concurrency=W, output_order="
+               "'input') on W threads: in order", _SpdlMapSession, requires=("spdl",)),
+    LoaderSpec("spdl-unordered", "peer",
+               "SPDL pipeline as spdl, output_order='completion': UNORDERED (batches as they finish)",
+               functools.partial(_SpdlMapSession, ordered=False), requires=("spdl",)),
     LoaderSpec("torch", "peer", "torch DataLoader(seq, batch_size=None, num_workers=W); per-sample "
                "datasets: batch_size=sample_batch_size, shuffle=True, seeded generator; streamed: an "
                "IterableDataset whose workers read every W-th shard, batch_size=B",
