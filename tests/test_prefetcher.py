@@ -544,3 +544,30 @@ def test_errors_from_the_native_core_have_registered_types_that_keep_their_base_
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("ok"), r.stdout
+
+
+class SlowBatchThree(Counting):
+    """Batch 3 sleeps 1 s the first time it is loaded."""
+
+    def __init__(self) -> None:
+        super().__init__(8)
+        self.slept = False
+
+    def __getitem__(self, index):
+        if index == 3 and not self.slept:
+            self.slept = True
+            time.sleep(1.0)
+        return super().__getitem__(index)
+
+
+def test_an_epoch_run_again_is_a_record_of_its_own_but_a_pass_restarted_mid_epoch_is_one():
+    with pyloader.Prefetcher(SlowBatchThree(), workers=2, timeout=0.3) as loader:
+        batches = iter(loader)
+        got = [next(batches) for _ in range(3)]
+        with pytest.raises(TimeoutError, match=r"batch 3 \(epoch 0\)"):
+            next(batches)
+        got += list(batches)  # the pass goes on, on a new engine, after the abandoned batch
+        assert indices_of(got) == [0, 1, 2, 4, 5, 6, 7]
+        loader.set_epoch(0)  # a second pass over epoch 0: a record of its own
+        assert indices_of(list(loader)) == list(range(8))
+        assert [(e["epoch"], e["batches"]) for e in loader.stats()["epochs"]] == [(0, 7), (0, 8)]

@@ -54,11 +54,10 @@ def merge(into: dict[str, Any] | None, later: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def append(records: list[dict[str, Any]] | deque[dict[str, Any]], raw: dict[str, Any]) -> None:
-    """Appends an engine's record to ``records``, joined to the last one when both are of the same
-    single epoch: an epoch split over two engines (restarted mid-epoch by autotune or after a
-    ``TimeoutError``) is one record."""
-    if records and raw["epochs"] == 1 and records[-1]["epochs"] == 1 and records[-1]["epoch"] == raw["epoch"]:
+def append(records: list[dict[str, Any]] | deque[dict[str, Any]], raw: dict[str, Any], joins: bool) -> None:
+    """Appends an engine's record to ``records``, joined to the last one when ``joins`` (it
+    continues that record's pass: restarted mid-epoch by autotune or after a ``TimeoutError``)."""
+    if joins and records and raw["epochs"] == 1 and records[-1]["epochs"] == 1 and records[-1]["epoch"] == raw["epoch"]:
         joined = merge(records[-1], raw)
         joined["epochs"] = 1
         records[-1] = joined
@@ -101,13 +100,24 @@ class EpochRecords:
     def __init__(self) -> None:
         self.recent: deque[dict[str, Any]] = deque()
         self.earlier: dict[str, Any] | None = None
+        self.engines = 0  # engines added so far: the running one is number `engines`
+        # (engine number, epoch): that engine's record of that epoch continues the record before
+        self.continued: set[tuple[int, int]] = set()
+
+    def continues(self, epoch: int) -> None:
+        """The pass of ``epoch`` goes on on the running engine, from where the last one stopped:
+        the two engines' records of it are one."""
+        self.continued.add((self.engines, epoch))
+        if len(self.continued) > WINDOW:
+            self.continued.discard(min(self.continued))
 
     def add(self, engine_stats: dict[str, Any], threads: int) -> None:
         """Takes in a stopped engine's ``stats()``, whose workers were ``threads``."""
         if engine_stats["earlier"] is not None:
             self.earlier = merge(self.earlier, with_threads(engine_stats["earlier"], threads))
         for raw in engine_stats["recent"]:
-            append(self.recent, with_threads(raw, threads))
+            append(self.recent, with_threads(raw, threads), (self.engines, raw["epoch"]) in self.continued)
+        self.engines += 1
         while len(self.recent) > WINDOW:
             self.earlier = merge(self.earlier, self.recent.popleft())
 
@@ -123,7 +133,7 @@ class EpochRecords:
                 recent = []
                 earlier = merge(earlier, with_threads(live["earlier"], threads))
             for raw in live["recent"]:
-                append(recent, with_threads(raw, threads))
+                append(recent, with_threads(raw, threads), (self.engines, raw["epoch"]) in self.continued)
         while len(recent) > WINDOW:
             earlier = merge(earlier, recent.pop(0))
         epochs = [summarize(raw) for raw in recent]

@@ -911,12 +911,14 @@ class Prefetcher:
             iterator._epoch_error = self._run_epoch_hook()
 
     def _continue_pass(self, iterator: _EpochIterator) -> _C.Engine | None:
-        """The engine for a pass whose engine was stopped after a timeout, or None if the
-        abandoned batch was the pass's last."""
+        """The engine for a pass whose engine was stopped mid-epoch (after a timeout, or by an
+        autotune decision), started where the pass goes on; None if the abandoned batch was the
+        pass's last."""
         if self._resume[0] != iterator._epoch:
             return None
         if self._engine is None:
             self._start_engine()
+            self._past_stats.continues(iterator._epoch)  # one record of the epoch in stats()
         assert self._engine is not None
         if self._plan_ahead:
             self._plan_through(iterator._epoch + 1)
