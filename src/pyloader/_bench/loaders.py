@@ -184,10 +184,16 @@ class _PyloaderSession:
         # The engine plans one epoch ahead, so the latest entry may be the next epoch, already
         # loading: pick the epoch that just ended (a fresh Prefetcher numbers epochs from 0).
         stats = self.loader.stats()
+        found = stats.get("current")
         for entry in stats.get("epochs") or []:
             if entry.get("epoch") == self.epochs_started - 1:
-                return dict(entry)
-        return stats.get("current")
+                found = entry
+        if found is None:
+            return None
+        found = dict(found)
+        if stats.get("autotune") is not None:  # the settings after the epoch, and every decision
+            found["autotune"] = stats["autotune"]
+        return found
 
     def close(self) -> None:
         self.loader.close()

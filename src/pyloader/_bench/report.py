@@ -47,6 +47,7 @@ The report document (what ``--json FILE`` writes) is one JSON object::
           "epochs": [                   # one per repeat, in order, round after round
             {"batches": 1000, "wall_s": 1.23, "first_batch_s": 0.004, "wait_s": 1.19,
              "stall_fraction": 0.97, "engine_stats": {...},   # engine_stats: pyloader only
+                                                      # (with "autotune": its settings, decisions)
              "round": 0}                                      # the round it ran in (from 0)
           ],
           "self_rss_hwm_mb": 600.0, "children_rss_hwm_mb": 0.0  # getrusage high-water marks
