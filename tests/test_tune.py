@@ -285,3 +285,21 @@ def test_a_window_that_ends_mid_pass_says_where() -> None:
     tuner.observe(measurement(**light))
     assert tuner.settings.workers == 8 and [r.split(":")[0] for r in tuner.decisions[::2]] == [
         "epoch 2, batch 48", "epoch 2"]
+
+
+def test_the_gil_is_no_longer_sampled_after_quiet_windows_in_a_row() -> None:
+    tuner = Tuner(Settings("thread", 2, 4), Limits(cpus=2.0, max_pool_bytes=1 << 30))
+    assert tuner.sample_gil
+    tuner.observe(measurement(epoch=0, gil_share=0.1, busy_fraction=0.6))
+    tuner.observe(measurement(epoch=1, gil_share=0.5, busy_fraction=0.6))  # not quiet: counts again
+    tuner.observe(measurement(epoch=2, gil_share=0.1, busy_fraction=0.6))
+    assert tuner.sample_gil
+    tuner.observe(measurement(epoch=3, gil_share=0.0, busy_fraction=0.6))
+    assert not tuner.sample_gil and tuner.settings.mode == "thread"
+    assert tuner.decisions[-1].startswith("epoch 3: threads stay: the GIL was held under 30%")
+    # Nothing to sample where the mode is not the tuner's to change, or once it is processes.
+    assert not Tuner(THREADS, Limits(cpus=4.0, max_pool_bytes=1 << 30, auto_mode=False)).sample_gil
+    assert not Tuner(THREADS, Limits(cpus=4.0, max_pool_bytes=1 << 30, process_ok=False)).sample_gil
+    switched = Tuner(THREADS, LIMITS)
+    switched.observe(measurement())
+    assert switched.settings.mode == "process" and not switched.sample_gil

@@ -66,6 +66,8 @@ MIN_SWITCH_S = 0.5  # thread -> process only for windows long enough to pay for 
 STALL_HIGH = 0.05  # the loop waited at least this share of the window: loading is the bottleneck
 STALL_LOW = 0.01  # at most this: the consumer is
 GIL_SWITCH = 0.7  # the GIL held this share of the waits: threads are capped by it
+GIL_QUIET = 0.3  # the GIL held less than this share of the waits: the load releases it
+QUIET_WINDOWS = 2  # windows in a row that quiet, and the GIL is no longer sampled (threads stay)
 BUSY_LOW = 0.5  # workers busy less than this share of the window are too many
 BUSY_TARGET = 0.7  # dropping workers aims at this busy share
 LIGHT_CPU_SHARE = 0.1  # busy workers using less CPU than this share of their time mostly wait
@@ -311,6 +313,11 @@ class Tuner:
         self.limits = limits
         self.floor = 1
         self.decisions: list[str] = []
+        # Whether the GIL is still worth sampling (the mode may still move to processes): not
+        # after QUIET_WINDOWS windows in a row in which it was seldom held (the sampling thread
+        # costs the loop a few percent on the cheapest loads).
+        self.sample_gil = limits.auto_mode and limits.process_ok and settings.mode == "thread"
+        self._quiet = 0
         self.measured: set[tuple[int, int | None]] = set()  # windows decided on: (epoch, batch)
 
     def observe(self, m: Measurement) -> Settings:
@@ -321,6 +328,15 @@ class Tuner:
         d = decide(self.settings, m, self.limits, self.floor)
         self.settings, self.floor = d.settings, d.floor
         self.decisions.extend(d.reasons)
+        if self.settings.mode != "thread" or not self.limits.process_ok:
+            self.sample_gil = False
+        elif self.sample_gil and m.gil_share is not None:
+            self._quiet = self._quiet + 1 if m.gil_share < GIL_QUIET else 0
+            if self._quiet >= QUIET_WINDOWS:
+                self.sample_gil = False
+                self.decisions.append(
+                    f"{m.where}: threads stay: the GIL was held under {GIL_QUIET:.0%} of the loop's "
+                    f"waits in {QUIET_WINDOWS} windows in a row (it is no longer sampled)")
         return self.settings
 
     def __repr__(self) -> str:

@@ -391,10 +391,9 @@ class Prefetcher:
             self._plan_through(epoch + 1)  # keep one epoch planned ahead: no bubble at the boundary
         self._pass_epoch = epoch
         if self._tuner is not None:
-            # The GIL is sampled for passes that will be tuned on: an epoch of _tune.MIN_BATCHES,
-            # or short ones pooled (from the second on).
-            limits = self._tuner.limits
-            if (self._probe is None and limits.auto_mode and limits.process_ok and self.mode == "thread"
+            # The GIL is sampled for passes that will be tuned on (an epoch of _tune.MIN_BATCHES,
+            # or short ones pooled, from the second on) while the tuner may still need it.
+            if (self._probe is None and self._tuner.sample_gil
                     and (self._plan.epoch_length >= _tune.MIN_BATCHES or self._window.pooled)):
                 self._probe = GilProbe()
             self._window.start(engine, epoch)
@@ -417,6 +416,18 @@ class Prefetcher:
         # Process mode's workers are other processes: this one's CPU time does not count them.
         return self._window.take(epoch, batch, gil, count_cpu=self._workers is None)
 
+    def _observe(self, measured: _tune.Measurement) -> tuple[_tune.Settings, _tune.Settings]:
+        """The tuner's settings before and after ``measured``; the GIL probe stops once the tuner
+        no longer needs it."""
+        tuner = self._tuner
+        assert tuner is not None
+        before = tuner.settings
+        after = tuner.observe(measured)
+        if not tuner.sample_gil and self._probe is not None:
+            self._probe.close()  # nothing left to decide about the GIL (and no thread while forking)
+            self._probe = None
+        return before, after
+
     def _checkpoint(self, iterator: _EpochIterator) -> None:
         """Mid-pass, before the consumer's next batch: once the window has run ``_tune.MID_PASS_S``,
         the tuner decides on it, and a change is applied now, by restarting the engine at the
@@ -431,9 +442,8 @@ class Prefetcher:
         window.close(engine, self._threads)
         epoch, consumed = self._position()
         if window.ready():
-            before = tuner.settings
             measured = self._take_window(epoch, consumed)
-            after = tuner.observe(measured)
+            before, after = self._observe(measured)
             if after != before:
                 self._apply(before, after, measured)
                 engine = self._continue_pass(iterator)
@@ -448,8 +458,7 @@ class Prefetcher:
         tuner = self._tuner
         if tuner is None or measured is None:
             return
-        before = tuner.settings
-        after = tuner.observe(measured)
+        before, after = self._observe(measured)
         if after != before:
             self._apply(before, after, measured)
 
@@ -459,9 +468,6 @@ class Prefetcher:
         tuner = self._tuner
         assert tuner is not None
         self._stop_engine()
-        if after.mode == "process" and self._probe is not None:
-            self._probe.close()  # nothing left to decide about the GIL (and no thread while forking)
-            self._probe = None
         if after.mode == "process" and (before.mode != "process" or after.workers != before.workers):
             try:
                 self._start_processes(after.workers)
