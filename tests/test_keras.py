@@ -33,6 +33,9 @@ BACKEND = keras.backend.backend()
 ROWS = 4
 
 torch_only = pytest.mark.skipif(BACKEND != "torch", reason=f"about the torch backend (this run: {BACKEND})")
+tensorflow_only = pytest.mark.skipif(
+    BACKEND != "tensorflow", reason=f"about the tensorflow backend (this run: {BACKEND})"
+)
 
 
 def concrete(x) -> np.ndarray | None:
@@ -229,6 +232,34 @@ def test_keras_starts_no_enqueuer(prefetched):
     model, _ = model_with_recorder()
     model.fit(ds, epochs=1, verbose=0)
     assert not [t for t in threading.enumerate() if t.name.startswith("Worker_") and t.name not in before]
+
+
+@tensorflow_only
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_tensorflow_pipeline_leaves_loading_ahead_to_pyloader_with_the_same_batches(prefetched, shuffle):
+    # Keras's tf.data pipeline over a PyDataset without an enqueuer adds prefetch(AUTOTUNE) and
+    # tf.data's autotuning thread, whose wait (in the iterator's destructor) made fit return
+    # seconds late; pyloader's dataset is read as an enqueuer, for which Keras turns tf.data's
+    # prefetching and autotuning off. The batches are those of Keras's generator path.
+    from keras.src.trainers.data_adapters.py_dataset_adapter import PyDatasetAdapter
+
+    n = 7
+    ds = prefetched(Indexed(n), workers=3, depth=4)
+    adapter = PyDatasetAdapter(ds, shuffle=shuffle)
+    pipeline = adapter.get_tf_dataset()
+    assert pipeline.options().autotune.enabled is False
+    epochs = []
+    for _ in range(3):
+        adapter.on_epoch_begin()
+        epochs.append([int(x[0, 0]) for x, _y in pipeline.as_numpy_iterator()])
+        adapter.on_epoch_end()
+    for seen in epochs:
+        assert sorted(seen) == list(range(n)), epochs
+    if not shuffle:
+        assert epochs == [list(range(n))] * 3
+    model, recorder = model_with_recorder()
+    model.fit(ds, epochs=2, shuffle=shuffle, verbose=0)  # and through fit itself
+    assert [sorted(s) for s in per_epoch(recorder.train_seen, n)] == [list(range(n))] * 2
 
 
 def test_unbuilt_model_peek_does_not_cost_a_pass(prefetched):

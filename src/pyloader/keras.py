@@ -79,6 +79,10 @@ On the torch backend, numpy batches are handed over as ``torch.from_numpy`` view
 buffers, which Keras's ``convert_to_tensor`` passes through (it would copy a numpy array). The other
 backends take the numpy batches as they are (jax copies them to its device arrays; tensorflow's
 ``from_generator`` copies them into tensors), as they take a numpy batch from Keras's own path.
+On tensorflow, Keras reads them through a :class:`_KerasFeed` that the dataset gives its adapter as
+the enqueuer, so that Keras builds its ``tf.data`` pipeline as for its own enqueuer, without a
+second prefetch queue and without tf.data's autotuning (whose thread made ``fit`` return seconds
+late); the batches, their order, hooks and errors are those of the generator path.
 """
 
 from __future__ import annotations
@@ -283,6 +287,53 @@ def _keras_generator(frame: FrameType | None, dataset: Any) -> tuple[FrameType, 
     return None
 
 
+_TF_DATASET_METHOD = "get_tf_dataset"  # Keras's PyDatasetAdapter method that builds the tf.data pipeline
+
+
+class _KerasFeed:
+    """Keras's enqueuer protocol (``start``, ``stop``, ``is_running``, ``get``) over a
+    :class:`PrefetchedDataset`, for Keras's tensorflow path.
+
+    Keras's ``PyDatasetAdapter.get_tf_dataset`` builds a ``tf.data`` pipeline on a generator. For a
+    PyDataset without an enqueuer (a PrefetchedDataset tells Keras ``workers=1``) it adds
+    ``prefetch(AUTOTUNE)``: a second queue on top of pyloader's, a tf.data thread that takes the
+    GIL to read it, and tf.data's autotuning thread, which the iterator's destructor waits for
+    (on tensorflow 2.21 up to its next wake-up, seconds after a long epoch: ``fit`` returned 3 to
+    26 s late on the gather workload). For an enqueuer, Keras disables tf.data's prefetching,
+    threading and autotuning, since the enqueuer loads ahead itself: so does pyloader. The
+    dataset gives its adapter this feed as the enqueuer when ``get_tf_dataset`` reads
+    ``num_batches`` (before the adapter looks at its enqueuer), and Keras then reads the batches
+    from :meth:`get` in the same steps (``_standardize_batch``, the same count per epoch, an
+    error raised through the generator): the batches, their order, the hooks and the errors are
+    those of the generator path. ``start``/``stop`` (Keras's calls around each epoch) do nothing:
+    pyloader's workers run across epochs.
+    """
+
+    def __init__(self, dataset: PrefetchedDataset) -> None:
+        self._dataset = dataset
+
+    def start(self) -> None:
+        """Nothing to start: pyloader's workers already run."""
+
+    def stop(self, drain_queue_and_join: bool = True) -> None:
+        """Nothing to stop: pyloader loads across epochs (``close()`` the dataset to stop it)."""
+
+    def is_running(self) -> bool:
+        """Whether the dataset is open."""
+        return self._dataset._loader is not None
+
+    def get(self) -> Iterator[Any]:
+        """The batches of the pass of the Keras generator that iterates this (its caller), one per
+        step, for as long as Keras reads (it stops after ``num_batches``)."""
+        caller = sys._getframe(1)  # the Keras generator that called next() on this one
+        dataset = self._dataset
+        while True:
+            yield dataset._next_for(caller)
+
+    def __repr__(self) -> str:
+        return f"_KerasFeed({self._dataset!r})"
+
+
 def _to_torch(value: Any, from_numpy: Callable[[np.ndarray], Any]) -> Any:
     """numpy leaves as zero-copy torch tensors (dtypes torch lacks stay numpy).
 
@@ -436,7 +487,18 @@ class PrefetchedDataset(keras.utils.PyDataset):
 
     @property
     def num_batches(self) -> int | None:
-        """``len(self)``, or None for an infinite PyDataset (Keras then reads batches 0, 1, 2...)."""
+        """``len(self)``, or None for an infinite PyDataset (Keras then reads batches 0, 1, 2...).
+
+        Read by Keras's ``get_tf_dataset`` (tensorflow backend), it also gives that adapter a
+        :class:`_KerasFeed` as its enqueuer, before the adapter decides how to build its
+        ``tf.data`` pipeline (see :class:`_KerasFeed`).
+        """
+        caller = sys._getframe(1)
+        if caller.f_code.co_name == _TF_DATASET_METHOD:
+            adapter: Any = caller.f_locals.get("self")
+            if (getattr(adapter, "py_dataset", None) is self
+                    and getattr(adapter, "enqueuer", False) is None):
+                adapter.enqueuer = _KerasFeed(self)
         return None if self._infinite else len(self)
 
     def __getitem__(self, index: int) -> Any:
@@ -455,8 +517,19 @@ class PrefetchedDataset(keras.utils.PyDataset):
                 return self._sequence[index]
             if found[0] is not self._frame:
                 self._enter(*found)
-        batch = self._take()
-        return self._for_keras(batch)
+        return self._for_keras(self._take())
+
+    def _next_for(self, caller: FrameType | None) -> Any:
+        """The next batch for the Keras generator whose frame is ``caller`` (a :class:`_KerasFeed`
+        reads for it): the first read of a new generator starts its pass, as in ``__getitem__``."""
+        if caller is not self._frame:
+            found = _keras_generator(caller, self)
+            if found is None:
+                raise RuntimeError("pyloader: the batches of a PrefetchedDataset's Keras feed are "
+                                   "read by Keras's PyDatasetAdapter only")
+            if found[0] is not self._frame:
+                self._enter(*found)
+        return self._for_keras(self._take())
 
     def __iter__(self) -> Iterator[Any]:
         """One pass of numpy batches, prefetched, in order unless ``shuffle=True`` was given
