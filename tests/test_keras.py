@@ -696,6 +696,65 @@ def test_pydataset_without_len_or_num_batches_iterates_without_end_as_keras_does
 # ---- options -------------------------------------------------------------------------------------
 
 
+class Returns(keras.utils.PyDataset):
+    """Batch i is ``make(i)``: whatever that is."""
+
+    def __init__(self, make, n: int | None = 4, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.make = make
+        self.n = n
+
+    @property
+    def num_batches(self):
+        return self.n
+
+    def __getitem__(self, i: int):
+        return self.make(i)
+
+
+def yields_a_batch(i: int):
+    yield np.ones((2, 11), np.int32) * i
+
+
+NOT_ARRAYS = {
+    "a generator": yields_a_batch,
+    "None": lambda i: None,
+    "a string": lambda i: f"batch {i}",
+    "an object": lambda i: Unusual(i),
+}
+
+
+@pytest.mark.parametrize("n", [4, None], ids=["finite", "infinite"])
+@pytest.mark.parametrize("what", list(NOT_ARRAYS))
+def test_values_that_are_not_arrays_pass_through_as_through_keras(prefetched, what, n):
+    # Keras's own PyDataset.__iter__ yields whatever __getitem__ returns (Keras's adapter tests
+    # iterate a PyDataset whose __getitem__ is a generator function); so does prefetch.
+    make = NOT_ARRAYS[what]
+
+    def first(dataset, k: int = 4) -> list:
+        return [v for _, v in zip(range(k), iter(dataset))]
+
+    theirs = first(Returns(make, n))
+    ours = first(prefetched(Returns(make, n), workers=2, shuffle=False))
+    assert [type(v) for v in ours] == [type(v) for v in theirs]
+    if what == "a generator":
+        assert [next(v).tolist() for v in ours] == [next(v).tolist() for v in theirs]
+    elif what == "an object":
+        assert [v.args for v in ours] == [v.args for v in theirs]
+    else:
+        assert ours == theirs
+
+
+def test_none_from_getitem_reaches_fit_as_keras_says_it(prefetched):
+    model, _ = model_with_recorder()
+    with pytest.raises(ValueError) as theirs:
+        model.fit(Returns(lambda i: None), epochs=1, verbose=0)
+    with pytest.raises(ValueError) as ours:
+        model.fit(prefetched(Returns(lambda i: None), workers=2), epochs=1, verbose=0)
+    assert "must return a tuple or a dict" in str(theirs.value)
+    assert "must return a tuple or a dict" in str(ours.value)
+
+
 def test_pydataset_settings_become_pyloader_defaults(prefetched):
     ds = prefetched(Indexed(4, workers=3, max_queue_size=5))
     assert (ds.loader.workers, ds.loader.depth, ds.loader.mode) == (3, 5, "thread")

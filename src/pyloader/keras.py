@@ -205,6 +205,26 @@ def _length(sequence: Any) -> int:
     )
 
 
+class _Returned:
+    """A value ``__getitem__`` returned that pyloader's core refuses as a batch (None, a generator,
+    a coroutine: :class:`~pyloader.Prefetcher` names the index, since such a value is usually a
+    bug), carried through untouched instead, as Keras hands on whatever ``__getitem__`` returns:
+    iterating the dataset yields it, and Keras's adapter says what a batch must be, as it does on
+    its own path. :meth:`PrefetchedDataset._take` unwraps it."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+def _carried(value: Any) -> Any:
+    """``value``, or a :class:`_Returned` holding it if the core would refuse it as a batch."""
+    if value is None or inspect.isgenerator(value) or inspect.iscoroutine(value):
+        return _Returned(value)
+    return value
+
+
 class _Source:
     """What the Prefetcher loads: the user's Sequence, without hooks the engine would call."""
 
@@ -216,7 +236,7 @@ class _Source:
         return _length(self._sequence)  # read at each epoch's start: it may change between epochs
 
     def __getitem__(self, index: int) -> Any:
-        return self._sequence[index]
+        return _carried(self._sequence[index])
 
 
 _UNBOUNDED_CHUNK = 1024  # batches of an infinite PyDataset per pyloader epoch
@@ -249,7 +269,7 @@ class _Unbounded:
         return self._chunk
 
     def __getitem__(self, index: int) -> Any:
-        return self._sequence[self.offset + index]
+        return _carried(self._sequence[self.offset + index])
 
     def on_epoch_end(self) -> None:
         self.offset += self._chunk
@@ -657,6 +677,8 @@ class PrefetchedDataset(keras.utils.PyDataset):
         if failed is not None:  # raised outside the handler: no "during handling" chain
             self._pass, self._served, self._first = None, 0, None
             raise _user_error(failed)
+        if type(batch) is _Returned:
+            batch = batch.value
         self._served += 1
         self._stream_served += 1
         self._first = batch if self._served == 1 else None
