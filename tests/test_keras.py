@@ -262,6 +262,27 @@ def test_tensorflow_pipeline_leaves_loading_ahead_to_pyloader_with_the_same_batc
     assert [sorted(s) for s in per_epoch(recorder.train_seen, n)] == [list(range(n))] * 2
 
 
+@tensorflow_only
+def test_tensorflow_spec_read_takes_loaded_batches_and_each_is_trained_once(prefetched):
+    # Keras's get_tf_dataset reads batches 0 and 1 to learn their spec: Keras's own path loads
+    # them in place, on the main thread, at every fit/evaluate/predict call. pyloader hands it the
+    # first batches of the pass its workers loaded ahead, and serves them again to the generator.
+    n, epochs = 7, 3
+    seq = Indexed(n)
+    ds = prefetched(seq, workers=2, depth=3)
+    model, recorder = model_with_recorder()
+    for epoch in range(epochs):  # one fit call per epoch: one spec read each
+        model.fit(ds, initial_epoch=epoch, epochs=epoch + 1, verbose=0)
+    assert seq.direct == []
+    seen = per_epoch(recorder.train_seen, n)
+    assert [sorted(s) for s in seen] == [list(range(n))] * epochs
+    assert all(count <= epochs + 1 for count in Counter(seq.loaded).values()), Counter(seq.loaded)
+    model.layers[-1].set_weights([np.array([[1.0], [0.0]], np.float32), np.zeros(1, np.float32)])
+    out = model.predict(ds, verbose=0)  # in order, after shuffled fits, the spec read included
+    np.testing.assert_array_equal(out[:, 0], np.repeat(np.arange(n, dtype=np.float32), ROWS))
+    assert seq.direct == []
+
+
 def test_unbuilt_model_peek_does_not_cost_a_pass(prefetched):
     # A model without Input reads one batch to build itself (in a Keras iteration of its own):
     # that batch is served again as the first of epoch 0 rather than abandoning pass 0.
@@ -468,6 +489,23 @@ def test_getitem_error_reaches_fit_as_the_same_type_as_through_keras(prefetched,
         assert type(ours) is error
     assert "bad batch 3" in error_text(ours)
     assert "__getitem__(3)" in error_text(ours) and "batch index 3" in error_text(ours)
+
+
+@pytest.mark.parametrize("error", [ValueError, Unusual])
+def test_getitem_error_first_in_pyloaders_order_reaches_fit_as_through_keras(prefetched, error):
+    # The failing batch opens pyloader's shuffled pass (where tensorflow's spec read takes its
+    # batches) but is not among Keras's spec batches 0 and 1: Keras meets it in its generator, and
+    # so must fit here (on tensorflow, as the OpError tf.data makes of it on Keras's path).
+    n, at = 6, 3
+    seed = next(s for s in range(1000)
+                if next(iter(pyloader.Prefetcher(Indexed(n), workers=1, shuffle=True, seed=s)))[0][0, 0] == at)
+    own = fit_error(FailsAt(n, at, error), shuffle=True)
+    ours = fit_error(prefetched(FailsAt(n, at, error), workers=2, shuffle=True, seed=seed), shuffle=True)
+    assert type(ours) is type(own), (type(ours), type(own))
+    if BACKEND != "tensorflow":
+        assert type(ours) is error
+    assert f"bad batch {at}" in error_text(ours)
+    assert f"batch index {at}" in error_text(ours)
 
 
 def test_getitem_error_surfaces_from_fit_with_the_index(prefetched):

@@ -21,6 +21,11 @@ owns the order and ``dataset[i]`` returns the *next* batch of the current pyload
   for ``fit(shuffle=True)``, exact order for ``evaluate``, ``predict`` and ``fit(shuffle=False)``
   (switching rebuilds the Prefetcher: once at the first ``fit`` of a dataset made with
   ``shuffle=None``, which starts in order, and whenever one dataset serves both);
+- Keras's ``get_tf_dataset`` (tensorflow) reads batches 0 and 1 to learn their spec, loading them
+  in place at every ``fit``/``evaluate``/``predict`` call on its own path: it gets the first batches
+  of the pass its generator gets next (already loaded ahead, in the adapter's order), which that
+  generator is served again; if one of them failed, the spec comes from ``seq[0]``, ``seq[1]`` as
+  on Keras's path, and the error reaches the generator at that batch's step, as on Keras's path;
 - a caller that is not Keras's adapter (your own ``dataset[i]``) gets ``seq[i]``, loaded in place.
 
 The Sequence's ``on_epoch_end`` and ``on_epoch_begin`` are not left to Keras (which calls
@@ -354,6 +359,20 @@ class _KerasFeed:
         return f"_KerasFeed({self._dataset!r})"
 
 
+def _keras_spec_read(frame: FrameType | None, dataset: Any) -> Any:
+    """The adapter whose ``get_tf_dataset`` reads ``dataset`` from ``frame`` (or a few callers) to
+    learn the batches' spec (Keras reads its first ``NUM_BATCHES_FOR_TENSOR_SPEC`` batches, in a
+    comprehension), else None."""
+    for _ in range(_CALLER_DEPTH):
+        if frame is None:
+            return None
+        if frame.f_code.co_name == _TF_DATASET_METHOD:
+            adapter = frame.f_locals.get("self")
+            return adapter if getattr(adapter, "py_dataset", None) is dataset else None
+        frame = frame.f_back
+    return None
+
+
 def _to_torch(value: Any, from_numpy: Callable[[np.ndarray], Any]) -> Any:
     """numpy leaves as zero-copy torch tensors (dtypes torch lacks stay numpy).
 
@@ -408,6 +427,10 @@ class PrefetchedDataset(keras.utils.PyDataset):
         TypeError: ``sequence`` has no ``__len__`` or ``__getitem__``.
         ValueError: an option has a bad value.
     """
+
+    _spec: list[Any]
+    _replay: list[Any]
+    _deferred: Exception | None
 
     def __init__(self, sequence: Any, *, shuffle: bool | None, **options: Any) -> None:
         super().__init__(workers=1, use_multiprocessing=False, max_queue_size=1)
@@ -501,7 +524,8 @@ class PrefetchedDataset(keras.utils.PyDataset):
             return len(self.loader)
         if found[0] is not self._frame:
             self._enter(*found)
-        if not self._rewind and (self._pass is None or self._served >= self._pass_length):
+        if (not self._rewind and self._deferred is None
+                and (self._pass is None or self._served >= self._pass_length)):
             self._start_pass()
         return self._pass_length
 
@@ -534,10 +558,37 @@ class PrefetchedDataset(keras.utils.PyDataset):
         if caller is not self._frame:
             found = _keras_generator(caller, self)
             if found is None:
-                return self._sequence[index]
+                adapter = None if self._infinite else _keras_spec_read(caller, self)
+                if adapter is None:
+                    return self._sequence[index]
+                return self._for_keras(self._spec_read(adapter, index))
             if found[0] is not self._frame:
                 self._enter(*found)
         return self._for_keras(self._take())
+
+    def _spec_read(self, adapter: Any, index: int) -> Any:
+        """Batch ``index`` of the ``index + 1`` Keras's ``get_tf_dataset`` reads to learn the spec.
+
+        They are the first batches of the pass the adapter's generator gets next (loaded ahead by
+        pyloader, not read again in place): the read starts that pass as the generator would (in
+        the adapter's order), and the generator is served them again (see :meth:`_begin_pass`).
+        """
+        if self._deferred is not None:  # an earlier batch of this read failed: as Keras reads
+            return self._sequence[index]
+        if index == 0 or index != len(self._spec):  # a new read: position the pass
+            self._frame = None
+            self._begin_pass(bool(getattr(adapter, "shuffle", False)))
+            self._spec = []
+        try:
+            batch = self._take()
+        except Exception as error:  # noqa: BLE001 - raised where the generator reaches it
+            # Keras's own spec read reads batches 0, 1 in place and meets a failing batch later,
+            # in its generator (on tensorflow, as tf.data's error type): so does the generator
+            # here, at this batch's step; the spec comes from an in-place read, as Keras's does.
+            self._deferred = error
+            return self._sequence[index]
+        self._spec.append(batch)
+        return batch
 
     def _next_for(self, caller: FrameType | None) -> Any:
         """The next batch for the Keras generator whose frame is ``caller`` (a :class:`_KerasFeed`
@@ -582,6 +633,7 @@ class PrefetchedDataset(keras.utils.PyDataset):
         # With class_weight, Keras reads y back to numpy: leave y as it is for that.
         self._numpy_targets = getattr(adapter, "class_weight", None) is not None
         self._begin_pass(bool(getattr(adapter, "shuffle", False)))
+        self._spec = []  # served again (above), or abandoned with the rest of their pass
 
     def _reset_stream(self, *, enter: bool) -> None:
         self._pass: Iterator[Any] | None = None
@@ -590,6 +642,9 @@ class PrefetchedDataset(keras.utils.PyDataset):
         self._stream_served = 0  # batches handed out since the Prefetcher (re)started
         self._first: Any = None  # its first batch, kept until the second is taken (rewind)
         self._rewind = False
+        self._spec = []  # the batches of this pass a spec read took (see _spec_read)
+        self._replay = []  # batches to serve again before the pass goes on
+        self._deferred = None  # what a spec read met, raised after _replay
         if enter:
             self._needs_enter = True  # the next pass starts a (re)started engine: call the hooks
 
@@ -614,6 +669,10 @@ class PrefetchedDataset(keras.utils.PyDataset):
             )
         if loader.shuffle != want:
             self._rebuild(want)
+        elif self._deferred is not None or (
+            self._spec and self._served == len(self._spec) and not self._replay
+        ):  # only a spec read took from this pass: its batches are served again, then the rest
+            self._replay, self._spec, self._served = self._spec, [], 0
         elif 0 < self._served < self._pass_length:
             if self._served == 1 and self._first is not None:
                 self._served, self._rewind = 0, True  # a peek: serve its batch again
@@ -664,6 +723,16 @@ class PrefetchedDataset(keras.utils.PyDataset):
             self._rewind = False
             self._served = 1
             return self._first
+        if self._replay:  # taken from the pass already (which may have ended with them)
+            batch = self._replay.pop(0)
+            self._served += 1
+            self._stream_served += 1
+            self._first = batch if self._served == 1 else None
+            return batch
+        if self._deferred is not None:  # met by a spec read after the batches just replayed
+            deferred, self._deferred = self._deferred, None
+            self._pass, self._served, self._first = None, 0, None
+            raise deferred
         if self._pass is None or self._served >= self._pass_length:
             self._start_pass()
         assert self._pass is not None
