@@ -638,6 +638,54 @@ def test_backend_tensor_batches_train_and_predict(prefetched):
     np.testing.assert_array_equal(out[:, 0], np.repeat(np.arange(n, dtype=np.float32), ROWS))
 
 
+def framework_tensor(framework: str, x: np.ndarray):
+    """``x`` as a tensor of ``framework`` (torch, jax or tensorflow), whatever Keras's backend."""
+    if framework == "torch":
+        import torch
+
+        return torch.from_numpy(x.copy())
+    if framework == "jax":
+        import jax
+
+        return jax.numpy.asarray(x)
+    import tensorflow as tf
+
+    return tf.constant(x)
+
+
+class FrameworkTensors(Indexed):
+    """Indexed, as tensors of a given framework (not necessarily Keras's backend)."""
+
+    def __init__(self, n: int, framework: str, **kwargs) -> None:
+        super().__init__(n, **kwargs)
+        self.framework = framework
+
+    def __getitem__(self, i: int):
+        x, y = super().__getitem__(i)
+        return framework_tensor(self.framework, x), framework_tensor(self.framework, y)
+
+
+@pytest.mark.parametrize("framework", ["torch", "jax", "tensorflow"])
+def test_tensors_of_any_installed_framework_train_as_through_keras(prefetched, framework):
+    # Side by side with Keras's own path: a PyDataset returning torch, jax or tf tensors, on
+    # whichever backend this run uses.
+    pytest.importorskip(framework)
+    n, epochs = 5, 2
+
+    def train(ds):
+        model, recorder = model_with_recorder()
+        try:
+            model.fit(ds, epochs=epochs, verbose=0)
+        except Exception as error:  # noqa: BLE001 - compared with Keras's own path below
+            return type(error)
+        return [sorted(s) for s in per_epoch(recorder.train_seen, n)]
+
+    theirs = train(FrameworkTensors(n, framework))
+    ours = train(prefetched(FrameworkTensors(n, framework), workers=2))
+    assert ours == theirs
+    assert theirs == [list(range(n))] * epochs  # Keras takes them all (so must prefetch)
+
+
 def test_keras_utils_sequence_subclass(prefetched):
     class Old(keras.utils.Sequence):
         def __len__(self):
