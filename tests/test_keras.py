@@ -10,6 +10,7 @@ about one backend says so in its name and skips on the others.
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import sys
 import textwrap
@@ -33,6 +34,9 @@ BACKEND = keras.backend.backend()
 ROWS = 4
 
 torch_only = pytest.mark.skipif(BACKEND != "torch", reason=f"about the torch backend (this run: {BACKEND})")
+tensorflow_only = pytest.mark.skipif(
+    BACKEND != "tensorflow", reason=f"about the tensorflow backend (this run: {BACKEND})"
+)
 
 
 def concrete(x) -> np.ndarray | None:
@@ -229,6 +233,55 @@ def test_keras_starts_no_enqueuer(prefetched):
     model, _ = model_with_recorder()
     model.fit(ds, epochs=1, verbose=0)
     assert not [t for t in threading.enumerate() if t.name.startswith("Worker_") and t.name not in before]
+
+
+@tensorflow_only
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_tensorflow_pipeline_leaves_loading_ahead_to_pyloader_with_the_same_batches(prefetched, shuffle):
+    # Keras's tf.data pipeline over a PyDataset without an enqueuer adds prefetch(AUTOTUNE) and
+    # tf.data's autotuning thread, whose wait (in the iterator's destructor) made fit return
+    # seconds late; pyloader's dataset is read as an enqueuer, for which Keras turns tf.data's
+    # prefetching and autotuning off. The batches are those of Keras's generator path.
+    from keras.src.trainers.data_adapters.py_dataset_adapter import PyDatasetAdapter
+
+    n = 7
+    ds = prefetched(Indexed(n), workers=3, depth=4)
+    adapter = PyDatasetAdapter(ds, shuffle=shuffle)
+    pipeline = adapter.get_tf_dataset()
+    assert pipeline.options().autotune.enabled is False
+    epochs = []
+    for _ in range(3):
+        adapter.on_epoch_begin()
+        epochs.append([int(x[0, 0]) for x, _y in pipeline.as_numpy_iterator()])
+        adapter.on_epoch_end()
+    for seen in epochs:
+        assert sorted(seen) == list(range(n)), epochs
+    if not shuffle:
+        assert epochs == [list(range(n))] * 3
+    model, recorder = model_with_recorder()
+    model.fit(ds, epochs=2, shuffle=shuffle, verbose=0)  # and through fit itself
+    assert [sorted(s) for s in per_epoch(recorder.train_seen, n)] == [list(range(n))] * 2
+
+
+@tensorflow_only
+def test_tensorflow_spec_read_takes_loaded_batches_and_each_is_trained_once(prefetched):
+    # Keras's get_tf_dataset reads batches 0 and 1 to learn their spec: Keras's own path loads
+    # them in place, on the main thread, at every fit/evaluate/predict call. pyloader hands it the
+    # first batches of the pass its workers loaded ahead, and serves them again to the generator.
+    n, epochs = 7, 3
+    seq = Indexed(n)
+    ds = prefetched(seq, workers=2, depth=3)
+    model, recorder = model_with_recorder()
+    for epoch in range(epochs):  # one fit call per epoch: one spec read each
+        model.fit(ds, initial_epoch=epoch, epochs=epoch + 1, verbose=0)
+    assert seq.direct == []
+    seen = per_epoch(recorder.train_seen, n)
+    assert [sorted(s) for s in seen] == [list(range(n))] * epochs
+    assert all(count <= epochs + 1 for count in Counter(seq.loaded).values()), Counter(seq.loaded)
+    model.layers[-1].set_weights([np.array([[1.0], [0.0]], np.float32), np.zeros(1, np.float32)])
+    out = model.predict(ds, verbose=0)  # in order, after shuffled fits, the spec read included
+    np.testing.assert_array_equal(out[:, 0], np.repeat(np.arange(n, dtype=np.float32), ROWS))
+    assert seq.direct == []
 
 
 def test_unbuilt_model_peek_does_not_cost_a_pass(prefetched):
@@ -439,6 +492,23 @@ def test_getitem_error_reaches_fit_as_the_same_type_as_through_keras(prefetched,
     assert "__getitem__(3)" in error_text(ours) and "batch index 3" in error_text(ours)
 
 
+@pytest.mark.parametrize("error", [ValueError, Unusual])
+def test_getitem_error_first_in_pyloaders_order_reaches_fit_as_through_keras(prefetched, error):
+    # The failing batch opens pyloader's shuffled pass (where tensorflow's spec read takes its
+    # batches) but is not among Keras's spec batches 0 and 1: Keras meets it in its generator, and
+    # so must fit here (on tensorflow, as the OpError tf.data makes of it on Keras's path).
+    n, at = 6, 3
+    seed = next(s for s in range(1000)
+                if next(iter(pyloader.Prefetcher(Indexed(n), workers=1, shuffle=True, seed=s)))[0][0, 0] == at)
+    own = fit_error(FailsAt(n, at, error), shuffle=True)
+    ours = fit_error(prefetched(FailsAt(n, at, error), workers=2, shuffle=True, seed=seed), shuffle=True)
+    assert type(ours) is type(own), (type(ours), type(own))
+    if BACKEND != "tensorflow":
+        assert type(ours) is error
+    assert f"bad batch {at}" in error_text(ours)
+    assert f"batch index {at}" in error_text(ours)
+
+
 def test_getitem_error_surfaces_from_fit_with_the_index(prefetched):
     n = 6
     ds = prefetched(FailsInFirstEpoch(n, 3), workers=2, shuffle=False)
@@ -569,6 +639,75 @@ def test_backend_tensor_batches_train_and_predict(prefetched):
     np.testing.assert_array_equal(out[:, 0], np.repeat(np.arange(n, dtype=np.float32), ROWS))
 
 
+def framework_tensor(framework: str, x: np.ndarray):
+    """``x`` as a tensor of ``framework`` (torch, jax or tensorflow), whatever Keras's backend."""
+    if framework == "torch":
+        import torch
+
+        return torch.from_numpy(x.copy())
+    if framework == "jax":
+        import jax
+
+        return jax.numpy.asarray(x)
+    import tensorflow as tf
+
+    return tf.constant(x)
+
+
+class FrameworkTensors(Indexed):
+    """Indexed, as tensors of a given framework (not necessarily Keras's backend)."""
+
+    def __init__(self, n: int, framework: str, **kwargs) -> None:
+        super().__init__(n, **kwargs)
+        self.framework = framework
+
+    def __getitem__(self, i: int):
+        x, y = super().__getitem__(i)
+        return framework_tensor(self.framework, x), framework_tensor(self.framework, y)
+
+
+def train_on_framework_tensors(framework: str, n: int = 5, epochs: int = 2) -> tuple[object, object]:
+    """(Keras's own path, prefetch) on FrameworkTensors: the batches each epoch trained on, sorted,
+    or the name of the exception type fit raised."""
+
+    def train(ds) -> object:
+        model, recorder = model_with_recorder()
+        try:
+            model.fit(ds, epochs=epochs, verbose=0)
+        except Exception as error:  # noqa: BLE001 - compared side by side
+            return type(error).__name__
+        return [sorted(s) for s in per_epoch(recorder.train_seen, n)]
+
+    theirs = train(FrameworkTensors(n, framework))
+    with pk.prefetch(FrameworkTensors(n, framework), workers=2) as ds:
+        ours = train(ds)
+    return theirs, ours
+
+
+@pytest.mark.parametrize("framework", ["torch", "jax", "tensorflow"])
+def test_tensors_of_any_installed_framework_train_as_through_keras(framework):
+    # Side by side with Keras's own path: a PyDataset returning torch, jax or tf tensors, on
+    # whichever backend this run uses. Another framework than the backend is imported in a
+    # subprocess: jax in this process would warn at every later fork (of other test files).
+    import importlib.util
+
+    if importlib.util.find_spec(framework) is None:
+        pytest.skip(f"{framework} is not installed")
+    if framework == BACKEND:
+        theirs, ours = train_on_framework_tensors(framework)
+    else:
+        done = run_python(f"""
+            import json, warnings
+            warnings.simplefilter("ignore")
+            import test_keras
+            print("RESULT", json.dumps(test_keras.train_on_framework_tensors({framework!r})))
+        """, timeout=300)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+        theirs, ours = json.loads(done.stdout.split("RESULT", 1)[1])
+    assert ours == theirs
+    assert theirs == [list(range(5))] * 2  # Keras takes them all (so must prefetch)
+
+
 def test_keras_utils_sequence_subclass(prefetched):
     class Old(keras.utils.Sequence):
         def __len__(self):
@@ -663,6 +802,65 @@ def test_pydataset_without_len_or_num_batches_iterates_without_end_as_keras_does
 
 
 # ---- options -------------------------------------------------------------------------------------
+
+
+class Returns(keras.utils.PyDataset):
+    """Batch i is ``make(i)``: whatever that is."""
+
+    def __init__(self, make, n: int | None = 4, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.make = make
+        self.n = n
+
+    @property
+    def num_batches(self):
+        return self.n
+
+    def __getitem__(self, i: int):
+        return self.make(i)
+
+
+def yields_a_batch(i: int):
+    yield np.ones((2, 11), np.int32) * i
+
+
+NOT_ARRAYS = {
+    "a generator": yields_a_batch,
+    "None": lambda i: None,
+    "a string": lambda i: f"batch {i}",
+    "an object": lambda i: Unusual(i),
+}
+
+
+@pytest.mark.parametrize("n", [4, None], ids=["finite", "infinite"])
+@pytest.mark.parametrize("what", list(NOT_ARRAYS))
+def test_values_that_are_not_arrays_pass_through_as_through_keras(prefetched, what, n):
+    # Keras's own PyDataset.__iter__ yields whatever __getitem__ returns (Keras's adapter tests
+    # iterate a PyDataset whose __getitem__ is a generator function); so does prefetch.
+    make = NOT_ARRAYS[what]
+
+    def first(dataset, k: int = 4) -> list:
+        return [v for _, v in zip(range(k), iter(dataset))]
+
+    theirs = first(Returns(make, n))
+    ours = first(prefetched(Returns(make, n), workers=2, shuffle=False))
+    assert [type(v) for v in ours] == [type(v) for v in theirs]
+    if what == "a generator":
+        assert [next(v).tolist() for v in ours] == [next(v).tolist() for v in theirs]
+    elif what == "an object":
+        assert [v.args for v in ours] == [v.args for v in theirs]
+    else:
+        assert ours == theirs
+
+
+def test_none_from_getitem_reaches_fit_as_keras_says_it(prefetched):
+    model, _ = model_with_recorder()
+    with pytest.raises(ValueError) as theirs:
+        model.fit(Returns(lambda i: None), epochs=1, verbose=0)
+    with pytest.raises(ValueError) as ours:
+        model.fit(prefetched(Returns(lambda i: None), workers=2), epochs=1, verbose=0)
+    assert "must return a tuple or a dict" in str(theirs.value)
+    assert "must return a tuple or a dict" in str(ours.value)
 
 
 def test_pydataset_settings_become_pyloader_defaults(prefetched):

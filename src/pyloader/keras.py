@@ -21,6 +21,11 @@ owns the order and ``dataset[i]`` returns the *next* batch of the current pyload
   for ``fit(shuffle=True)``, exact order for ``evaluate``, ``predict`` and ``fit(shuffle=False)``
   (switching rebuilds the Prefetcher: once at the first ``fit`` of a dataset made with
   ``shuffle=None``, which starts in order, and whenever one dataset serves both);
+- Keras's ``get_tf_dataset`` (tensorflow) reads batches 0 and 1 to learn their spec, loading them
+  in place at every ``fit``/``evaluate``/``predict`` call on its own path: it gets the first batches
+  of the pass its generator gets next (already loaded ahead, in the adapter's order), which that
+  generator is served again; if one of them failed, the spec comes from ``seq[0]``, ``seq[1]`` as
+  on Keras's path, and the error reaches the generator at that batch's step, as on Keras's path;
 - a caller that is not Keras's adapter (your own ``dataset[i]``) gets ``seq[i]``, loaded in place.
 
 The Sequence's ``on_epoch_end`` and ``on_epoch_begin`` are not left to Keras (which calls
@@ -79,6 +84,10 @@ On the torch backend, numpy batches are handed over as ``torch.from_numpy`` view
 buffers, which Keras's ``convert_to_tensor`` passes through (it would copy a numpy array). The other
 backends take the numpy batches as they are (jax copies them to its device arrays; tensorflow's
 ``from_generator`` copies them into tensors), as they take a numpy batch from Keras's own path.
+On tensorflow, Keras reads them through a :class:`_KerasFeed` that the dataset gives its adapter as
+the enqueuer, so that Keras builds its ``tf.data`` pipeline as for its own enqueuer, without a
+second prefetch queue and without tf.data's autotuning (whose thread made ``fit`` return seconds
+late); the batches, their order, hooks and errors are those of the generator path.
 """
 
 from __future__ import annotations
@@ -201,6 +210,26 @@ def _length(sequence: Any) -> int:
     )
 
 
+class _Returned:
+    """A value ``__getitem__`` returned that pyloader's core refuses as a batch (None, a generator,
+    a coroutine: :class:`~pyloader.Prefetcher` names the index, since such a value is usually a
+    bug), carried through untouched instead, as Keras hands on whatever ``__getitem__`` returns:
+    iterating the dataset yields it, and Keras's adapter says what a batch must be, as it does on
+    its own path. :meth:`PrefetchedDataset._take` unwraps it."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+def _carried(value: Any) -> Any:
+    """``value``, or a :class:`_Returned` holding it if the core would refuse it as a batch."""
+    if value is None or inspect.isgenerator(value) or inspect.iscoroutine(value):
+        return _Returned(value)
+    return value
+
+
 class _Source:
     """What the Prefetcher loads: the user's Sequence, without hooks the engine would call."""
 
@@ -212,7 +241,7 @@ class _Source:
         return _length(self._sequence)  # read at each epoch's start: it may change between epochs
 
     def __getitem__(self, index: int) -> Any:
-        return self._sequence[index]
+        return _carried(self._sequence[index])
 
 
 _UNBOUNDED_CHUNK = 1024  # batches of an infinite PyDataset per pyloader epoch
@@ -245,7 +274,7 @@ class _Unbounded:
         return self._chunk
 
     def __getitem__(self, index: int) -> Any:
-        return self._sequence[self.offset + index]
+        return _carried(self._sequence[self.offset + index])
 
     def on_epoch_end(self) -> None:
         self.offset += self._chunk
@@ -279,6 +308,67 @@ def _keras_generator(frame: FrameType | None, dataset: Any) -> tuple[FrameType, 
             adapter = frame.f_locals.get("self")
             if getattr(adapter, "py_dataset", None) is dataset:
                 return frame, adapter
+        frame = frame.f_back
+    return None
+
+
+_TF_DATASET_METHOD = "get_tf_dataset"  # Keras's PyDatasetAdapter method that builds the tf.data pipeline
+
+
+class _KerasFeed:
+    """Keras's enqueuer protocol (``start``, ``stop``, ``is_running``, ``get``) over a
+    :class:`PrefetchedDataset`, for Keras's tensorflow path.
+
+    Keras's ``PyDatasetAdapter.get_tf_dataset`` builds a ``tf.data`` pipeline on a generator. For a
+    PyDataset without an enqueuer (a PrefetchedDataset tells Keras ``workers=1``) it adds
+    ``prefetch(AUTOTUNE)``: a second queue on top of pyloader's, a tf.data thread that takes the
+    GIL to read it, and tf.data's autotuning thread, which the iterator's destructor waits for
+    (on tensorflow 2.21 up to its next wake-up, seconds after a long epoch: ``fit`` returned 3 to
+    26 s late on the gather workload). For an enqueuer, Keras disables tf.data's prefetching,
+    threading and autotuning, since the enqueuer loads ahead itself: so does pyloader. The
+    dataset gives its adapter this feed as the enqueuer when ``get_tf_dataset`` reads
+    ``num_batches`` (before the adapter looks at its enqueuer), and Keras then reads the batches
+    from :meth:`get` in the same steps (``_standardize_batch``, the same count per epoch, an
+    error raised through the generator): the batches, their order, the hooks and the errors are
+    those of the generator path. ``start``/``stop`` (Keras's calls around each epoch) do nothing:
+    pyloader's workers run across epochs.
+    """
+
+    def __init__(self, dataset: PrefetchedDataset) -> None:
+        self._dataset = dataset
+
+    def start(self) -> None:
+        """Nothing to start: pyloader's workers already run."""
+
+    def stop(self, drain_queue_and_join: bool = True) -> None:
+        """Nothing to stop: pyloader loads across epochs (``close()`` the dataset to stop it)."""
+
+    def is_running(self) -> bool:
+        """Whether the dataset is open."""
+        return self._dataset._loader is not None
+
+    def get(self) -> Iterator[Any]:
+        """The batches of the pass of the Keras generator that iterates this (its caller), one per
+        step, for as long as Keras reads (it stops after ``num_batches``)."""
+        caller = sys._getframe(1)  # the Keras generator that called next() on this one
+        dataset = self._dataset
+        while True:
+            yield dataset._next_for(caller)
+
+    def __repr__(self) -> str:
+        return f"_KerasFeed({self._dataset!r})"
+
+
+def _keras_spec_read(frame: FrameType | None, dataset: Any) -> Any:
+    """The adapter whose ``get_tf_dataset`` reads ``dataset`` from ``frame`` (or a few callers) to
+    learn the batches' spec (Keras reads its first ``NUM_BATCHES_FOR_TENSOR_SPEC`` batches, in a
+    comprehension), else None."""
+    for _ in range(_CALLER_DEPTH):
+        if frame is None:
+            return None
+        if frame.f_code.co_name == _TF_DATASET_METHOD:
+            adapter = frame.f_locals.get("self")
+            return adapter if getattr(adapter, "py_dataset", None) is dataset else None
         frame = frame.f_back
     return None
 
@@ -337,6 +427,10 @@ class PrefetchedDataset(keras.utils.PyDataset):
         TypeError: ``sequence`` has no ``__len__`` or ``__getitem__``.
         ValueError: an option has a bad value.
     """
+
+    _spec: list[Any]
+    _replay: list[Any]
+    _deferred: Exception | None
 
     def __init__(self, sequence: Any, *, shuffle: bool | None, **options: Any) -> None:
         super().__init__(workers=1, use_multiprocessing=False, max_queue_size=1)
@@ -430,13 +524,25 @@ class PrefetchedDataset(keras.utils.PyDataset):
             return len(self.loader)
         if found[0] is not self._frame:
             self._enter(*found)
-        if not self._rewind and (self._pass is None or self._served >= self._pass_length):
+        if (not self._rewind and self._deferred is None
+                and (self._pass is None or self._served >= self._pass_length)):
             self._start_pass()
         return self._pass_length
 
     @property
     def num_batches(self) -> int | None:
-        """``len(self)``, or None for an infinite PyDataset (Keras then reads batches 0, 1, 2...)."""
+        """``len(self)``, or None for an infinite PyDataset (Keras then reads batches 0, 1, 2...).
+
+        Read by Keras's ``get_tf_dataset`` (tensorflow backend), it also gives that adapter a
+        :class:`_KerasFeed` as its enqueuer, before the adapter decides how to build its
+        ``tf.data`` pipeline (see :class:`_KerasFeed`).
+        """
+        caller = sys._getframe(1)
+        if caller.f_code.co_name == _TF_DATASET_METHOD:
+            adapter: Any = caller.f_locals.get("self")
+            if (getattr(adapter, "py_dataset", None) is self
+                    and getattr(adapter, "enqueuer", False) is None):
+                adapter.enqueuer = _KerasFeed(self)
         return None if self._infinite else len(self)
 
     def __getitem__(self, index: int) -> Any:
@@ -452,11 +558,49 @@ class PrefetchedDataset(keras.utils.PyDataset):
         if caller is not self._frame:
             found = _keras_generator(caller, self)
             if found is None:
-                return self._sequence[index]
+                adapter = None if self._infinite else _keras_spec_read(caller, self)
+                if adapter is None:
+                    return self._sequence[index]
+                return self._for_keras(self._spec_read(adapter, index))
             if found[0] is not self._frame:
                 self._enter(*found)
-        batch = self._take()
-        return self._for_keras(batch)
+        return self._for_keras(self._take())
+
+    def _spec_read(self, adapter: Any, index: int) -> Any:
+        """Batch ``index`` of the ``index + 1`` Keras's ``get_tf_dataset`` reads to learn the spec.
+
+        They are the first batches of the pass the adapter's generator gets next (loaded ahead by
+        pyloader, not read again in place): the read starts that pass as the generator would (in
+        the adapter's order), and the generator is served them again (see :meth:`_begin_pass`).
+        """
+        if self._deferred is not None:  # an earlier batch of this read failed: as Keras reads
+            return self._sequence[index]
+        if index == 0 or index != len(self._spec):  # a new read: position the pass
+            self._frame = None
+            self._begin_pass(bool(getattr(adapter, "shuffle", False)))
+            self._spec = []
+        try:
+            batch = self._take()
+        except Exception as error:  # noqa: BLE001 - raised where the generator reaches it
+            # Keras's own spec read reads batches 0, 1 in place and meets a failing batch later,
+            # in its generator (on tensorflow, as tf.data's error type): so does the generator
+            # here, at this batch's step; the spec comes from an in-place read, as Keras's does.
+            self._deferred = error
+            return self._sequence[index]
+        self._spec.append(batch)
+        return batch
+
+    def _next_for(self, caller: FrameType | None) -> Any:
+        """The next batch for the Keras generator whose frame is ``caller`` (a :class:`_KerasFeed`
+        reads for it): the first read of a new generator starts its pass, as in ``__getitem__``."""
+        if caller is not self._frame:
+            found = _keras_generator(caller, self)
+            if found is None:
+                raise RuntimeError("pyloader: the batches of a PrefetchedDataset's Keras feed are "
+                                   "read by Keras's PyDatasetAdapter only")
+            if found[0] is not self._frame:
+                self._enter(*found)
+        return self._for_keras(self._take())
 
     def __iter__(self) -> Iterator[Any]:
         """One pass of numpy batches, prefetched, in order unless ``shuffle=True`` was given
@@ -489,6 +633,7 @@ class PrefetchedDataset(keras.utils.PyDataset):
         # With class_weight, Keras reads y back to numpy: leave y as it is for that.
         self._numpy_targets = getattr(adapter, "class_weight", None) is not None
         self._begin_pass(bool(getattr(adapter, "shuffle", False)))
+        self._spec = []  # served again (above), or abandoned with the rest of their pass
 
     def _reset_stream(self, *, enter: bool) -> None:
         self._pass: Iterator[Any] | None = None
@@ -497,6 +642,9 @@ class PrefetchedDataset(keras.utils.PyDataset):
         self._stream_served = 0  # batches handed out since the Prefetcher (re)started
         self._first: Any = None  # its first batch, kept until the second is taken (rewind)
         self._rewind = False
+        self._spec = []  # the batches of this pass a spec read took (see _spec_read)
+        self._replay = []  # batches to serve again before the pass goes on
+        self._deferred = None  # what a spec read met, raised after _replay
         if enter:
             self._needs_enter = True  # the next pass starts a (re)started engine: call the hooks
 
@@ -521,6 +669,10 @@ class PrefetchedDataset(keras.utils.PyDataset):
             )
         if loader.shuffle != want:
             self._rebuild(want)
+        elif self._deferred is not None or (
+            self._spec and self._served == len(self._spec) and not self._replay
+        ):  # only a spec read took from this pass: its batches are served again, then the rest
+            self._replay, self._spec, self._served = self._spec, [], 0
         elif 0 < self._served < self._pass_length:
             if self._served == 1 and self._first is not None:
                 self._served, self._rewind = 0, True  # a peek: serve its batch again
@@ -571,6 +723,16 @@ class PrefetchedDataset(keras.utils.PyDataset):
             self._rewind = False
             self._served = 1
             return self._first
+        if self._replay:  # taken from the pass already (which may have ended with them)
+            batch = self._replay.pop(0)
+            self._served += 1
+            self._stream_served += 1
+            self._first = batch if self._served == 1 else None
+            return batch
+        if self._deferred is not None:  # met by a spec read after the batches just replayed
+            deferred, self._deferred = self._deferred, None
+            self._pass, self._served, self._first = None, 0, None
+            raise deferred
         if self._pass is None or self._served >= self._pass_length:
             self._start_pass()
         assert self._pass is not None
@@ -584,6 +746,8 @@ class PrefetchedDataset(keras.utils.PyDataset):
         if failed is not None:  # raised outside the handler: no "during handling" chain
             self._pass, self._served, self._first = None, 0, None
             raise _user_error(failed)
+        if type(batch) is _Returned:
+            batch = batch.value
         self._served += 1
         self._stream_served += 1
         self._first = batch if self._served == 1 else None
