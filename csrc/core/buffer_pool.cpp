@@ -152,21 +152,29 @@ BufferLease BufferPool::try_acquire(std::size_t bytes, std::int64_t priority) {
 }
 
 std::size_t BufferPool::reserve(std::size_t count, std::size_t bytes) {
-  std::vector<BufferLease> made;
-  made.reserve(count);
-  while (made.size() < count) {
+  const std::size_t need = round_to_pages(bytes);
+  std::size_t made = 0;
+  while (!stop_reserve_.load(std::memory_order_acquire)) {
+    BufferLease lease;
     {
-      std::lock_guard lock(mu_);
+      std::unique_lock lock(mu_);
       if (closed_) break;
+      std::size_t fit = 0;
+      for (const Buffer& b : buffers_) fit += b.capacity >= need ? 1 : 0;
+      // Within the bound, and never by dropping free buffers (they fit: can_grow_locked would).
+      if (fit >= count || bytes_ + need > max_bytes_) break;
+      try {
+        lease = allocate_unlocked(lock, need);  // a new buffer: never one a worker freed
+      } catch (const std::bad_alloc&) {
+        break;
+      }
     }
-    BufferLease lease = try_acquire(bytes);
-    if (!lease) break;
     // One write per page faults it in (a huge page's first write faults in all of it).
     volatile std::byte* const bytes_of = lease.data();
     for (std::size_t at = 0; at < lease.capacity(); at += page_size()) bytes_of[at] = std::byte{0};
-    made.push_back(std::move(lease));
-  }
-  return made.size();  // the leases return their buffers to the free list here
+    ++made;
+  }  // each lease returns its buffer to the free list at the end of its turn
+  return made;
 }
 
 std::int32_t BufferPool::take_free_locked(std::size_t need) {

@@ -53,10 +53,14 @@
 // Faulting in ahead of need (reserve): a fresh pool maps and first-touches each buffer while the
 // first batches are filled, which makes a first epoch slower than the rest. reserve() makes the
 // buffers of the first batches ahead (from a thread of the owner's, before or while loading
-// starts) and touches every page of them, then returns them to the free list: the workers then
-// lease buffers that take no page fault. It holds its leases until it has made them all (a free
-// one would be leased again by its own next call), within the pool's bound, and stops early once
-// the pool is closed.
+// starts) and touches every page of them, returning each to the free list as soon as it is
+// touched: workers that start meanwhile lease the ones made so far, which take no page fault,
+// and make their own only when none is free. It counts the buffers that fit, leased or free
+// (whoever made them), and makes new ones until there are `count`, within the pool's bound; it
+// stops early once the pool is closed or stop_reserving() was called. (A buffer a worker is
+// mapping at that moment is not counted yet: one more may be made.) Faulting in from one thread
+// while the workers fill buffers slows them (a thread more on the CPUs, and the address space's
+// lock): the owner stops it when loading starts, and the workers make what it did not.
 //
 // Fork (fork.h): in a forked child the pool is a copy whose mu_ may be held by a parent's thread
 // that is not there and whose arena is the parent's: release() and the destructor do nothing.
@@ -144,9 +148,11 @@ class BufferPool : public std::enable_shared_from_this<BufferPool> {
                       std::int64_t priority = std::numeric_limits<std::int64_t>::max(),
                       const std::function<bool()>* may_exceed = nullptr);
   // Makes sure the pool holds `count` buffers of at least `bytes` bytes with every page touched
-  // (see "Faulting in ahead of need"); returns how many it leased and touched (fewer at the bound,
-  // or once closed). Never waits for a buffer.
+  // (see "Faulting in ahead of need"); returns how many it made (none when there are `count`
+  // already; fewer at the bound, or once closed). Never waits for a buffer.
   std::size_t reserve(std::size_t count, std::size_t bytes);
+  // Makes a reserve() running now (or later) return after the buffer it is touching.
+  void stop_reserving() noexcept { stop_reserve_.store(true, std::memory_order_release); }
   // A buffer now, or an empty lease if getting one would mean waiting (or the OS refuses memory).
   BufferLease try_acquire(std::size_t bytes,
                           std::int64_t priority = std::numeric_limits<std::int64_t>::max());
@@ -208,6 +214,9 @@ class BufferPool : public std::enable_shared_from_this<BufferPool> {
   std::vector<Buffer> buffers_;     // index = buffer id; dropped entries have data == nullptr
   std::vector<std::int32_t> free_;  // ids of allocated, unleased buffers (most recent last)
   bool closed_ = false;             // under mu_: close() was called, released buffers are dropped
+  // stop_reserving() was called: read by reserve() between buffers (release/acquire: a flag, it
+  // orders nothing else).
+  std::atomic<bool> stop_reserve_{false};
   std::size_t live_ = 0, bytes_ = 0, peak_bytes_ = 0, leased_ = 0, pinned_bytes_ = 0;
   std::size_t pin_failures_ = 0, allocations_ = 0;
   std::chrono::steady_clock::time_point wait_started_{};

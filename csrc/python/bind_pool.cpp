@@ -69,6 +69,7 @@ void register_pool(py::module_& m) {
             return pool->reserve(count, bytes);
           },
           py::arg("count"), py::arg("bytes"))
+      .def("stop_reserving", [](const PyPool& p) { p.pool->stop_reserving(); })
       .def_property_readonly(
           "arena_fd", [](const PyPool& p) { return p.pool->arena() ? p.pool->arena()->fd() : -1; })
       .def_property_readonly(

@@ -102,9 +102,18 @@ TEST(reserve_makes_buffers_ahead_within_the_bound) {
   std::vector<BufferLease> held;
   for (int i = 0; i < 3; ++i) held.push_back(pool->acquire(2 * kPage - 5, kNoCancel));
   CHECK_EQ(pool->info().allocations, 3u);
+  CHECK_EQ(pool->reserve(3, 2 * kPage), 0u);  // three fit already, leased or not
+  CHECK_EQ(pool->reserve(4, 2 * kPage), 1u);  // made while the others are leased: free at once
+  auto more = pool->acquire(2 * kPage, kNoCancel);
+  CHECK_EQ(pool->info().allocations, 4u);
   held.clear();
-  CHECK_EQ(pool->reserve(8, 2 * kPage), 5u);  // the bound: 10 pages
+  more = BufferLease{};
+  CHECK_EQ(pool->reserve(8, 2 * kPage), 1u);  // the bound: 10 pages, 5 buffers
   CHECK_EQ(pool->info().buffers, 5u);
+  CHECK_EQ(pool->info().leased, 0u);
+  auto stopped = BufferPool::create(10 * kPage, PinRequest::kOff);
+  stopped->stop_reserving();
+  CHECK_EQ(stopped->reserve(3, kPage), 0u);
   pool->close();
   CHECK_EQ(pool->reserve(2, kPage), 0u);
   CHECK_EQ(pool->info().buffers, 0u);

@@ -549,8 +549,11 @@ class Prefetcher:
         self._warn_abandoned(self._join_retired())  # the stopped engine's threads joined or abandoned
         prefault, self._prefault = self._prefault, None
         if prefault is not None:
-            # Faulting pages in from one thread before loading starts costs less than the workers
-            # faulting them in while they fill (they contend for the address space's lock).
+            # Loading starts now: the prefault thread (an ArraySequence's first buffers, faulted
+            # in ahead while the caller did other things) stops after the buffer it is touching,
+            # and the workers make the buffers it did not (faulting in on a thread of its own
+            # while they fill would slow them: buffer_pool.h, "Faulting in ahead of need").
+            self._pool.stop_reserving()
             prefault.join()
         epoch, offset = self._resume
         cell: list[Any] = [None]  # a weak reference to the engine, once made
