@@ -8,7 +8,10 @@ Four steps, each printed as it finishes:
 2. **GIL.** Load the same batches with pyloader's thread mode at each worker count and compare
    with one worker. Work that releases the GIL scales up to ``min(W, cpus / cpu_share)``; work
    that holds it does not scale at all. Amdahl's law on the observed speedup against that ideal
-   gives an estimate of the share of ``__getitem__`` that holds the GIL.
+   gives an estimate of the share of ``__getitem__`` that holds the GIL; with the engine, the
+   runs of two workers or more also sample the GIL as autotune does (:class:`pyloader._gil.
+   GilProbe`: how often it is held while the loop waits), which a busy machine does not bend as
+   it bends a speedup, and that sample is the share the recommendation uses.
 3. **Recommendation.** ``mode``: when most of the time holds the GIL (threads cannot run it in
    parallel), process mode is measured at the same worker counts (step 2b) and recommended if
    it loaded faster than threads; else ``"thread"``. ``workers``: the fewest that reach 90% of the best
@@ -44,6 +47,7 @@ from typing import Any, Callable, TextIO
 import numpy as np
 
 from ._consume import consume
+from ._gil import GilProbe
 
 __all__ = ["load_target", "profile"]
 
@@ -163,12 +167,23 @@ def _engine() -> Any:
 
 
 def _run_pyloader(seq: Any, *, workers: int, depth: int | None, step_s: float,
-                  mode: str = "thread") -> dict[str, Any]:
+                  mode: str = "thread", sample_gil: bool = False) -> dict[str, Any]:
     prefetcher = _engine()
     assert prefetcher is not None
+    probe = GilProbe() if sample_gil else None
     with prefetcher(seq, workers=workers, depth=depth, mode=mode) as loader:
-        measured = _consume(iter(loader), step_s)
+        if probe is not None:
+            probe.waiting = True  # the loop does nothing but wait for batches (step_s aside)
+        try:
+            measured = _consume(iter(loader), step_s)
+        finally:
+            if probe is not None:
+                probe.waiting = False
+                measured_gil = probe.take()
+                probe.close()
         stats = loader.stats()
+    if probe is not None:
+        measured["gil_held"] = measured_gil
     entry = next((e for e in stats.get("epochs", []) if e.get("epoch") == 0), stats.get("current"))
     if entry:
         measured["stall_fraction"] = entry.get("stall_fraction", measured["stall_fraction"])
@@ -314,25 +329,30 @@ def profile(
     say("2. thread-mode throughput by workers (consumer does no work)")
     base_rate = None
     for w in worker_counts:
-        r = run(head, workers=w, depth=None, step_s=0.0)
+        r = run(head, workers=w, depth=None, step_s=0.0, **({"sample_gil": w > 1} if engine else {}))
         base_rate = base_rate or r["batches_per_s"]
         ideal = min(float(w), cpus / cpu_share) if cpu_share > 0 else float(w)
         entry = {"workers": w, "batches_per_s": r["batches_per_s"],
                  "speedup": r["batches_per_s"] / base_rate, "ideal_speedup": max(1.0, ideal),
-                 "stall_fraction": r["stall_fraction"]}
+                 "stall_fraction": r["stall_fraction"], "gil_held": r.get("gil_held")}
         scaling.append(entry)
         say(f"   workers={w:<3} {r['batches_per_s']:9.1f} batches/s  "
             f"speedup {entry['speedup']:.2f}x (GIL-free ideal {entry['ideal_speedup']:.2f}x)")
     thread_scaling = scaling
     informative = [s for s in scaling if s["ideal_speedup"] >= 1.2]
     gil: float | None = None
+    sampled = [s["gil_held"] for s in scaling if s.get("gil_held") is not None and cpus > 1]
     if informative:
         top = max(informative, key=lambda s: s["batches_per_s"])
         gil = _gil_share(top["speedup"], top["ideal_speedup"])
         say(f"   => about {gil:.0%} of the load time holds the GIL (Amdahl on "
             f"{top['speedup']:.2f}x of an ideal {top['ideal_speedup']:.2f}x at "
             f"workers={top['workers']})")
-    else:
+    if sampled:
+        gil = max(sampled)
+        say(f"   => the GIL was held {gil:.0%} of the time the loop waited (sampled as autotune "
+            f"does; the share used below)")
+    elif not informative:
         say("   => GIL share not measurable here (one CPU, or one worker only)")
 
     # 2b. process mode, measured where the GIL share says it may help -----------------------------
