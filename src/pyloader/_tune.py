@@ -17,8 +17,9 @@ mid-pass or at an epoch's end) with enough batches and wall time to tell (:data:
      processes (one per usable CPU), if the window is long enough to pay for starting them
      (:data:`MIN_SWITCH_S`);
    - else add workers, toward the count that would feed the loop's step with 20% to spare, at
-     most doubling per decision: for a load that waits (each busy worker used less than
-     :data:`LIGHT_CPU_SHARE` of a CPU: I/O, sleeps) whatever the CPUs do, up to a few threads
+     most doubling per decision (:data:`LIGHT_GROWTH` times for a load that waits): for a load
+     that waits (each busy worker used less than :data:`LIGHT_CPU_SHARE` of a CPU: I/O, sleeps)
+     whatever the CPUs do, up to 16 threads
      per CPU; for one that computes, up to one worker per usable CPU and only while CPUs are
      idle (the process used less than ``cpus - 0.5`` and the machine had half a CPU idle);
    - in thread mode, for a load that computes with no CPU to spare and more busy workers than
@@ -70,9 +71,10 @@ GIL_QUIET = 0.3  # the GIL held less than this share of the waits: the load rele
 QUIET_WINDOWS = 2  # windows in a row that quiet, and the GIL is no longer sampled (threads stay)
 BUSY_LOW = 0.5  # workers busy less than this share of the window are too many
 BUSY_TARGET = 0.7  # dropping workers aims at this busy share
+LIGHT_GROWTH = 4  # a load that waits may get up to this many times its workers per decision
 LIGHT_CPU_SHARE = 0.1  # busy workers using less CPU than this share of their time mostly wait
 MAX_THREAD_WORKERS = 64  # most threads auto starts
-THREADS_PER_CPU = 4  # threads auto may add per usable CPU (for waits: I/O, sleeps)
+THREADS_PER_CPU = 16  # threads auto may add per usable CPU (for waits: I/O, sleeps; a waiting thread is cheap)
 DEPTH_PER_WORKER = 4  # most depth per worker the spread rule asks for
 HELD_BATCHES = 2  # buffers kept for batches the consumer holds, when memory bounds the depth
 
@@ -110,7 +112,7 @@ class Limits:
         return max(1, math.floor(self.cpus))
 
     def max_workers(self, mode: str) -> int:
-        """The most workers auto uses: one per CPU for processes, a few per CPU for threads."""
+        """The most workers auto uses: one per CPU for processes, up to 16 per CPU (64 in all) for threads."""
         if mode == "process":
             return self.cpu_count
         return min(MAX_THREAD_WORKERS, THREADS_PER_CPU * self.cpu_count)
@@ -222,13 +224,15 @@ def decide(current: Settings, m: Measurement, limits: Limits, floor: int = 1) ->
             cap = limits.max_workers(mode)
             rate = m.batches / m.wall_s
             need = 1.0 / m.step_s if m.step_s > 0 else math.inf
-            want = 2 * workers if math.isinf(need) else math.ceil(workers * 1.2 * need / rate)
-            want = max(workers + 1, min(want, 2 * workers))
             # A load that waits (I/O, sleeps: each busy worker used little CPU) may run more
-            # threads than CPUs, busy machine or not; one that computes, only up to one per CPU
-            # and while CPUs are idle, its own and the machine's.
+            # threads than CPUs, busy machine or not, and grows faster (a waiting thread is
+            # cheap); one that computes, only up to one per CPU and while CPUs are idle, its own
+            # and the machine's.
             light = (m.cpu_used is not None and busy > 0
                      and m.cpu_used / (workers * busy) < LIGHT_CPU_SHARE)
+            growth = LIGHT_GROWTH if light else 2
+            want = growth * workers if math.isinf(need) else math.ceil(workers * 1.2 * need / rate)
+            want = max(workers + 1, min(want, growth * workers))
             idle = ((m.cpu_used is None or m.cpu_used < limits.cpus - 0.5)
                     and (m.idle_cpus is None or m.idle_cpus >= 0.5))
             can_add = light or (idle and (mode == "process" or workers < limits.cpu_count))
