@@ -261,8 +261,9 @@ class _GrainSession:
             import jax
         except ImportError as exc:
             raise Unavailable(f"grain not importable: {exc}") from exc
-        reads = grain.MapDataset.source(seq).to_iter_dataset(grain.ReadOptions(num_threads=workers))
-        self.loader = grain.experimental.device_put(reads, jax.local_devices()[0])
+        from ._peers import grain_map  # the grain peer's pipeline, then Grain's device_put
+
+        self.loader = grain.experimental.device_put(grain_map(seq, workers, False), jax.local_devices()[0])
 
     def epoch(self) -> Iterator[Any]:
         return _ready(self.loader)
