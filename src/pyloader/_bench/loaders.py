@@ -141,7 +141,18 @@ def probe(modules: tuple[str, ...]) -> str | None:
 # -- plain ------------------------------------------------------------------------------------
 
 
-class _PlainSession:
+class _NoStatsSession:
+    """A session whose loader keeps no engine statistics. Closing drops every reference the
+    session holds: the peer's threads or processes end when its last reference goes."""
+
+    def stats(self) -> None:
+        return None
+
+    def close(self) -> None:
+        vars(self).clear()
+
+
+class _PlainSession(_NoStatsSession):
     def __init__(self, seq: Any) -> None:
         self.seq = seq
 
@@ -149,12 +160,6 @@ class _PlainSession:
         seq = self.seq
         for i in range(len(seq)):
             yield seq[i]
-
-    def stats(self) -> None:
-        return None
-
-    def close(self) -> None:
-        pass
 
 
 def _open_plain(seq: Any, *, workers: int) -> Session:
@@ -250,7 +255,7 @@ class _PyloaderJaxSession(_PyloaderSession):
         return _ready(super().epoch())
 
 
-class _GrainSession:
+class _GrainSession(_NoStatsSession):
     """Grain's pipeline for the same job: ``MapDataset.source(seq).to_iter_dataset(
     ReadOptions(num_threads=W))`` (its read threads and default read-ahead buffer), then
     ``grain.experimental.device_put`` (Grain's prefetch onto the device) to the first device."""
@@ -268,14 +273,8 @@ class _GrainSession:
     def epoch(self) -> Iterator[Any]:
         return _ready(self.loader)
 
-    def stats(self) -> None:
-        return None
 
-    def close(self) -> None:
-        del self.loader
-
-
-class _GrainMapSession:
+class _GrainMapSession(_NoStatsSession):
     """Grain over a map-style source, in order (``_peers.grain_map``): read threads, or worker
     processes (``mp_prefetch``)."""
 
@@ -287,14 +286,8 @@ class _GrainMapSession:
     def epoch(self) -> Iterator[Any]:
         return iter(self.dataset)
 
-    def stats(self) -> None:
-        return None
 
-    def close(self) -> None:
-        del self.dataset
-
-
-class _SpdlMapSession:
+class _SpdlMapSession(_NoStatsSession):
     """SPDL over a map-style source (``_peers.spdl_map``): in order, or unordered."""
 
     def __init__(self, seq: Any, *, workers: int, ordered: bool = True) -> None:
@@ -304,12 +297,6 @@ class _SpdlMapSession:
         from ._peers import spdl_map
 
         return spdl_map(self.seq, self.workers, self.ordered)
-
-    def stats(self) -> None:
-        return None
-
-    def close(self) -> None:
-        pass
 
 
 def _open_auto(seq: Any, *, workers: int | None) -> Session:
@@ -325,7 +312,7 @@ def _open_array_auto(seq: Any, *, workers: int | None) -> Session:
 # -- torch DataLoader -------------------------------------------------------------------------
 
 
-class _TorchSession:
+class _TorchSession(_NoStatsSession):
     """A DataLoader as a training loop makes one: ``batch_size=None`` over a batch Sequence; over a
     per-sample dataset, its ``sample_batch_size``, ``shuffle=True`` and a seeded generator (the
     same batches for every DataLoader class measured)."""
@@ -354,12 +341,6 @@ class _TorchSession:
 
     def epoch(self) -> Iterator[Any]:
         return iter(self.loader)
-
-    def stats(self) -> None:
-        return None
-
-    def close(self) -> None:
-        del self.loader
 
 
 def _open_torch(seq: Any, *, workers: int) -> Session:
@@ -398,8 +379,9 @@ def _open_pyloader_torch_process_persistent(seq: Any, *, workers: int) -> Sessio
 # -- pyloader.Stream ---------------------------------------------------------------------------
 
 
-class _StreamSession:
-    """A streamed workload's shards through ``pyloader.Stream`` (batches per shard, round-robin)."""
+class _StreamSession(_NoStatsSession):
+    """A streamed workload's shards through ``pyloader.Stream`` (batches per shard, round-robin).
+    No stats: its epochs are chunks of slots, not the workload's epochs."""
 
     def __init__(self, seq: Any, *, workers: int, mode: str) -> None:
         try:
@@ -412,9 +394,6 @@ class _StreamSession:
     def epoch(self) -> Iterator[Any]:
         return iter(self.stream)
 
-    def stats(self) -> None:
-        return None  # its epochs are chunks of slots, not the workload's epochs
-
     def close(self) -> None:
         self.stream.close()
 
@@ -423,7 +402,7 @@ def _stream_probe() -> Any:
     return _workloads()._tiny_stream(2, 4, 2)
 
 
-class _GrainStreamSession:
+class _GrainStreamSession(_NoStatsSession):
     """Grain's streaming pipeline for shards of items: an ``InterleaveIterDataset`` reading
     ``W`` shards at a time (each on its own thread, two items buffered), ``batch(B)``, then a
     thread prefetch of two batches; items of several shards share a batch (Grain's order)."""
@@ -437,14 +416,8 @@ class _GrainStreamSession:
     def epoch(self) -> Iterator[Any]:
         return iter(self.dataset)
 
-    def stats(self) -> None:
-        return None
 
-    def close(self) -> None:
-        del self.dataset
-
-
-class _SpdlStreamSession:
+class _SpdlStreamSession(_NoStatsSession):
     """SPDL's streaming pipeline: the shards as its source, each iterated by a generator stage
     with ``concurrency=W`` on ``W`` threads (items in completion order: unordered), ``aggregate(B)``,
     a numpy collate stage, a sink of two batches."""
@@ -459,12 +432,6 @@ class _SpdlStreamSession:
 
         return spdl_stream(self.seq.shards, self.seq.batch_size, self.workers)
 
-    def stats(self) -> None:
-        return None
-
-    def close(self) -> None:
-        pass
-
 
 # -- Keras 3 PyDataset ------------------------------------------------------------------------
 
@@ -475,7 +442,7 @@ def _default_keras_backend() -> None:
         os.environ["KERAS_BACKEND"] = "torch"
 
 
-class _KerasSession:
+class _KerasSession(_NoStatsSession):
     """Drives a Keras 3 PyDataset the way ``Model.fit`` does, without a model.
 
     ``fit`` wraps a PyDataset in ``PyDatasetAdapter`` (which owns an ``OrderedEnqueuer`` when
@@ -514,9 +481,6 @@ class _KerasSession:
             yield from self.adapter.get_numpy_iterator()
         finally:
             self.adapter.on_epoch_end()
-
-    def stats(self) -> None:
-        return None
 
     def close(self) -> None:
         enqueuer = self.adapter.enqueuer

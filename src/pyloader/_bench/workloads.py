@@ -361,12 +361,12 @@ class DecodeShard:
                 yield np.asarray(im.convert("RGB")), k
 
 
+@dataclasses.dataclass(frozen=True)
 class TinyShard:
     """A shard of the ``stream-tiny`` workload: ``count`` tiny items (a Python int each)."""
 
-    def __init__(self, first: int, count: int) -> None:
-        self.first = first
-        self.count = count
+    first: int
+    count: int
 
     def __len__(self) -> int:
         return self.count
