@@ -505,7 +505,78 @@ class _Plan:
         self.skipped = skipped  # batches of the epoch consumed before this plan (a resumed state)
 
 
-class _LoaderIter:
+class _Pass:
+    """What the two kinds of pass share: ``next()`` takes the Prefetcher's next batch and converts
+    it to torch's (:meth:`_convert`), or turns a failed batch into what torch raises
+    (:meth:`_recover`). After an error the pass stays usable, as torch's iterator: the next
+    ``next()`` gives the next batch."""
+
+    loader: DataLoader
+    epoch: int
+    yielded: int
+    finished: bool
+    _kind: Any
+    _pin_device: str | None
+    _batches: Iterator[Any] | None
+
+    def __iter__(self) -> _Pass:
+        return self
+
+    def __len__(self) -> int:
+        return len(self.loader)  # torch's: len(dataset) when the dataset has one, else TypeError
+
+    def __next__(self) -> Any:
+        if self._batches is None:
+            self._ended()
+            raise StopIteration
+        failed: BatchError | None = None
+        try:
+            batch = next(self._batches)
+        except StopIteration:
+            self._finish()
+            raise
+        except BatchError as err:
+            failed = err
+        except TimeoutError as exc:
+            raise self._timed_out() from exc
+        if failed is None:
+            batch = self._convert(batch)
+        else:  # outside the except clause: the user's exception keeps its context
+            try:
+                batch = self._recover(failed)
+            except BaseException:
+                self.yielded += 1  # like torch's iterator, the next next() gives the next batch
+                raise
+        if self._pin_device is not None:
+            batch = _torch_pin_memory(batch, self._pin_device)
+        self.yielded += 1
+        return batch
+
+    def _ended(self) -> None:
+        """``next()`` after the pass's batches are gone: raise what torch raises, if not StopIteration."""
+        self._finish()
+
+    def _timed_out(self) -> BaseException:
+        """torch's error for a batch that took longer than ``timeout``."""
+        return RuntimeError(f"DataLoader timed out after {self.loader.timeout} seconds")
+
+    def _convert(self, batch: Any) -> Any:
+        """The delivered batch as torch's collate would have made it."""
+        if self._kind is _STACK:
+            return _collated(batch)
+        if self._kind is _CONVERT:
+            return _converted(batch)
+        return _unpack(batch)
+
+    def _recover(self, err: BatchError) -> Any:
+        """A failed batch: raises what torch raises, or returns the batch after all."""
+        raise NotImplementedError
+
+    def _finish(self) -> None:
+        raise NotImplementedError
+
+
+class _LoaderIter(_Pass):
     """One epoch of a :class:`DataLoader`: a Prefetcher over its plan, batches converted to torch's.
 
     After an error the iterator stays usable (as torch's does): the next ``next()`` continues with
@@ -626,58 +697,26 @@ class _LoaderIter:
         """The index batches not yet yielded."""
         return self._index_batches()[self.yielded - self.plan.skipped :]
 
-    def __iter__(self) -> _LoaderIter:
-        return self
+    def _ended(self) -> None:
+        if self._replaced and not self.finished:
+            raise RuntimeError(
+                "this DataLoader iterator was replaced by a newer iter() of its DataLoader, which "
+                "took its workers (with worker processes or persistent_workers=True a DataLoader runs "
+                "one pass at a time)"
+            )
+        self._finish()
 
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __next__(self) -> Any:
-        if self._batches is None:
-            if self._replaced and not self.finished:
-                raise RuntimeError(
-                    "this DataLoader iterator was replaced by a newer iter() of its DataLoader, which "
-                    "took its workers (with worker processes or persistent_workers=True a DataLoader runs "
-                    "one pass at a time)"
-                )
-            self._finish()
-            raise StopIteration
-        failed: BatchError | None = None
-        try:
-            batch = next(self._batches)
-        except StopIteration:
-            self._finish()
-            raise
-        except BatchError as err:
-            failed = err
-        except TimeoutError as exc:
-            self._start(self.yielded - self.plan.skipped)  # the late batch is loaded again
-            raise RuntimeError(f"DataLoader timed out after {self._timeout} seconds") from exc
-        else:
-            batch = self._convert(batch)
-        if failed is not None:  # outside the except clause: the user's exception keeps its context
-            try:
-                batch = self._recover(failed)
-            except BaseException:
-                self.yielded += 1  # like torch's iterator, the next next() gives the next batch
-                raise
-        if self._pin_device is not None:
-            batch = _torch_pin_memory(batch, self._pin_device)
-        self.yielded += 1
-        return batch
+    def _timed_out(self) -> BaseException:
+        self._start(self.yielded - self.plan.skipped)  # the late batch is loaded again
+        return super()._timed_out()
 
     def _convert(self, batch: Any) -> Any:
-        kind = self._kind
         if self._seq is not None and self._base == 0:  # natively gathered columns
             if type(batch) is np.ndarray:
                 t = torch.from_numpy(batch)
                 return [t] if self._as_tuple else t
             return [torch.from_numpy(a) for a in batch]
-        if kind is _STACK:
-            return _collated(batch)
-        if kind is _CONVERT:
-            return _converted(batch)
-        return _unpack(batch)
+        return super()._convert(batch)
 
     def _user_error(self, original: BaseException, what: str, worker: int) -> BaseException:
         """The user's exception, as torch re-raises it (its own type), with a note saying where it
@@ -804,7 +843,7 @@ def _unpicklable(loader: DataLoader, start_method: str) -> TypeError | None:
     return None
 
 
-class _IterableIter:
+class _IterableIter(_Pass):
     """One pass over an IterableDataset: its Stream's batches, converted to torch's.
 
     After an error the iterator stays usable, as torch's: ``next()`` goes on with the next batch
@@ -825,42 +864,12 @@ class _IterableIter:
         self._len_called: int | None = loader._IterableDataset_len_called
         self._batches: Iterator[Any] | None = iter(stream)
 
-    def __iter__(self) -> _IterableIter:
-        return self
-
-    def __len__(self) -> int:
-        return len(self.loader)  # torch's: len(dataset) when the dataset has one, else TypeError
-
     def worker_pids(self) -> list[int]:
         """This pass's worker processes (``[]`` with a thread, or once the pass is over)."""
         return [] if self._batches is None else self.stream.loader.worker_pids()
 
     def __next__(self) -> Any:
-        if self._batches is None:
-            raise StopIteration
-        failed: BatchError | None = None
-        try:
-            batch = next(self._batches)
-        except StopIteration:
-            self._finish()
-            raise
-        except BatchError as err:
-            failed = err
-        except TimeoutError as exc:
-            raise RuntimeError(f"DataLoader timed out after {self.loader.timeout} seconds") from exc
-        if failed is not None:  # outside the except clause: the user's exception keeps its context
-            error = self._error(failed)
-            self.yielded += 1  # like torch's iterator, the next next() gives the next batch
-            raise error
-        if self._kind is _STACK:
-            batch = _collated(batch)
-        elif self._kind is _CONVERT:
-            batch = _converted(batch)
-        else:
-            batch = _unpack(batch)
-        if self._pin_device is not None:
-            batch = _torch_pin_memory(batch, self._pin_device)
-        self.yielded += 1
+        batch = super().__next__()
         if self._len_called is not None and self.yielded > self._len_called:
             # torch's warning, in torch's words (its tests match them).
             message = (f"Length of IterableDataset {self.loader.dataset} was reported to be {self._len_called}"
@@ -872,17 +881,17 @@ class _IterableIter:
             warnings.warn(message, stacklevel=2)
         return batch
 
-    def _error(self, err: BatchError) -> BaseException:
+    def _recover(self, err: BatchError) -> Any:
         """What torch raises: a dead worker's RuntimeError, or the user's exception with a note."""
         if isinstance(err, WorkerDiedError):
-            return _worker_died(err, self.yielded, self.epoch)
+            raise _worker_died(err, self.yielded, self.epoch)
         cause = err.__cause__
         if cause is None:
-            return err
+            raise err
         who = f"DataLoader worker process {err.worker}" if self._process else "the main process"
         add_note(cause, f"Caught {type(cause).__name__} in {who}: raised while loading batch {self.yielded} "
                         f"of epoch {self.epoch} from the IterableDataset (pyloader.torch.DataLoader)")
-        return cause
+        raise cause
 
     def _finish(self) -> None:
         if not self.finished:
