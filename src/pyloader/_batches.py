@@ -30,7 +30,7 @@ import numpy as np
 
 from . import _tree
 from ._errors import add_note
-from ._plan import batch_count, fresh_seed, sample_permutation
+from ._plan import SampleBatches
 from .collate import collate as _collate_numpy
 from .collate import stack
 
@@ -84,13 +84,7 @@ def fetch_samples(dataset: Any, getitems: Callable[[list[Any]], Any] | None, ind
     return samples
 
 
-def _check_flag(name: str, value: object) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{name} must be True or False, got {value!r}")
-    return bool(value)
-
-
-class Batches:
+class Batches(SampleBatches):
     """Batches of the samples of a map-style dataset (see :func:`batches`).
 
     Attributes:
@@ -120,26 +114,14 @@ class Batches:
                 f"dataset must have __len__ (number of samples) and __getitem__ (one sample), "
                 f"got {type(dataset).__name__}"
             )
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        self.shuffle = _check_flag("shuffle", shuffle)
-        self.drop_last = _check_flag("drop_last", drop_last)
-        self.seed_drawn = seed is None
-        if seed is None:
-            seed = fresh_seed()
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"seed must be None or an integer >= 0, got {seed!r}")
         if collate is not None and not callable(collate):
             raise ValueError(f"collate must be callable or None, got {collate!r}")
         samples = len(dataset)
         if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or samples < 0:
             raise TypeError(f"len(dataset) must be an integer >= 0, got {samples!r}")
+        super().__init__(samples, batch_size, shuffle, seed, drop_last)
         self.dataset = dataset
-        self.samples = int(samples)
-        self.batch_size = int(batch_size)
-        self.seed = int(seed)
         self.collate = collate
-        self.epoch = 0
         getitems = getattr(dataset, "__getitems__", None)
         self._getitems = getitems if callable(getitems) else None
         # The latest epochs' sample orders, drawn once per epoch (not once per batch). Workers may
@@ -150,15 +132,6 @@ class Batches:
         state = self.__dict__.copy()
         state["_orders"] = {}  # recomputed where needed: pickled to worker processes without them
         return state
-
-    def __len__(self) -> int:
-        return batch_count(self.samples, self.batch_size, self.drop_last)
-
-    def sample_order(self, epoch: int) -> np.ndarray | None:
-        """The order of the samples in ``epoch`` (``None``: unshuffled, ``0, 1, 2, ...``)."""
-        if not self.shuffle:
-            return None
-        return sample_permutation(self.seed, epoch, self.samples)
 
     def batch_indices(self, index: int, epoch: int) -> list[int]:
         """The dataset indices of batch ``index`` in ``epoch``."""
@@ -176,14 +149,6 @@ class Batches:
                     self._orders.pop(old, None)
         return order[start:stop].tolist()
 
-    def _index(self, index: Any) -> int:
-        n = len(self)
-        if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
-            raise TypeError(f"batch indices must be integers, got {type(index).__name__} ({index!r})")
-        if not -n <= index < n:
-            raise IndexError(f"batch index {index} is out of range for {n} batches")
-        return int(index) % n
-
     def samples_of(self, index: int) -> list[Any]:
         """The samples of batch ``index`` of the current :attr:`epoch`, as the dataset returns
         them (``jax.Array`` leaves as numpy arrays).
@@ -193,7 +158,7 @@ class Batches:
             Exception: what ``dataset[j]`` (or ``__getitems__``) raised, with a note naming the
                 sample ``j``, the batch and the epoch.
         """
-        i = self._index(index)
+        i = self.batch_index(index)
         epoch = self.epoch
         indices = self.batch_indices(i, epoch)
 
@@ -249,15 +214,7 @@ class Batches:
         )
 
 
-def batches(
-    dataset: Any,
-    batch_size: int,
-    *,
-    shuffle: bool = False,
-    seed: int | None = None,
-    drop_last: bool = False,
-    collate: Callable[[list[Any]], Any] | None = None,
-) -> Batches:
+def batches(dataset: Any, batch_size: int, **options: Any) -> Batches:
     """A per-sample dataset as a Sequence of batches, collated natively by a Prefetcher's workers.
 
     Example::
@@ -283,18 +240,21 @@ def batches(
             or a tuple/list/dict of them); ``dataset.__getitems__(indices)``, when it exists,
             fetches a batch's samples in one call (as torch's fetcher does).
         batch_size: samples per batch.
-        shuffle: permute the samples every epoch, from ``(seed, epoch)``.
+        **options: keyword-only, those of :class:`Batches`:
+
+        shuffle: permute the samples every epoch, from ``(seed, epoch)``; default False.
         seed: the seed of the permutations; ``None`` draws one (:attr:`Batches.seed`). Give one
             when several processes must agree (multi-host JAX).
-        drop_last: drop the last batch when it has fewer than ``batch_size`` samples.
+        drop_last: drop the last batch when it has fewer than ``batch_size`` samples; default False.
         collate: a function of the list of a batch's samples that returns the batch, run in the
-            worker; ``None``: :func:`pyloader.stack` (``default_collate``'s rules, into slot memory).
+            worker; ``None`` (the default): :func:`pyloader.stack` (``default_collate``'s rules,
+            into slot memory).
 
     Returns:
         a :class:`Batches` (a Sequence: ``len()`` batches, ``[i]`` batch ``i``).
 
     Raises:
-        TypeError: ``dataset`` has no ``__len__`` or ``__getitem__``.
+        TypeError: ``dataset`` has no ``__len__`` or ``__getitem__``, or an unknown option.
         ValueError: a bad option (the message shows it).
     """
-    return Batches(dataset, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last, collate=collate)
+    return Batches(dataset, batch_size, **options)

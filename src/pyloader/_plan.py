@@ -118,3 +118,59 @@ def sample_permutation(seed: int, epoch: int, samples: int) -> np.ndarray:
     """The sample order of ``epoch`` for per-sample shuffling (``ArraySequence``, ``batches``):
     a permutation of ``range(samples)`` drawn from ``(seed, epoch)``, as int64."""
     return np.random.default_rng([seed, 1, epoch]).permutation(samples).astype(np.int64, copy=False)
+
+
+def _is_whole(value: object) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, np.integer))
+
+
+def _check_flag(name: str, value: object) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+class SampleBatches:
+    """Batches of ``batch_size`` samples over ``samples`` samples, the samples permuted every
+    epoch from ``(seed, epoch)`` when ``shuffle``: the batching ``ArraySequence`` and ``batches()``
+    share, with their argument checks.
+
+    Attributes:
+        samples, batch_size, shuffle, seed, drop_last: as given (``seed`` drawn when ``None``).
+        seed_drawn: whether the seed was drawn (each process of a distributed run draws its own).
+        epoch: the epoch ``self[i]`` follows in a plain loop; a Prefetcher passes its own.
+    """
+
+    def __init__(self, samples: int, batch_size: int, shuffle: bool, seed: int | None, drop_last: bool) -> None:
+        if not _is_whole(batch_size) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        self.shuffle = _check_flag("shuffle", shuffle)
+        self.drop_last = _check_flag("drop_last", drop_last)
+        self.seed_drawn = seed is None
+        if seed is None:
+            seed = fresh_seed()
+        if not _is_whole(seed) or seed < 0:
+            raise ValueError(f"seed must be None or an integer >= 0, got {seed!r}")
+        self.samples = int(samples)
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return batch_count(self.samples, self.batch_size, self.drop_last)
+
+    def batch_index(self, index: object) -> int:
+        """``index`` checked and made non-negative (``-1`` is the last batch, as in a list)."""
+        n = len(self)
+        if not _is_whole(index):
+            raise TypeError(f"batch indices must be integers, got {type(index).__name__} ({index!r})")
+        assert isinstance(index, (int, np.integer)), "checked by _is_whole"
+        if not -n <= index < n:
+            raise IndexError(f"batch index {index} is out of range for {n} batches")
+        return int(index) % n
+
+    def sample_order(self, epoch: int) -> np.ndarray | None:
+        """The order of the samples in ``epoch`` (``None``: unshuffled, ``0, 1, 2, ...``)."""
+        if not self.shuffle:
+            return None
+        return sample_permutation(self.seed, epoch, self.samples)

@@ -25,7 +25,7 @@ from typing import Any, cast
 import numpy as np
 
 from . import _C
-from ._plan import batch_count, fresh_seed, sample_permutation
+from ._plan import SampleBatches
 
 __all__ = ["ArraySequence"]
 
@@ -52,7 +52,7 @@ def _check_array(name: str, a: object) -> np.ndarray:
     return a
 
 
-class ArraySequence:
+class ArraySequence(SampleBatches):
     """Batches of the rows of one or more equally long arrays.
 
     Args:
@@ -95,27 +95,12 @@ class ArraySequence:
                 "ArraySequence arrays must have equal first dimensions, got "
                 + ", ".join(f"{name}: {len(a)}" for (name, _), a in zip(named, self._arrays))
             )
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        if not isinstance(shuffle, (bool, np.bool_)):
-            raise ValueError(f"shuffle must be True or False, got {shuffle!r}")
-        if not isinstance(drop_last, (bool, np.bool_)):
-            raise ValueError(f"drop_last must be True or False, got {drop_last!r}")
-        if seed is None:
-            seed = fresh_seed()
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"seed must be None or an integer >= 0, got {seed!r}")
+        super().__init__(lengths.pop(), batch_size, shuffle, seed, drop_last)
         if split_threads is None:
             split_threads = max(0, (os.cpu_count() or 1) - 1)
         if isinstance(split_threads, bool) or not isinstance(split_threads, (int, np.integer)) or split_threads < 0:
             raise ValueError(f"split_threads must be None or an integer >= 0, got {split_threads!r}")
         self.split_threads = int(split_threads)
-        self.samples = lengths.pop()
-        self.batch_size = int(batch_size)
-        self.shuffle = bool(shuffle)
-        self.seed = int(seed)
-        self.drop_last = bool(drop_last)
-        self.epoch = 0
         self._source: _C.ArraySource | None = None
 
     @classmethod
@@ -144,15 +129,6 @@ class ArraySequence:
             total = -(-total // 64) * 64 + row * self.batch_size
         return total
 
-    def __len__(self) -> int:
-        return batch_count(self.samples, self.batch_size, self.drop_last)
-
-    def sample_order(self, epoch: int) -> np.ndarray | None:
-        """The order of the samples in ``epoch`` (``None``: unshuffled)."""
-        if not self.shuffle:
-            return None
-        return sample_permutation(self.seed, epoch, self.samples)
-
     def batch_indices(self, index: int, epoch: int) -> slice | np.ndarray:
         """The samples of batch ``index`` in ``epoch``."""
         start = index * self.batch_size
@@ -161,12 +137,7 @@ class ArraySequence:
         return slice(start, stop) if order is None else order[start:stop]
 
     def __getitem__(self, index: int) -> Any:
-        n = len(self)
-        if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
-            raise TypeError(f"ArraySequence indices must be integers, got {type(index).__name__}")
-        if not -n <= index < n:
-            raise IndexError(f"batch index {index} is out of range for {n} batches")
-        rows = self.batch_indices(int(index) % n, self.epoch)
+        rows = self.batch_indices(self.batch_index(index), self.epoch)
         parts = [a[rows] for a in self._arrays]
         if self._keys is not None:
             return dict(zip(self._keys, parts))
