@@ -189,6 +189,16 @@ def initial_depth(workers: int) -> int:
     return 2 * workers
 
 
+def _fewer(e: str, workers: int, floor: int, busy: float, reasons: list[str], why: str) -> int:
+    """The workers that load what ``workers`` loaded ``busy`` of the time at ``BUSY_TARGET`` (at
+    least ``floor``), with ``why`` among the reasons when that is fewer."""
+    new = max(1, floor, math.ceil(workers * busy / BUSY_TARGET))
+    if new >= workers:
+        return workers
+    reasons.append(f"{e}: workers {workers} -> {new}: {why}")
+    return new
+
+
 def decide(current: Settings, m: Measurement, limits: Limits, floor: int = 1) -> Decision:
     """The settings after the window ``m``. See the module docstring for the rules.
 
@@ -240,13 +250,9 @@ def decide(current: Settings, m: Measurement, limits: Limits, floor: int = 1) ->
             if busy < BUSY_LOW:
                 # The workers are not what the loop waits for (the hand-off, the GIL, the pool):
                 # more would wait too, fewer load as much.
-                new = max(1, floor, math.ceil(workers * busy / BUSY_TARGET))
-                if new < workers:
-                    reasons.append(
-                        f"{e}: workers {workers} -> {new}: the loop waited {stall:.0%} of the "
-                        f"time but the workers were only {busy:.0%} busy: fewer load as much"
-                    )
-                    workers = new
+                workers = _fewer(e, workers, floor, busy, reasons,
+                                 f"the loop waited {stall:.0%} of the time but the workers were only "
+                                 f"{busy:.0%} busy: fewer load as much")
             elif saturated and workers > max(floor, limits.cpu_count):
                 new = max(floor, limits.cpu_count)
                 machine = "" if m.idle_cpus is None else f", {m.idle_cpus:.1f} idle on the machine"
@@ -268,13 +274,9 @@ def decide(current: Settings, m: Measurement, limits: Limits, floor: int = 1) ->
                 floor = max(floor, workers + 1)  # fewer stalled: never drop back to them
                 workers = new
     elif stall < STALL_LOW and limits.auto_workers and workers > 1 and busy < BUSY_LOW:
-        new = max(1, floor, math.ceil(workers * busy / BUSY_TARGET))
-        if new < workers:
-            reasons.append(
-                f"{e}: workers {workers} -> {new}: the loop waited only {stall:.1%} of the "
-                f"time and the workers were {busy:.0%} busy: the consumer is the bottleneck"
-            )
-            workers = new
+        workers = _fewer(e, workers, floor, busy, reasons,
+                         f"the loop waited only {stall:.1%} of the time and the workers were "
+                         f"{busy:.0%} busy: the consumer is the bottleneck")
     if mode == "process" and limits.auto_workers and workers > limits.cpu_count:
         reasons.append(f"{e}: workers {workers} -> {limits.cpu_count}: no more worker "
                        f"processes than the {limits.cpus:g} CPUs this process may use")
