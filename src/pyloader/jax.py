@@ -39,6 +39,7 @@ import numpy as np
 
 from . import _tree
 from ._batches import Batches, jax_to_numpy
+from ._closing import Closing
 from .arrays import ArraySequence
 from .prefetcher import Prefetcher
 
@@ -73,7 +74,7 @@ def _resolve_shard(shard: Any) -> Any:
     return shard
 
 
-class JaxPrefetcher:
+class JaxPrefetcher(Closing):
     """Batches of a Sequence as ``jax.Array``, put on a sharding ahead of the consumer.
 
     Args:
@@ -209,12 +210,6 @@ class JaxPrefetcher:
     def close(self) -> None:
         """Stops the Prefetcher's workers."""
         self.prefetcher.close()
-
-    def __enter__(self) -> JaxPrefetcher:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"JaxPrefetcher({self.prefetcher!r}, sharding={self.sharding}, ahead={self.ahead})"

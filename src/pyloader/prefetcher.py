@@ -48,6 +48,7 @@ import numpy as np
 
 from . import _C, _stats, _tune
 from . import process as _process
+from ._closing import Closing
 from ._errors import EpochEndError, PoolExhaustedWarning, StallWarning, batch_error
 from ._gil import GilProbe
 from ._plan import Plan, fresh_seed, resolve_shard
@@ -126,7 +127,7 @@ def _pin_request(pin: object) -> str:
     raise ValueError(f"pin must be 'auto', 'cuda', 'mlock' or False, got {pin!r}")
 
 
-class Prefetcher:
+class Prefetcher(Closing):
     """Loads batches of a Sequence ahead of the consumer, on native threads, in order.
 
     Args:
@@ -972,12 +973,6 @@ class Prefetcher:
         # WorkerPool.pids() waits out a replacement in progress; a slot whose replacement failed
         # holds pid 0, never handed out: os.kill(0, sig) signals the caller's whole process group.
         return [pid for pid in self._workers.pids() if pid > 0]
-
-    def __enter__(self) -> Prefetcher:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
     def __del__(self) -> None:
         self.close()

@@ -48,6 +48,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from . import _stream
+from ._closing import Closing
 from ._errors import BatchError
 from ._plan import fresh_seed, resolve_shard
 from ._stream import Marker, StreamSource
@@ -59,7 +60,7 @@ _STATE_VERSION = 1
 _QUIESCE_S = 2.0  # at most this long for the workers to finish the slots past a pass's end
 
 
-class Stream:
+class Stream(Closing):
     """Loads a list of shards ahead of the loop, round-robin over the shards (module docstring).
 
     Args:
@@ -298,12 +299,6 @@ class Stream:
         loader, self._loader = self._loader, None
         if loader is not None:
             loader.close()
-
-    def __enter__(self) -> Stream:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         state = "closed" if self._loader is None else f"pass {self._pass}, {self._loader.workers} workers"

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .. import _tree
+from .._closing import Closing
 from ..prefetcher import Prefetcher
 from ._codec import _as_tensors
 
@@ -30,7 +31,7 @@ def _tree_map(fn: Callable[[torch.Tensor], Any], obj: Any) -> Any:
     return _tree.map_structure(lambda x: fn(x) if isinstance(x, torch.Tensor) else x, obj)
 
 
-class DevicePrefetcher:
+class DevicePrefetcher(Closing):
     """Batches of a Sequence as torch tensors, copied to a device ahead of the consumer.
 
     On the CPU (``device`` None or ``"cpu"``) the batches are ``torch.from_numpy`` views of the slot
@@ -126,12 +127,6 @@ class DevicePrefetcher:
     def close(self) -> None:
         """Stops the Prefetcher's workers."""
         self.prefetcher.close()
-
-    def __enter__(self) -> DevicePrefetcher:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"DevicePrefetcher({self.prefetcher!r}, device={self.device}, ahead={self.ahead})"
