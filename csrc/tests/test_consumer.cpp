@@ -103,9 +103,7 @@ std::int64_t index_of(const Delivery& d) {
 
 TEST(timeout_names_the_pending_task_and_the_wait_goes_on_after_it) {
   check::test_seed();
-  ConsumerOptions options;
-  options.slice = 5ms;
-  Rig rig(1, 2, 0, /*open=*/false, 1 << 20, options);
+  Rig rig(1, 2, 0, /*open=*/false, 1 << 20, {.slice = 5ms});
   rig.plan(3, {7, 8});
   {
     auto turn = rig.consumer->turn();
@@ -128,9 +126,7 @@ TEST(timeout_names_the_pending_task_and_the_wait_goes_on_after_it) {
 
 TEST(stop_from_another_thread_ends_the_wait) {
   check::test_seed();
-  ConsumerOptions options;
-  options.slice = 5ms;
-  Rig rig(1, 2, 0, /*open=*/false, 1 << 20, options);
+  Rig rig(1, 2, 0, /*open=*/false, 1 << 20, {.slice = 5ms});
   rig.plan(0, {0, 1, 2});
   std::thread stopper([&] {
     std::this_thread::sleep_for(50ms);
@@ -142,22 +138,36 @@ TEST(stop_from_another_thread_ends_the_wait) {
   CHECK(wait(turn, std::nullopt) == WaitOutcome::kStopped);  // and stays so
 }
 
+// A pool bound of one page, one worker, and the consumer keeping its first batch (position 0)
+// and so the pool's only buffer: position 1 gets none until `kept` is cleared.
+struct AtTheBound {
+  Rig rig;
+  std::vector<Delivery> kept;
+  explicit AtTheBound(ConsumerOptions options)
+      : rig(1, 2, kPage, /*open=*/true, /*pool_bytes=*/kPage, options) {
+    rig.plan(0, {0, 1, 2, 3});
+    auto turn = rig.consumer->turn();
+    CHECK(wait(turn, std::nullopt) == WaitOutcome::kReady);
+    kept.push_back(turn.take());
+    CHECK(static_cast<bool>(kept.back().buffer));
+  }
+  // The kept lease returns: position 1 loads, and `turn` takes it.
+  void release_and_take_next(Consumer::Turn& turn) {
+    kept.clear();
+    CHECK(wait(turn, std::nullopt) == WaitOutcome::kReady);
+    CHECK_EQ(turn.take().task.position, 1);
+  }
+};
+
 // The consumer keeps every batch (its lease) while the pool is at its bound: the worker that loads
 // the next position waits for a buffer, and the consumer is told so once. (One worker: positions
 // get buffers in order, so position 0 has the only one. With two, position 1 could take it first
 // and position 0 would then grow the pool, as the consumer needs it next.)
 TEST(pool_starvation_is_reported_once) {
   check::test_seed();
-  ConsumerOptions options;
-  options.slice = 5ms;
-  options.starved_after = 50ms;
-  Rig rig(1, 2, kPage, /*open=*/true, /*pool_bytes=*/kPage, options);
-  rig.plan(0, {0, 1, 2, 3});
-  std::vector<Delivery> kept;
+  AtTheBound at({.slice = 5ms, .starved_after = 50ms});
+  Rig& rig = at.rig;
   auto turn = rig.consumer->turn();
-  CHECK(wait(turn, std::nullopt) == WaitOutcome::kReady);
-  kept.push_back(turn.take());
-  CHECK(static_cast<bool>(kept.back().buffer));
   int starved = 0;
   // Position 1 cannot get a buffer while position 0's lease is kept: nothing else ends the wait.
   for (int slices = 0; starved == 0 || slices < 20; ++slices) {
@@ -168,26 +178,17 @@ TEST(pool_starvation_is_reported_once) {
   }
   CHECK_EQ(starved, 1);
   CHECK(rig.consumer->starvation_message().find("max_pool_bytes") != std::string::npos);
-  kept.clear();  // the lease returns: position 1 loads
-  CHECK(wait(turn, std::nullopt) == WaitOutcome::kReady);
-  CHECK_EQ(turn.take().task.position, 1);
+  at.release_and_take_next(turn);
 }
 
 // Past `exhausted_after` (and after the starvation warning) the wait ends with kPoolExhausted,
 // every time, and the position stays: once a kept batch is released the same position loads.
 TEST(pool_exhaustion_ends_the_wait_and_the_position_stays) {
   check::test_seed();
-  ConsumerOptions options;
-  options.slice = 5ms;
-  options.starved_after = 20ms;
-  options.exhausted_after = 60ms;
-  Rig rig(1, 2, kPage, /*open=*/true, /*pool_bytes=*/kPage, options);
-  rig.plan(0, {0, 1, 2, 3});
-  std::vector<Delivery> kept;
+  AtTheBound at({.slice = 5ms, .starved_after = 20ms, .exhausted_after = 60ms});
+  Rig& rig = at.rig;
   {
     auto turn = rig.consumer->turn();
-    CHECK(wait(turn, std::nullopt) == WaitOutcome::kReady);
-    kept.push_back(turn.take());
     CHECK(wait(turn, std::nullopt) == WaitOutcome::kPoolStarved);  // the warning first
     CHECK(wait(turn, std::nullopt) == WaitOutcome::kPoolExhausted);
   }
@@ -201,20 +202,15 @@ TEST(pool_exhaustion_ends_the_wait_and_the_position_stays) {
     CHECK_EQ(turn.next_position(), 1);
     CHECK(wait(turn, std::nullopt) == WaitOutcome::kPoolExhausted);
   }
-  kept.clear();
   auto turn = rig.consumer->turn();
-  CHECK(wait(turn, std::nullopt) == WaitOutcome::kReady);
-  CHECK_EQ(turn.take().task.position, 1);
+  at.release_and_take_next(turn);
 }
 
 // A loader stuck on a position: kStalled once for it, naming the worker and the call; the wait
 // goes on (and, in a new Turn, is not reported again) until the batch arrives.
 TEST(a_stall_is_reported_once_per_position) {
   check::test_seed();
-  ConsumerOptions options;
-  options.slice = 5ms;
-  options.stall_after = 40ms;
-  Rig rig(1, 2, 0, /*open=*/false, 1 << 20, options);
+  Rig rig(1, 2, 0, /*open=*/false, 1 << 20, {.slice = 5ms, .stall_after = 40ms});
   rig.plan(2, {7, 8});
   {
     auto turn = rig.consumer->turn();

@@ -976,6 +976,13 @@ struct StopFixture {
     engine->join();
     return took;
   }
+  // Epoch 0 of `batches` positions in a seeded order, then the workers: returns the order.
+  std::vector<std::int64_t> start(std::uint64_t seed, std::int64_t batches) {
+    std::vector<std::int64_t> plan = shuffled_plan(seed, 0, batches, batches);
+    engine->append(0, plan, false);
+    engine->start();
+    return plan;
+  }
   void destroy_and_check_nothing_leaks() {
     std::weak_ptr<Engine> weak = engine;
     engine.reset();
@@ -984,6 +991,18 @@ struct StopFixture {
     CHECK_EQ(TestPayload::live(), 0);
   }
 };
+
+// A StopFixture whose `workers` workers are all inside a prepare() that takes `delay`, on an
+// epoch of `batches` positions.
+StopFixture all_loading(std::chrono::milliseconds delay, int workers, std::int64_t batches) {
+  const std::uint64_t seed = check::test_seed();
+  LoaderConfig cfg{.seed = seed};
+  cfg.prepare_delay = delay;
+  StopFixture f(cfg, {.workers = workers, .depth = 4}, std::size_t{1} << 30);
+  f.start(seed, batches);
+  CHECK(check::eventually([&] { return f.loader->prepares.load() >= workers; }));
+  return f;
+}
 }  // namespace
 
 // Workers blocked because the ring is full (nobody consumes): stop() returns them, and the
@@ -993,8 +1012,7 @@ TEST(stop_while_ring_full_and_destroy_undelivered) {
   LoaderConfig cfg{.seed = seed};
   cfg.zero_bytes_permille = 0;
   StopFixture f(cfg, {.workers = 4, .depth = 3}, std::size_t{1} << 30);
-  f.engine->append(0, shuffled_plan(seed, 0, 100, 100), false);
-  f.engine->start();
+  f.start(seed, 100);
   CHECK(f.engine->wait_ready(10s));
   // Depth 3 fills; the 4 workers then sleep on ring slots.
   CHECK(check::eventually([&] {
@@ -1070,13 +1088,7 @@ TEST(stop_while_waiting_in_pool) {
 
 // A worker inside the Loader finishes its call, then returns.
 TEST(stop_while_in_loader) {
-  const std::uint64_t seed = check::test_seed();
-  LoaderConfig cfg{.seed = seed};
-  cfg.prepare_delay = 300ms;
-  StopFixture f(cfg, {.workers = 2, .depth = 4}, std::size_t{1} << 30);
-  f.engine->append(0, shuffled_plan(seed, 0, 10, 10), false);
-  f.engine->start();
-  CHECK(check::eventually([&] { return f.loader->prepares.load() == 2; }));
+  StopFixture f = all_loading(300ms, 2, 10);
   f.stop_promptly(2.0);
   CHECK_LE(f.loader->prepares.load(), 2 + 2);  // no new loads after stop() beyond a run's first
   f.destroy_and_check_nothing_leaks();
@@ -1092,9 +1104,7 @@ TEST(join_for_abandons_a_worker_stuck_in_the_loader) {
   cfg.gated_position = 3;  // ignores stop(): only the gate ends its call
   cfg.gate_open = &gate_open;
   StopFixture f(cfg, {.workers = 2, .depth = 4}, std::size_t{1} << 30);
-  const std::vector<std::int64_t> plan = shuffled_plan(seed, 0, 10, 10);
-  f.engine->append(0, plan, false);
-  f.engine->start();
+  const std::vector<std::int64_t> plan = f.start(seed, 10);
   std::mt19937_64 rng(seed);
   for (std::int64_t p = 0; p < 3; ++p) CHECK_EQ(wait_and_take(*f.engine, rng).task.position, p);
   const auto stuck_on_3 = [&] {
@@ -1142,8 +1152,7 @@ TEST(an_abandoned_worker_runs_no_epoch_hook_when_its_call_returns) {
   cfg.gate_open = &gate_open;
   cfg.zero_bytes_permille = 1000;  // no buffer to wait for after the stop: straight to the hook
   StopFixture f(cfg, {.workers = 2, .depth = 4}, std::size_t{1} << 30);
-  f.engine->append(0, shuffled_plan(seed, 0, 4, 4), false);
-  f.engine->start();
+  f.start(seed, 4);
   std::mt19937_64 rng(seed);
   for (std::int64_t p = 0; p < 3; ++p) CHECK_EQ(wait_and_take(*f.engine, rng).task.position, p);
   CHECK(check::eventually([&] { return f.loader->prepares.load() == 4; }));
@@ -1159,13 +1168,7 @@ TEST(an_abandoned_worker_runs_no_epoch_hook_when_its_call_returns) {
 
 // join_for() of workers that all end within the grace joins them all and abandons none.
 TEST(join_for_joins_workers_that_end_in_time) {
-  const std::uint64_t seed = check::test_seed();
-  LoaderConfig cfg{.seed = seed};
-  cfg.prepare_delay = 100ms;
-  StopFixture f(cfg, {.workers = 3, .depth = 4}, std::size_t{1} << 30);
-  f.engine->append(0, shuffled_plan(seed, 0, 20, 20), false);
-  f.engine->start();
-  CHECK(check::eventually([&] { return f.loader->prepares.load() >= 3; }));
+  StopFixture f = all_loading(100ms, 3, 20);
   f.engine->stop();
   CHECK(f.engine->join_for(10s).empty());
   CHECK_EQ(f.loader->exited.load(), 3);
