@@ -72,9 +72,11 @@ def script(body: str, timeout: float = 180.0) -> str:
         import os, signal, sys, warnings
         import numpy as np
         import torch
+        import torch.utils.data._utils
         from torch.utils.data import Dataset
         from torch.utils.data import DataLoader as TorchLoader
         from pyloader.torch import DataLoader
+        torch.utils.data._utils.MP_STATUS_CHECK_INTERVAL = 0.5  # as conftest.py sets it, and why
     """) + textwrap.dedent(body), timeout=timeout)
     assert r.returncode == 0 and "OK" in r.stdout, f"exit {r.returncode}\nstdout:\n{r.stdout}\nstderr:\n{r.stderr}"
     return r.stdout
