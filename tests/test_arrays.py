@@ -198,13 +198,6 @@ def test_a_sample_order_out_of_range_is_refused_before_any_row_is_read():
         list(pyloader.Prefetcher(ds, workers=1))
 
 
-@pytest.mark.xfail(
-    raises=RuntimeError,
-    strict=True,
-    reason="NOTE [ Gather prunes sample orders two epochs behind the plan ] holds per Prefetcher, "
-    "but every Prefetcher over one ArraySequence shares its native source (native_source() is "
-    "cached): a second one planning epoch 6 drops the first one's epoch 0 order",
-)
 def test_two_prefetchers_over_one_array_sequence_keep_each_others_sample_orders():
     x, y = make()
     ds = pyloader.ArraySequence(x, y, batch_size=10, shuffle=True, seed=3)

@@ -95,11 +95,10 @@ class GatherLoader final : public Loader {
   //      order is looked up in prepare(), and kept by the batch from then on). A new engine
   //      starts only after the owner's previous one was stopped and joined.
   // So only the orders of N - 1 and N can still be needed; N - 2 is kept as a margin.
-  // The argument is per owner: the orders live in this loader, and two owners that share one
-  // (two Prefetchers over one ArraySequence, whose native_source() is cached) each prune the
-  // other's. A Prefetcher at epoch 0 then fails once another one plans epoch 3: a known issue,
-  // reproduced by tests/test_arrays.py::
-  // test_two_prefetchers_over_one_array_sequence_keep_each_others_sample_orders.
+  // The argument is per owner: the orders live in this loader, so one loader must never have two
+  // owners (two would each prune the other's orders). Each Prefetcher makes its own
+  // (ArraySequence.native_source() returns a new one) and keeps it across its engines; tested by
+  // tests/test_arrays.py::test_two_prefetchers_over_one_array_sequence_keep_each_others_sample_orders.
 
   // The sample order of `epoch` (a permutation of [0, samples)), or null for the identity.
   // Orders of epochs older than epoch - kKeepEpochs are dropped (see the note above).

@@ -95,13 +95,13 @@ class ArraySequence(SampleBatches):
                 "ArraySequence arrays must have equal first dimensions, got "
                 + ", ".join(f"{name}: {len(a)}" for (name, _), a in zip(named, self._arrays))
             )
-        super().__init__(lengths.pop(), batch_size, shuffle, seed, drop_last)
+        super().__init__(batch_size, shuffle, seed, drop_last)
         if split_threads is None:
             split_threads = max(0, (os.cpu_count() or 1) - 1)
         if isinstance(split_threads, bool) or not isinstance(split_threads, (int, np.integer)) or split_threads < 0:
             raise ValueError(f"split_threads must be None or an integer >= 0, got {split_threads!r}")
         self.split_threads = int(split_threads)
-        self._source: _C.ArraySource | None = None
+        self.samples = lengths.pop()
 
     @classmethod
     def from_npy(
@@ -152,18 +152,15 @@ class ArraySequence(SampleBatches):
         self.epoch += 1
 
     def native_source(self) -> _C.ArraySource:
-        """The core's view of these arrays (used by the Prefetcher).
+        """A new core view of these arrays, for one Prefetcher (which keeps it for its lifetime).
 
-        One per ArraySequence, shared by every Prefetcher over it, and so is the source's store of
-        per-epoch sample orders: see NOTE [ Gather prunes sample orders two epochs behind the plan ]
-        in ``csrc/core/gather.h``. Each Prefetcher registers an epoch's order before the epoch loads
-        and plans at most one epoch ahead, which is what the note relies on; two Prefetchers over
-        one ArraySequence more than two epochs apart drop each other's orders (a known issue,
-        reproduced in ``tests/test_arrays.py``).
+        The arrays are shared, not copied. Each Prefetcher has its own because the source stores
+        the sample orders of the epochs its owner plans, and drops those two epochs behind the
+        latest one registered: see NOTE [ Gather prunes sample orders two epochs behind the plan ]
+        in ``csrc/core/gather.h``. Two Prefetchers over one ArraySequence may be any number of
+        epochs apart.
         """
-        if self._source is None:
-            self._source = _C.ArraySource(self._arrays, self._keys, self.batch_size, self.split_threads)
-        return self._source
+        return _C.ArraySource(self._arrays, self._keys, self.batch_size, self.split_threads)
 
     def __repr__(self) -> str:
         shapes = ", ".join(f"{a.dtype}{list(a.shape)}" for a in self._arrays)

@@ -275,6 +275,10 @@ class Prefetcher(Closing):
         # An ArraySequence is gathered natively: the engine passes it the epoch, no hook needed.
         # In process mode too: it holds no GIL, so processes would add nothing but copies.
         self._native = isinstance(sequence, ArraySequence)
+        # Its own native source, kept across engines: the source stores the sample orders of the
+        # epochs this Prefetcher plans (NOTE [ Gather prunes sample orders two epochs behind the
+        # plan ]), so no other Prefetcher over the same ArraySequence may share it.
+        self._native_source = sequence.native_source() if self._native else None
         hook = None if self._native else getattr(sequence, "on_epoch_end", None)
         self._on_epoch_end = hook if callable(hook) else None
         arena = 2 * self._max_pool_bytes + _ARENA_SLACK if mode == "process" and not self._native else 0
@@ -563,7 +567,7 @@ class Prefetcher(Closing):
             source = self._proc_loader = self._workers.loader(self._pool, hook, self.max_retries, self._hooks_run)
             threads = self.workers  # one thread drives each worker process
         else:
-            source = self._sequence.native_source() if self._native else self._sequence
+            source = self._native_source if self._native_source is not None else self._sequence
             # More threads than positions that can be loading at once would only wait: at most
             # depth are in flight, and at most two epochs are planned (this one and the next). A
             # stream source (pyloader._stream) lays its shards out over exactly `workers` threads.
@@ -659,8 +663,8 @@ class Prefetcher(Closing):
 
     def _register_epoch(self, epoch: int) -> None:
         """Tells a native source the epoch's sample order before its positions can load."""
-        if self._native:
-            self._sequence.native_source().set_order(epoch, self._sequence.sample_order(epoch))
+        if self._native_source is not None:
+            self._native_source.set_order(epoch, self._sequence.sample_order(epoch))
 
     def _end_of(self, epoch: int) -> int:
         """The end position of a planned epoch."""
