@@ -85,7 +85,44 @@ def fetch_samples(dataset: Any, getitems: Callable[[list[Any]], Any] | None, ind
 
 
 class Batches(SampleBatches):
-    """Batches of the samples of a map-style dataset (see :func:`batches`).
+    """A per-sample dataset as a Sequence of batches, collated natively by a Prefetcher's workers.
+
+    A Batches is a Sequence: ``len()`` batches, ``[i]`` batch ``i``. ``pyloader.batches`` is this
+    class, under the name the README uses.
+
+    Example::
+
+        import numpy as np
+        import pyloader
+
+        class Squares:
+            def __len__(self):
+                return 100
+
+            def __getitem__(self, j):
+                return {"x": np.full(3, j, np.float32), "y": j * j}
+
+        seq = pyloader.batches(Squares(), 32, shuffle=True, seed=0, drop_last=True)
+        with pyloader.Prefetcher(seq, workers=2) as loader:
+            for epoch in range(2):
+                for batch in loader:
+                    assert batch["x"].shape == (32, 3) and batch["y"].dtype == np.int64
+
+    Args:
+        dataset: ``len(dataset)`` samples, ``dataset[j]`` sample ``j`` (a numpy array, a number,
+            or a tuple/list/dict of them); ``dataset.__getitems__(indices)``, when it exists,
+            fetches a batch's samples in one call (as torch's fetcher does).
+        batch_size: samples per batch.
+        shuffle: permute the samples every epoch, from ``(seed, epoch)``.
+        seed: the seed of the permutations; ``None`` draws one (:attr:`Batches.seed`). Give one
+            when several processes must agree (multi-host JAX).
+        drop_last: drop the last batch when it has fewer than ``batch_size`` samples.
+        collate: a function of the list of a batch's samples that returns the batch, run in the
+            worker; ``None``: :func:`pyloader.stack` (``default_collate``'s rules, into slot memory).
+
+    Raises:
+        TypeError: ``dataset`` has no ``__len__`` or ``__getitem__``.
+        ValueError: a bad option (the message shows it).
 
     Attributes:
         dataset: the per-sample dataset.
@@ -114,12 +151,13 @@ class Batches(SampleBatches):
                 f"dataset must have __len__ (number of samples) and __getitem__ (one sample), "
                 f"got {type(dataset).__name__}"
             )
+        super().__init__(batch_size, shuffle, seed, drop_last)
         if collate is not None and not callable(collate):
             raise ValueError(f"collate must be callable or None, got {collate!r}")
         samples = len(dataset)
         if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or samples < 0:
             raise TypeError(f"len(dataset) must be an integer >= 0, got {samples!r}")
-        super().__init__(samples, batch_size, shuffle, seed, drop_last)
+        self.samples = int(samples)
         self.dataset = dataset
         self.collate = collate
         getitems = getattr(dataset, "__getitems__", None)
@@ -214,47 +252,4 @@ class Batches(SampleBatches):
         )
 
 
-def batches(dataset: Any, batch_size: int, **options: Any) -> Batches:
-    """A per-sample dataset as a Sequence of batches, collated natively by a Prefetcher's workers.
-
-    Example::
-
-        import numpy as np
-        import pyloader
-
-        class Squares:
-            def __len__(self):
-                return 100
-
-            def __getitem__(self, j):
-                return {"x": np.full(3, j, np.float32), "y": j * j}
-
-        seq = pyloader.batches(Squares(), 32, shuffle=True, seed=0, drop_last=True)
-        with pyloader.Prefetcher(seq, workers=2) as loader:
-            for epoch in range(2):
-                for batch in loader:
-                    assert batch["x"].shape == (32, 3) and batch["y"].dtype == np.int64
-
-    Args:
-        dataset: ``len(dataset)`` samples, ``dataset[j]`` sample ``j`` (a numpy array, a number,
-            or a tuple/list/dict of them); ``dataset.__getitems__(indices)``, when it exists,
-            fetches a batch's samples in one call (as torch's fetcher does).
-        batch_size: samples per batch.
-        **options: keyword-only, those of :class:`Batches`:
-
-        shuffle: permute the samples every epoch, from ``(seed, epoch)``; default False.
-        seed: the seed of the permutations; ``None`` draws one (:attr:`Batches.seed`). Give one
-            when several processes must agree (multi-host JAX).
-        drop_last: drop the last batch when it has fewer than ``batch_size`` samples; default False.
-        collate: a function of the list of a batch's samples that returns the batch, run in the
-            worker; ``None`` (the default): :func:`pyloader.stack` (``default_collate``'s rules,
-            into slot memory).
-
-    Returns:
-        a :class:`Batches` (a Sequence: ``len()`` batches, ``[i]`` batch ``i``).
-
-    Raises:
-        TypeError: ``dataset`` has no ``__len__`` or ``__getitem__``, or an unknown option.
-        ValueError: a bad option (the message shows it).
-    """
-    return Batches(dataset, batch_size, **options)
+batches = Batches  # pyloader.batches(dataset, batch_size, ...): the name the README uses

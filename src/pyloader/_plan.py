@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import reprlib
 import sys
 from dataclasses import dataclass
 
@@ -133,7 +134,8 @@ def _check_flag(name: str, value: object) -> bool:
 class SampleBatches:
     """Batches of ``batch_size`` samples over ``samples`` samples, the samples permuted every
     epoch from ``(seed, epoch)`` when ``shuffle``: the batching ``ArraySequence`` and ``batches()``
-    share, with their argument checks.
+    share, with their argument checks (made first, before the subclass reads its data, which then
+    sets ``samples``).
 
     Attributes:
         samples, batch_size, shuffle, seed, drop_last: as given (``seed`` drawn when ``None``).
@@ -141,7 +143,9 @@ class SampleBatches:
         epoch: the epoch ``self[i]`` follows in a plain loop; a Prefetcher passes its own.
     """
 
-    def __init__(self, samples: int, batch_size: int, shuffle: bool, seed: int | None, drop_last: bool) -> None:
+    samples: int  # set by the subclass, once it has checked its data
+
+    def __init__(self, batch_size: int, shuffle: bool, seed: int | None, drop_last: bool) -> None:
         if not _is_whole(batch_size) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         self.shuffle = _check_flag("shuffle", shuffle)
@@ -151,7 +155,6 @@ class SampleBatches:
             seed = fresh_seed()
         if not _is_whole(seed) or seed < 0:
             raise ValueError(f"seed must be None or an integer >= 0, got {seed!r}")
-        self.samples = int(samples)
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.epoch = 0
@@ -163,7 +166,7 @@ class SampleBatches:
         """``index`` checked and made non-negative (``-1`` is the last batch, as in a list)."""
         n = len(self)
         if not _is_whole(index):
-            raise TypeError(f"batch indices must be integers, got {type(index).__name__} ({index!r})")
+            raise TypeError(f"batch indices must be integers, got {type(index).__name__} ({reprlib.repr(index)})")
         assert isinstance(index, (int, np.integer)), "checked by _is_whole"
         if not -n <= index < n:
             raise IndexError(f"batch index {index} is out of range for {n} batches")
