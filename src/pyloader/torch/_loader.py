@@ -517,6 +517,7 @@ class _Pass:
     finished: bool
     _kind: Any
     _pin_device: str | None
+    _timeout: float  # the DataLoader's, when the pass began (torch's iterator keeps its own too)
     _batches: Iterator[Any] | None
 
     def __iter__(self) -> _Pass:
@@ -558,7 +559,7 @@ class _Pass:
 
     def _timed_out(self) -> BaseException:
         """torch's error for a batch that took longer than ``timeout``."""
-        return RuntimeError(f"DataLoader timed out after {self.loader.timeout} seconds")
+        return RuntimeError(f"DataLoader timed out after {self._timeout} seconds")
 
     def _convert(self, batch: Any) -> Any:
         """The delivered batch as torch's collate would have made it."""
@@ -859,6 +860,7 @@ class _IterableIter(_Pass):
         self._kind = loader._kind
         self._process = stream.mode == "process"
         self._pin_device = loader._pin_device()
+        self._timeout = loader.timeout
         # NOTE [ IterableDataset and __len__ ] in torch: a len() taken before this pass began makes
         # every batch past it warn.
         self._len_called: int | None = loader._IterableDataset_len_called
