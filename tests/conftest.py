@@ -19,17 +19,18 @@ if not os.path.exists(os.path.join(os.path.dirname(pyloader.__file__), "_C.pyi")
         "`pip install '.[test]'` (the source tree in src/ is never imported by the tests)"
     )
 
-try:
-    import torch.utils.data._utils as _torch_data_utils
-except ImportError:
-    pass
-else:
-    # torch's DataLoader (the reference the torch tests compare with) joins each worker process
-    # for up to MP_STATUS_CHECK_INTERVAL, 5 s, when an iterator that raised is collected: a failed
-    # pass of torch's loader cost the suite 10 s (two workers). Its workers also poll their queues
-    # at this interval. No test compares timings with torch's, and what torch delivers does not
-    # depend on it.
-    _torch_data_utils.MP_STATUS_CHECK_INTERVAL = 0.5
+
+@pytest.fixture(autouse=True)
+def _torch_reference_joins_its_workers_briefly():
+    """torch's DataLoader (the reference the torch tests compare with) joins each worker process
+    for up to ``MP_STATUS_CHECK_INTERVAL``, 5 s, when an iterator that raised is collected: a
+    failed pass of torch's loader cost the suite 10 s (two workers). Only that join reads the
+    value at run time (torch's workers took their copy at import), so what torch delivers does
+    not change. Set only where a test module imported torch: the runs without torch stay so."""
+    utils = sys.modules.get("torch.utils.data._utils")
+    if utils is not None:
+        utils.MP_STATUS_CHECK_INTERVAL = 0.5
+    yield
 
 
 def run_python(code: str, *, timeout: float = 60.0, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

@@ -115,6 +115,8 @@ from ..streams import Stream, is_stream_like
 from ._dataset import PrefetchedDataset
 
 __all__ = ["PrefetchedDataset", "prefetch"]
+# The public class keeps the module users import it from (in reprs, tracebacks and pickles).
+PrefetchedDataset.__module__ = __name__
 
 _DEFAULT_WORKERS = 4  # for a Sequence that is not a Keras PyDataset (which carries its own)
 

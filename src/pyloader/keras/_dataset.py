@@ -92,10 +92,10 @@ class PrefetchedDataset(keras.utils.PyDataset, Closing):
     :attr:`loader`.
 
     Args:
-        sequence: the Sequence to load (see :func:`prefetch`).
+        sequence: the Sequence to load (see :func:`~pyloader.keras.prefetch`).
         shuffle: ``None`` follows Keras (shuffled for ``fit(shuffle=True)``, in order otherwise);
             ``True``/``False`` force pyloader's order.
-        **options: options of :class:`~pyloader.Prefetcher`, resolved by :func:`prefetch`.
+        **options: options of :class:`~pyloader.Prefetcher`, resolved by :func:`~pyloader.keras.prefetch`.
 
     Raises:
         TypeError: ``sequence`` has no ``__len__`` or ``__getitem__``.

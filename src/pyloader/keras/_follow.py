@@ -42,7 +42,7 @@ _TF_DATASET_METHOD = "get_tf_dataset"  # Keras's PyDatasetAdapter method that bu
 
 class _KerasFeed:
     """Keras's enqueuer protocol (``start``, ``stop``, ``is_running``, ``get``) over a
-    :class:`PrefetchedDataset`, for Keras's tensorflow path.
+    :class:`~pyloader.keras.PrefetchedDataset`, for Keras's tensorflow path.
 
     Keras's ``PyDatasetAdapter.get_tf_dataset`` builds a ``tf.data`` pipeline on a generator. For a
     PyDataset without an enqueuer (a PrefetchedDataset tells Keras ``workers=1``) it adds

@@ -95,7 +95,7 @@ class _Returned:
     a coroutine: :class:`~pyloader.Prefetcher` names the index, since such a value is usually a
     bug), carried through untouched instead, as Keras hands on whatever ``__getitem__`` returns:
     iterating the dataset yields it, and Keras's adapter says what a batch must be, as it does on
-    its own path. :meth:`PrefetchedDataset._take` unwraps it."""
+    its own path. :meth:`~pyloader.keras.PrefetchedDataset._take` unwraps it."""
 
     __slots__ = ("value",)
 
