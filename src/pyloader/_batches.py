@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _tree
+from . import _checks, _tree
 from ._errors import add_note
 from ._plan import SampleBatches
 from .collate import collate as _collate_numpy
@@ -236,9 +236,7 @@ class Batches(SampleBatches):
     def set_epoch(self, epoch: int) -> None:
         """Sets the epoch whose sample order the batches follow (before a Prefetcher is made over
         this Sequence, to resume at ``epoch``)."""
-        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
-            raise ValueError(f"epoch must be an integer >= 0, got {epoch!r}")
-        self.epoch = int(epoch)
+        self.epoch = _checks.whole("epoch", epoch, 0)
 
     def on_epoch_end(self) -> None:
         """Advances the epoch (a Prefetcher calls this where loading crosses epochs)."""

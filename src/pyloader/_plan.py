@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import _checks
+
 
 def fresh_seed() -> int:
     """A seed drawn from the OS's entropy, for ``seed=None`` (recorded in the state, so that a
@@ -121,16 +123,6 @@ def sample_permutation(seed: int, epoch: int, samples: int) -> np.ndarray:
     return np.random.default_rng([seed, 1, epoch]).permutation(samples).astype(np.int64, copy=False)
 
 
-def _is_whole(value: object) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, np.integer))
-
-
-def _check_flag(name: str, value: object) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{name} must be True or False, got {value!r}")
-    return bool(value)
-
-
 class SampleBatches:
     """Batches of ``batch_size`` samples over ``samples`` samples, the samples permuted every
     epoch from ``(seed, epoch)`` when ``shuffle``: the batching ``ArraySequence`` and ``batches()``
@@ -146,17 +138,12 @@ class SampleBatches:
     samples: int  # set by the subclass, once it has checked its data
 
     def __init__(self, batch_size: int, shuffle: bool, seed: int | None, drop_last: bool) -> None:
-        if not _is_whole(batch_size) or batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        self.shuffle = _check_flag("shuffle", shuffle)
-        self.drop_last = _check_flag("drop_last", drop_last)
+        self.batch_size = _checks.whole("batch_size", batch_size, 1)
+        self.shuffle = _checks.flag("shuffle", shuffle)
+        self.drop_last = _checks.flag("drop_last", drop_last)
         self.seed_drawn = seed is None
-        if seed is None:
-            seed = fresh_seed()
-        if not _is_whole(seed) or seed < 0:
-            raise ValueError(f"seed must be None or an integer >= 0, got {seed!r}")
-        self.batch_size = int(batch_size)
-        self.seed = int(seed)
+        given = _checks.whole_or_none("seed", seed, 0)
+        self.seed = fresh_seed() if given is None else given
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -165,9 +152,9 @@ class SampleBatches:
     def batch_index(self, index: object) -> int:
         """``index`` checked and made non-negative (``-1`` is the last batch, as in a list)."""
         n = len(self)
-        if not _is_whole(index):
+        if not _checks.is_whole(index):
             raise TypeError(f"batch indices must be integers, got {type(index).__name__} ({reprlib.repr(index)})")
-        assert isinstance(index, (int, np.integer)), "checked by _is_whole"
+        assert isinstance(index, (int, np.integer)), "checked by is_whole"
         if not -n <= index < n:
             raise IndexError(f"batch index {index} is out of range for {n} batches")
         return int(index) % n

@@ -24,7 +24,7 @@ from typing import Any, cast
 
 import numpy as np
 
-from . import _C
+from . import _C, _checks
 from ._plan import SampleBatches
 
 __all__ = ["ArraySequence"]
@@ -96,11 +96,8 @@ class ArraySequence(SampleBatches):
                 + ", ".join(f"{name}: {len(a)}" for (name, _), a in zip(named, self._arrays))
             )
         super().__init__(batch_size, shuffle, seed, drop_last)
-        if split_threads is None:
-            split_threads = max(0, (os.cpu_count() or 1) - 1)
-        if isinstance(split_threads, bool) or not isinstance(split_threads, (int, np.integer)) or split_threads < 0:
-            raise ValueError(f"split_threads must be None or an integer >= 0, got {split_threads!r}")
-        self.split_threads = int(split_threads)
+        given = _checks.whole_or_none("split_threads", split_threads, 0)
+        self.split_threads = max(0, (os.cpu_count() or 1) - 1) if given is None else given
         self.samples = lengths.pop()
 
     @classmethod

@@ -37,7 +37,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from . import _tree
+from . import _checks, _tree
 from ._batches import Batches, jax_to_numpy
 from ._closing import Closing
 from .arrays import ArraySequence
@@ -107,10 +107,8 @@ class JaxPrefetcher(Closing):
             raise ValueError(
                 f"sharding must be a jax.sharding.Sharding, a jax.Device or None, got {sharding!r}"
             )
-        if isinstance(ahead, bool) or not isinstance(ahead, int) or ahead < 1:
-            raise ValueError(f"ahead must be an integer >= 1, got {ahead!r}")
+        self.ahead = _checks.whole("ahead", ahead, 1)
         self.sharding = sharding
-        self.ahead = ahead
         self.processes = jax.process_count()
         shard = _resolve_shard(shard)
         if isinstance(source, Batches) and source.shuffle and source.seed_drawn and self.processes > 1:

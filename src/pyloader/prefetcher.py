@@ -44,9 +44,7 @@ import weakref
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from . import _C, _stats, _tune
+from . import _C, _checks, _stats, _tune
 from . import process as _process
 from ._closing import Closing
 from ._errors import EpochEndError, PoolExhaustedWarning, StallWarning, batch_error
@@ -103,18 +101,6 @@ def _default_max_pool_bytes() -> int:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
     except (ValueError, OSError, AttributeError):
         return 8 << 30
-
-
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _check_bool(name: str, value: object) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{name} must be True or False, got {value!r}")
-    return bool(value)
 
 
 def _pin_request(pin: object) -> str:
@@ -226,7 +212,7 @@ class Prefetcher(Closing):
         length = _read_length(sequence)
         usable = _tune.usable_cpus()
         auto_workers, auto_depth, auto_mode = workers == "auto", depth == "auto", mode == "auto"
-        self.workers = _tune.initial_workers(usable) if auto_workers else _check_int("workers", workers, 1)
+        self.workers = _tune.initial_workers(usable) if auto_workers else _checks.whole("workers", workers, 1)
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         if self.workers > max(_MANY_WORKERS, 8 * cpus):
             warnings.warn(
@@ -239,9 +225,9 @@ class Prefetcher(Closing):
         if depth is None or auto_depth:
             self.depth = _tune.initial_depth(self.workers)
         else:
-            self.depth = _check_int("depth", depth, 1)
-        self.shuffle = _check_bool("shuffle", shuffle)
-        self.drop_last = _check_bool("drop_last", drop_last)
+            self.depth = _checks.whole("depth", depth, 1)
+        self.shuffle = _checks.flag("shuffle", shuffle)
+        self.drop_last = _checks.flag("drop_last", drop_last)
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
         self.mode = "thread" if auto_mode else mode
@@ -256,7 +242,7 @@ class Prefetcher(Closing):
             raise ValueError("start_method and worker_init_fn apply to mode='process' (or 'auto') only")
         self.start_method = start_method
         self._worker_init_fn = worker_init_fn
-        self.max_retries = _check_int("max_retries", max_retries, 0)
+        self.max_retries = _checks.whole("max_retries", max_retries, 0)
         if timeout is not None and (
             isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0
         ):
@@ -264,11 +250,11 @@ class Prefetcher(Closing):
         self.timeout = None if timeout is None else float(timeout)
         self._pin = _pin_request(pin)
         max_pool = _default_max_pool_bytes() if max_pool_bytes is None else max_pool_bytes
-        self._max_pool_bytes = _check_int("max_pool_bytes", max_pool, 1)
+        self._max_pool_bytes = _checks.whole("max_pool_bytes", max_pool, 1)
         rank, world = resolve_shard(shard)
         if seed is None:
             seed = 0 if world > 1 else fresh_seed()
-        seed = _check_int("seed", seed, 0)
+        seed = _checks.whole("seed", seed, 0)
         self._plan = Plan(length, self.shuffle, seed, rank, world, self.drop_last)
         self._seed = seed
         self._sequence = sequence
@@ -750,16 +736,16 @@ class Prefetcher(Closing):
                     f"state_dict was taken with {key}={state[key]!r} but this Prefetcher has "
                     f"{key}={mine!r}: it can only resume the same Sequence and sharding"
                 )
-        epoch = _check_int("state['epoch']", state["epoch"], 0)
+        epoch = _checks.whole("state['epoch']", state["epoch"], 0)
         if epoch > _MAX_EPOCH:
             raise ValueError(f"state['epoch'] must be at most {_MAX_EPOCH}, got {epoch!r}")
-        consumed = _check_int("state['batches_consumed']", state["batches_consumed"], 0)
+        consumed = _checks.whole("state['batches_consumed']", state["batches_consumed"], 0)
         if consumed > p.epoch_length:
             raise ValueError(
                 f"state['batches_consumed']={consumed} is more than the {p.epoch_length} batches of an epoch"
             )
-        shuffle = _check_bool("state['shuffle']", state["shuffle"])
-        seed = _check_int("state['seed']", state["seed"], 0)
+        shuffle = _checks.flag("state['shuffle']", state["shuffle"])
+        seed = _checks.whole("state['seed']", state["seed"], 0)
         self._plan = Plan(p.length, shuffle, seed, p.rank, p.world_size, p.drop_last)
         self.shuffle = self._plan.shuffle
         self._stop_engine()
@@ -797,7 +783,7 @@ class Prefetcher(Closing):
     def set_epoch(self, epoch: int) -> None:
         """Makes the next pass be epoch ``epoch`` from its start (like ``sampler.set_epoch``)."""
         self._check_open()
-        epoch = _check_int("epoch", epoch, 0)
+        epoch = _checks.whole("epoch", epoch, 0)
         if self._position() == (epoch, 0):
             return
         self._stop_engine()

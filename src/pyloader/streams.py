@@ -47,7 +47,7 @@ import inspect
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from . import _stream
+from . import _checks, _stream
 from ._closing import Closing
 from ._errors import BatchError
 from ._plan import fresh_seed, resolve_shard
@@ -119,11 +119,8 @@ class Stream(Closing):
             _stream.check_shard(s, k)
         if not shards:
             raise ValueError("a Stream needs at least one shard")
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
-                                       or batch_size < 1):
-            raise ValueError(f"batch_size must be None or an integer >= 1, got {batch_size!r}")
-        if isinstance(shuffle_buffer, bool) or not isinstance(shuffle_buffer, int) or shuffle_buffer < 0:
-            raise ValueError(f"shuffle_buffer must be an integer >= 0, got {shuffle_buffer!r}")
+        batch_size = _checks.whole_or_none("batch_size", batch_size, 1)
+        shuffle_buffer = _checks.whole("shuffle_buffer", shuffle_buffer, 0)
         if collate is not None and not callable(collate):
             raise TypeError(f"collate must be callable, got {type(collate).__name__}")
         if collate is not None and batch_size is None:
@@ -155,8 +152,7 @@ class Stream(Closing):
         self.seed = fresh_seed() if seed is None else seed
         self.rank, self.world_size = rank, world
         self.shards_total = len(shards)
-        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
-            raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
+        workers = _checks.whole_or_none("workers", workers, 1)
         workers = min(4 if workers is None else workers, len(mine))
         self._source = StreamSource(
             mine, names, workers, batch_size, bool(drop_last), collate, shuffle_buffer, self.seed

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .. import _tree
+from .. import _checks, _tree
 from .._closing import Closing
 from ..prefetcher import Prefetcher
 from ._codec import _as_tensors
@@ -54,8 +54,7 @@ class DevicePrefetcher(Closing):
         self._cuda = self.device is not None and self.device.type == "cuda"
         if self.device is not None and self.device.type not in ("cpu", "cuda"):
             raise ValueError(f"device must be None, 'cpu' or a CUDA device, got {device!r}")
-        if isinstance(ahead, bool) or not isinstance(ahead, int) or ahead < 1:
-            raise ValueError(f"ahead must be an integer >= 1, got {ahead!r}")
+        ahead = _checks.whole("ahead", ahead, 1)
         if self._cuda:
             assert self.device is not None
             if not torch.cuda.is_available():

@@ -44,7 +44,7 @@ from torch.utils.data.dataloader import (
 from torch.utils.data.datapipes.datapipe import IterDataPipe, MapDataPipe
 from torch.utils.data.graph_settings import apply_random_seed, apply_sharding
 
-from .. import _C
+from .. import _C, _checks
 from .._errors import BatchError, WorkerDiedError, add_note
 from ..prefetcher import Prefetcher
 from ..process import UnpicklableError
@@ -407,8 +407,7 @@ class DataLoader(torch.utils.data.DataLoader[_T_co]):
 
         A state loaded with :meth:`load_state_dict` for this same epoch is kept: the pass resumes.
         """
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-            raise ValueError(f"epoch must be an integer >= 0, got {epoch!r}")
+        epoch = _checks.whole("epoch", epoch, 0)
         if self._pending is not None and self._pending[0] != epoch:
             self._pending = None
         self._epoch = epoch
