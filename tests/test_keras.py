@@ -29,6 +29,7 @@ keras = pytest.importorskip("keras")
 
 import pyloader  # noqa: E402
 import pyloader.keras as pk  # noqa: E402
+from pyloader import _tune  # noqa: E402
 
 BACKEND = keras.backend.backend()
 ROWS = 4
@@ -891,8 +892,17 @@ def test_plain_sequence_gets_pyloader_defaults(prefetched):
         def __getitem__(self, i):
             return np.zeros((2, 2), np.float32), np.zeros((2, 1), np.float32)
 
+    # Not a PyDataset, so no settings of Keras's to follow: pyloader's defaults, autotuned in
+    # thread mode (a Sequence made for Keras is loaded on threads unless the user asks otherwise).
     ds = prefetched(Plain())
-    assert (ds.loader.workers, ds.loader.depth) == (4, 8)
+    start = _tune.initial_workers(_tune.usable_cpus())
+    assert (ds.loader.workers, ds.loader.depth, ds.loader.mode) == (start, _tune.initial_depth(start), "thread")
+    tuned = ds.loader.stats()["autotune"]
+    assert tuned is not None and tuned["mode"] == "thread"
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile("sgd", "mse")
+    model.fit(ds, epochs=2, verbose=0)
+    assert ds.loader.mode == "thread"  # never processes: mode was not left to autotune
 
 
 def test_use_multiprocessing_maps_to_process_mode(prefetched):

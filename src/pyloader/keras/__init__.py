@@ -118,9 +118,6 @@ __all__ = ["PrefetchedDataset", "prefetch"]
 # The public class keeps the module users import it from (in reprs, tracebacks and pickles).
 PrefetchedDataset.__module__ = __name__
 
-_DEFAULT_WORKERS = 4  # for a Sequence that is not a Keras PyDataset (which carries its own)
-
-
 def _prefetched_generator(stream: Stream) -> Iterator[Any]:
     """The stream's batches, as a generator for Keras's generator adapter; what the user's
     generator raised reaches ``fit`` as it is (with a note), as through Keras's own path."""
@@ -157,8 +154,8 @@ def _keras_settings(sequence: Any) -> tuple[int | None, bool, int | None]:
 def prefetch(
     sequence: Any,
     *,
-    workers: int | None = None,
-    depth: int | None = None,
+    workers: int | str | None = None,
+    depth: int | str | None = None,
     mode: str | None = None,
     shuffle: bool | None = None,
     seed: int | None = None,
@@ -199,9 +196,11 @@ def prefetch(
             ``on_epoch_begin``/``on_epoch_end`` run once per epoch, where loading crosses epochs.
             Or a generator of batches (see above).
         workers: loading threads, or worker processes in process mode. Default: a PyDataset's
-            ``workers``, else 4.
-        depth: batches loaded ahead. Default: a PyDataset's ``max_queue_size``, else (and for a
-            ``max_queue_size`` of 0, which Keras takes as unbounded) ``2 * workers``.
+            ``workers``; for any other Sequence ``"auto"``, as :class:`~pyloader.Prefetcher`'s
+            (autotuned while it loads, in thread mode unless ``mode`` says otherwise).
+        depth: batches loaded ahead. Default: a PyDataset's ``max_queue_size`` (for a
+            ``max_queue_size`` of 0, which Keras takes as unbounded, ``2 * workers``); for any
+            other Sequence ``"auto"``.
         mode: ``"thread"``, or ``"process"`` for a ``__getitem__`` that holds the GIL (worker
             processes forked with a copy of the Sequence; see the package docstring). Default:
             ``"process"`` for a PyDataset with ``use_multiprocessing=True``, else ``"thread"``.
@@ -230,16 +229,22 @@ def prefetch(
         ValueError: an option has a bad value (the message shows it).
     """
     if is_stream_like(sequence):  # a generator: one worker thread reads it ahead of fit
+        if workers == "auto":  # nothing to tune: one thread reads one generator
+            workers = None
+        if isinstance(workers, str):
+            raise ValueError(f"workers must be None, 'auto' or an integer >= 1, got {workers!r}")
         options: dict[str, Any] = {} if mode is None else {"mode": mode}
         return _prefetched_generator(Stream(
             [sequence], workers=workers, depth=depth, pin=pin, timeout=timeout,
             max_pool_bytes=max_pool_bytes, **options,
         ))
     keras_workers, multiprocessing, queue_size = _keras_settings(sequence)
+    # A PyDataset's settings are the user's; any other Sequence is autotuned in thread mode, as
+    # Prefetcher(seq) is (the number of threads and the depth; processes only when asked for).
     if workers is None:
-        workers = keras_workers if keras_workers is not None else _DEFAULT_WORKERS
+        workers = "auto" if keras_workers is None else keras_workers
     if depth is None:
-        depth = queue_size
+        depth = "auto" if keras_workers is None else queue_size
     if mode is None:
         mode = "process" if multiprocessing else "thread"
     if seed is None and shard is None:
