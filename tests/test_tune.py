@@ -63,12 +63,7 @@ def test_cgroup_quotas_are_read_from_v2_and_v1_hierarchies_and_a_containers_root
         "40 1 8:1 / / rw,relatime - ext4 /dev/sda1 rw\n"
     )
 
-    def read(path: str) -> str | None:
-        try:
-            with open(path) as f:
-                return f.read()
-        except OSError:
-            return None
+    read = _tune._read_text  # what usable_cpus() reads the files with
 
     texts = _tune.cgroup_quotas(cgroup, mountinfo, read)
     assert sorted(texts) == sorted(["max 100000\n", "300000 100000\n", "max 100000\n", "150000 100000"])
